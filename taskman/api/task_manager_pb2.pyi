@@ -1,0 +1,86 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class JobStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    JOB_STATUS_UNKNOWN: _ClassVar[JobStatus]
+    JOB_STATUS_STARTED: _ClassVar[JobStatus]
+    JOB_STATUS_SIGNALED: _ClassVar[JobStatus]
+    JOB_STATUS_EXITED_OK: _ClassVar[JobStatus]
+    JOB_STATUS_EXITED_ERROR: _ClassVar[JobStatus]
+JOB_STATUS_UNKNOWN: JobStatus
+JOB_STATUS_STARTED: JobStatus
+JOB_STATUS_SIGNALED: JobStatus
+JOB_STATUS_EXITED_OK: JobStatus
+JOB_STATUS_EXITED_ERROR: JobStatus
+
+class StartTaskRequest(_message.Message):
+    __slots__ = ("command", "args")
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    command: str
+    args: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class StartTaskResponse(_message.Message):
+    __slots__ = ("task_id",)
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    def __init__(self, task_id: _Optional[str] = ...) -> None: ...
+
+class StopTaskRequest(_message.Message):
+    __slots__ = ("task_id",)
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    def __init__(self, task_id: _Optional[str] = ...) -> None: ...
+
+class StopTaskResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class TaskStatusRequest(_message.Message):
+    __slots__ = ("task_id",)
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    def __init__(self, task_id: _Optional[str] = ...) -> None: ...
+
+class TaskStatusResponse(_message.Message):
+    __slots__ = ("task_id", "exit_code", "process_id", "status", "termination_signal", "termination_source", "start_time", "end_time")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    TERMINATION_SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    TERMINATION_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    exit_code: int
+    process_id: int
+    status: JobStatus
+    termination_signal: str
+    termination_source: str
+    start_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    def __init__(self, task_id: _Optional[str] = ..., exit_code: _Optional[int] = ..., process_id: _Optional[int] = ..., status: _Optional[_Union[JobStatus, str]] = ..., termination_signal: _Optional[str] = ..., termination_source: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class StreamTaskOutputRequest(_message.Message):
+    __slots__ = ("task_id",)
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    def __init__(self, task_id: _Optional[str] = ...) -> None: ...
+
+class StreamTaskOutputResponse(_message.Message):
+    __slots__ = ("output",)
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    output: bytes
+    def __init__(self, output: _Optional[bytes] = ...) -> None: ...

@@ -1,0 +1,37 @@
+"""The library's exceptions.
+
+Raised by the core, mapped to gRPC status codes once, in ``taskman.service``.
+Messages are written for the person who made the request: they reach the CLI.
+"""
+
+
+class TaskmanError(Exception):
+    """Base class; an unexpected internal failure when raised as itself."""
+
+
+class InvalidArgument(TaskmanError):
+    """The request itself is malformed (empty command, NUL byte, bad id...)."""
+
+
+class CommandNotFound(InvalidArgument):
+    """The command is neither an existing path nor found on the server's PATH."""
+
+
+class NotExecutable(InvalidArgument):
+    """The command exists but cannot be executed (a directory, no x bit...)."""
+
+
+class NotFound(TaskmanError):
+    """No such task, or it belongs to somebody else: the two are not told apart."""
+
+
+class ResourceExhausted(TaskmanError):
+    """A server limit was reached (streams, tasks, disk); retrying later may work."""
+
+
+class Unavailable(TaskmanError):
+    """The manager is shutting down and accepts no new work."""
+
+
+class CgroupError(TaskmanError):
+    """A cgroup could not be created, configured, joined or removed."""

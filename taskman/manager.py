@@ -1,0 +1,328 @@
+"""TaskManager: start, stop, inspect and follow tasks on behalf of users.
+
+The library's API. It knows users only as names (the servicer takes them from
+client certificates) and raises ``taskman.errors``; it knows nothing of gRPC.
+Everything runs as greenlets in one gevent hub: per task, a pump copies the
+output pipe into the task's OutputLog and a supervisor waits for the exit,
+ends what the task left behind and records the outcome.
+"""
+
+import ctypes
+import errno
+import logging
+import os
+import pwd
+import signal
+import uuid
+from typing import Dict, Iterable, Iterator, Optional
+
+import gevent
+import gevent.event
+
+from taskman import process
+from taskman.cgroups import Driver, Group
+from taskman.cgroups.none import ProcessGroupDriver
+from taskman.errors import (CgroupError, InvalidArgument, NotFound, ResourceExhausted,
+                            TaskmanError, Unavailable)
+from taskman.output import OutputLog, ensure_directory
+from taskman.task import JobStatus, Source, Task, now
+
+log = logging.getLogger("taskman.manager")
+
+ADMIN = "admin"
+
+# After the main process exits and its group is killed, the pipe reaches end
+# of file within milliseconds. A process that escaped the group (only possible
+# with the ``none`` driver) could hold it open forever: stop waiting then.
+EOF_TIMEOUT = 5.0
+GROUP_EMPTY_TIMEOUT = 10.0
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def default_state_dir() -> str:
+    """/var/lib/taskman for root; $XDG_STATE_HOME/taskman (~/.local/state) otherwise."""
+    if os.geteuid() == 0:
+        return "/var/lib/taskman"
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(base, "taskman")
+
+
+class _Entry:
+    """A task and what the manager needs to run it."""
+
+    def __init__(self, task: Task, log: OutputLog, group: Optional[Group] = None,
+                 proc: Optional[process.Process] = None):
+        self.task = task
+        self.log = log
+        self.group = group
+        self.process = proc
+        self.stop_source: Optional[Source] = None
+        self.sent_signal = 0
+        self.ended = gevent.event.Event()  # outcome recorded, tree gone
+        self.stopper: Optional[gevent.Greenlet] = None
+        if proc is None:
+            self.ended.set()
+
+
+class TaskManager:
+    """Runs tasks and answers for them; see the module docstring.
+
+    ``stop_grace``: seconds between SIGTERM and SIGKILL on stop (0 sends
+    SIGKILL at once, as the RFD's exercise did). ``admins``: users who may
+    act on every task.
+    """
+
+    def __init__(self, state_dir: Optional[str] = None, driver: Optional[Driver] = None,
+                 stop_grace: float = 10.0, admins: Iterable[str] = (ADMIN,),
+                 search_path: str = process.DEFAULT_PATH, output_max_bytes: int = 0):
+        self.state_dir = ensure_directory(state_dir or default_state_dir())
+        self.output_dir = ensure_directory(os.path.join(self.state_dir, "output"))
+        self.driver = driver or ProcessGroupDriver()
+        self.stop_grace = stop_grace
+        self.admins = frozenset(admins)
+        self.search_path = search_path
+        self.output_max_bytes = output_max_bytes
+        self._tasks: Dict[str, _Entry] = {}
+        self._closing = False
+        process.seal_inherited_fds()
+        _become_subreaper()
+        self.driver.setup()
+
+    # -- the API
+
+    def start(self, owner: str, command: str, args: Iterable[str] = ()) -> Task:
+        """Start ``command args...`` for ``owner``; return the new task.
+
+        Raises InvalidArgument (and its CommandNotFound, NotExecutable),
+        ResourceExhausted (disk, process table), CgroupError, Unavailable.
+        """
+        if self._closing:
+            raise Unavailable("the server is shutting down")
+        if not owner:
+            raise InvalidArgument("no user given")
+        args = list(args)
+        executable = process.resolve(command, self.search_path)
+        for argument in args:
+            process.validate_argument(argument, "argument")
+        task_id = str(uuid.uuid4())
+        output = self._create_log(task_id)
+        group = None
+        try:
+            group = self.driver.create(task_id)
+            proc = process.spawn(executable, args, self._environment(task_id, owner),
+                                 place=lambda pid: self.driver.place(group, pid))
+        except BaseException as error:
+            output.remove()
+            if group is not None:
+                self._discard_group(group)
+            if isinstance(error, OSError):
+                raise _spawn_error(error) from None
+            raise
+        task = Task(id=task_id, owner=owner, command=command, args=args,
+                    pid=proc.pid, start_time=now())
+        entry = _Entry(task, output, group, proc)
+        self._tasks[task_id] = entry
+        gevent.spawn(self._supervise, entry)
+        log.info("task %s started for %s: pid %d, %s", task_id, owner, proc.pid,
+                 _command_line(command, args))
+        return task.snapshot()
+
+    def stop(self, requester: str, task_id: str, wait: Optional[float] = None) -> Task:
+        """Stop a running task (all its processes); a finished one is left as is.
+
+        Sends SIGTERM, then SIGKILL after ``stop_grace``. Waits up to ``wait``
+        seconds (default: the grace plus a margin) for the task to end, so the
+        returned status is final in all but pathological cases.
+        """
+        entry = self._lookup(requester, task_id)
+        self._request_stop(entry, Source.USER)
+        if wait is None:
+            wait = self.stop_grace + EOF_TIMEOUT
+        entry.ended.wait(wait)
+        return entry.task.snapshot()
+
+    def status(self, requester: str, task_id: str) -> Task:
+        """Return a snapshot of the task; NotFound if missing or not the requester's."""
+        return self._lookup(requester, task_id).task.snapshot()
+
+    def stream(self, requester: str, task_id: str,
+               cancelled: Optional[gevent.event.Event] = None) -> Iterator[bytes]:
+        """Return an iterator over the task's output from its first byte.
+
+        Checks access now (raising NotFound), not on first iteration. The
+        iterator ends once the task has ended and all output was yielded, or
+        when ``cancelled`` is set.
+        """
+        entry = self._lookup(requester, task_id)
+        return entry.log.follow(0, cancelled)
+
+    def tasks(self, requester: str) -> list:
+        """Snapshots of the tasks ``requester`` may see (all, for an admin)."""
+        return [entry.task.snapshot() for entry in self._tasks.values()
+                if requester in self.admins or entry.task.owner == requester]
+
+    def shutdown(self, timeout: Optional[float] = None) -> None:
+        """Refuse new tasks, end the running ones (source ``server``), wait for them."""
+        self._closing = True
+        running = [entry for entry in self._tasks.values() if not entry.ended.is_set()]
+        for entry in running:
+            self._request_stop(entry, Source.SERVER)
+        if timeout is None:
+            timeout = self.stop_grace + EOF_TIMEOUT + GROUP_EMPTY_TIMEOUT
+        gevent.wait([entry.ended for entry in running], timeout=timeout)
+        self.driver.close()
+
+    # -- running a task
+
+    def _supervise(self, entry: _Entry) -> None:
+        """Wait for the main process, end what it left, record the outcome."""
+        proc, task = entry.process, entry.task
+        pump = gevent.spawn(self._pump, proc, entry.log)
+        try:
+            wait_status = proc.wait()
+            # The task is its whole tree: what the main process left behind
+            # dies with it, which also releases the output pipe they hold.
+            self._kill_group(entry.group)
+            source = entry.stop_source or Source.NONE
+            if (source is Source.NONE and os.WIFSIGNALED(wait_status)
+                    and os.WTERMSIG(wait_status) == signal.SIGKILL
+                    and self._safely(self.driver.oom_killed, entry.group)):
+                source = Source.OOM
+            task.finish(wait_status, source, entry.sent_signal)
+            log.info("task %s ended: %s exit %s %s %s", task.id, task.status.name,
+                     task.exit_code, task.signal or "-", task.source.value or "-")
+            if not pump.join(timeout=EOF_TIMEOUT) and not pump.dead:
+                log.warning("task %s: output still open after the group was killed; "
+                            "closing it", task.id)
+                pump.kill()
+        finally:
+            proc.close_output()
+            entry.log.finish()
+            self._discard_group(entry.group)
+            entry.ended.set()
+
+    @staticmethod
+    def _pump(proc: process.Process, output: OutputLog) -> None:
+        while True:
+            data = proc.read()
+            if not data:
+                return
+            output.append(data)
+
+    def _request_stop(self, entry: _Entry, source: Source) -> None:
+        if entry.ended.is_set() or entry.stop_source is not None:
+            return
+        entry.stop_source = source
+        entry.stopper = gevent.spawn(self._terminate, entry)
+
+    def _terminate(self, entry: _Entry) -> None:
+        """SIGTERM the whole task, SIGKILL it after the grace period."""
+        if self.stop_grace > 0:
+            entry.sent_signal = signal.SIGTERM
+            self._safely(self.driver.signal, entry.group, signal.SIGTERM)
+            if entry.process.wait(self.stop_grace) is not None:
+                return  # the supervisor kills whatever is left
+        entry.sent_signal = signal.SIGKILL
+        self._safely(self.driver.kill, entry.group)
+
+    def _kill_group(self, group: Group) -> None:
+        """SIGKILL everything in the group and wait (bounded) until it is empty."""
+        with gevent.Timeout(GROUP_EMPTY_TIMEOUT, False):
+            while not self._safely(self.driver.is_empty, group, default=True):
+                self._safely(self.driver.kill, group)
+                gevent.sleep(0.005)
+            return
+        log.error("task %s: processes survived SIGKILL for %ss", group.task_id,
+                  GROUP_EMPTY_TIMEOUT)
+
+    def _discard_group(self, group: Group) -> None:
+        try:
+            self._kill_group(group)
+            self.driver.remove(group)
+        except CgroupError as error:
+            log.error("task %s: %s", group.task_id, error)
+
+    def _safely(self, method, group: Group, *args, default=False):
+        """Call a driver method during clean-up, logging instead of raising."""
+        try:
+            return method(group, *args)
+        except (CgroupError, OSError) as error:
+            log.error("task %s: %s failed: %s", group.task_id, method.__name__, error)
+            return default
+
+    # -- helpers
+
+    def _lookup(self, requester: str, task_id: str) -> _Entry:
+        task_id = parse_task_id(task_id)
+        entry = self._tasks.get(task_id)
+        if entry is None or (requester not in self.admins and entry.task.owner != requester):
+            # The same answer for "not yours" as for "not there": ids of other
+            # users' tasks must not be discoverable.
+            raise NotFound(f"task {task_id} not found")
+        return entry
+
+    def _create_log(self, task_id: str) -> OutputLog:
+        path = os.path.join(self.output_dir, task_id + ".log")
+        try:
+            return OutputLog(path, max_bytes=self.output_max_bytes)
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ResourceExhausted("no space left for task output on the server") from None
+            raise TaskmanError(f"cannot create the task's output file: "
+                               f"{os.strerror(error.errno)}") from None
+
+    def _environment(self, task_id: str, owner: str) -> dict:
+        """A small, predictable environment: never the server's own (it holds
+        settings and possibly secrets of the server)."""
+        env = {"PATH": self.search_path, "HOME": _home(), "TASKMAN_TASK_ID": task_id,
+               "TASKMAN_USER": owner}
+        for name in ("LANG", "LC_ALL", "TZ"):
+            if name in os.environ:
+                env[name] = os.environ[name]
+        return env
+
+
+def parse_task_id(task_id: str) -> str:
+    """Return the canonical (lower-case, hyphenated) form; InvalidArgument if malformed."""
+    if not isinstance(task_id, str) or len(task_id) != 36:
+        raise InvalidArgument(f"malformed task id {task_id!r}: expected a UUID "
+                              "such as a7da14c7-b47a-4535-a263-5bb26e503002")
+    try:
+        canonical = str(uuid.UUID(task_id))
+    except ValueError:
+        canonical = ""
+    if canonical != task_id.lower():
+        raise InvalidArgument(f"malformed task id {task_id!r}: expected a UUID "
+                              "such as a7da14c7-b47a-4535-a263-5bb26e503002")
+    return canonical
+
+
+def _spawn_error(error: OSError) -> TaskmanError:
+    if error.errno == errno.E2BIG:
+        return InvalidArgument("the command line is too long for exec (E2BIG)")
+    if error.errno in (errno.EAGAIN, errno.ENOMEM, errno.EMFILE, errno.ENFILE):
+        return ResourceExhausted(f"cannot start the task now: {os.strerror(error.errno)}")
+    return TaskmanError(f"cannot start the task: {os.strerror(error.errno)}")
+
+
+def _command_line(command: str, args: list) -> str:
+    import shlex
+    return shlex.join([command, *args])
+
+
+def _home() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_dir
+    except KeyError:
+        return "/"
+
+
+def _become_subreaper() -> None:
+    """Adopt orphaned descendants of tasks, so they are reaped here (libev's
+    SIGCHLD handler reaps every child) instead of escaping to init."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass

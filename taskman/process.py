@@ -1,0 +1,256 @@
+"""Spawning, signalling and reaping task processes: the library's OS seam.
+
+Why posix_spawn and a shell gate, not fork or ``preexec_fn``: with gRPC
+loaded, ``fork()`` runs gRPC's fork handlers and a few percent of children die
+before exec (see NOTES.md); ``posix_spawn`` (vfork + exec) does not run them.
+But posix_spawn has no hook between fork and exec, and a task must never run
+outside its cgroups, not even for an instant. So the child is first a tiny
+``/bin/sh`` that blocks reading a gate pipe; the server writes the child's pid
+into the task's groups, then opens the gate, and only then does the shell
+``exec`` the user's command. If placement fails, the shell is killed before it
+ever runs the command.
+"""
+
+import errno
+import fcntl
+import os
+import signal
+import stat
+from typing import Callable, Optional
+
+import gevent
+import gevent.event
+from gevent.hub import get_hub
+
+from taskman.errors import CommandNotFound, InvalidArgument, NotExecutable
+
+SHELL = "/bin/sh"
+
+# $0 is the working directory, "$@" the command. Exit code 125 marks a failure
+# of the gate itself (the server killed it, or the directory is gone).
+GATE = 'read -r _ <&3 || exit 125; exec 3<&-; cd -- "$0" || exit 125; exec "$@"'
+
+# A task starts with every signal at its default action and none blocked:
+# posix_spawn would otherwise pass on what the server ignores (SIGPIPE,
+# SIGXFSZ), and an ignored SIGTERM would make every stop wait for the grace.
+_DEFAULT_SIGNALS = sorted(signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP})
+
+# Bigger pipes mean fewer wake-ups of the reader greenlet under fast writers.
+PIPE_SIZE = 1 << 20
+READ_CHUNK = 1 << 18
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def resolve(command: str, search_path: str = DEFAULT_PATH) -> str:
+    """Return the absolute path that ``command`` names, checked to be executable.
+
+    Raises InvalidArgument (empty, NUL, relative path), CommandNotFound or
+    NotExecutable. Checking here gives the caller a precise error; the check
+    and the exec race, which only costs an exit code 126/127 from the gate.
+    """
+    validate_argument(command, "command")
+    if not command:
+        raise InvalidArgument("the command is empty")
+    if "/" in command:
+        if not command.startswith("/"):
+            raise InvalidArgument(
+                f"{command!r}: give an absolute path or a name found on the server's PATH")
+        return _check_executable(command)
+    denied = None
+    for directory in search_path.split(":"):
+        candidate = os.path.join(directory or ".", command)
+        try:
+            return _check_executable(candidate)
+        except CommandNotFound:
+            continue
+        except NotExecutable as error:
+            denied = denied or error  # keep looking, as execvp does
+    if denied:
+        raise denied
+    raise CommandNotFound(f"{command}: command not found on the server's PATH")
+
+
+def _check_executable(path: str) -> str:
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise CommandNotFound(f"{path}: no such file") from None
+    except NotADirectoryError:
+        raise CommandNotFound(f"{path}: no such file") from None
+    except PermissionError:
+        raise NotExecutable(f"{path}: permission denied") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise NotExecutable(f"{path}: is a directory")
+    if not stat.S_ISREG(info.st_mode) or not os.access(path, os.X_OK):
+        raise NotExecutable(f"{path}: not an executable file")
+    return path
+
+
+def validate_argument(value: str, what: str) -> None:
+    """Raise InvalidArgument for what exec cannot pass: a NUL byte, a lone surrogate."""
+    if "\0" in value:
+        raise InvalidArgument(f"the {what} contains a NUL byte")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"the {what} is not valid UTF-8") from None
+
+
+def seal_inherited_fds() -> int:
+    """Mark every open descriptor above 2 close-on-exec; return how many changed.
+
+    posix_spawn has no ``close_fds``. Python's own descriptors are already
+    non-inheritable (PEP 446); this catches those the server inherited from
+    whoever started it, so a task never sees them.
+    """
+    changed = 0
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd <= 2:
+            continue
+        try:
+            flags = fcntl.fcntl(fd, fcntl.F_GETFD)
+            if not flags & fcntl.FD_CLOEXEC:
+                fcntl.fcntl(fd, fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
+                changed += 1
+        except OSError:
+            pass  # the listing's own descriptor, already closed
+    return changed
+
+
+class Process:
+    """A spawned task's main process: its pid, output pipe and exit watcher."""
+
+    def __init__(self, pid: int, output_fd: int, child_watcher):
+        self.pid = pid
+        self.output_fd = output_fd
+        self.wait_status: Optional[int] = None
+        self._exited = gevent.event.Event()
+        self._child_watcher = child_watcher
+        self._readable = None
+        child_watcher.start(self._on_exit)
+
+    def _on_exit(self) -> None:
+        self.wait_status = self._child_watcher.rstatus
+        self._child_watcher.stop()
+        self._exited.set()
+
+    def wait(self, timeout: Optional[float] = None) -> Optional[int]:
+        """Block this greenlet until the process exits; return its wait status.
+
+        None if ``timeout`` passed first.
+        """
+        self._exited.wait(timeout)
+        return self.wait_status
+
+    @property
+    def exited(self) -> bool:
+        return self.wait_status is not None
+
+    def signal(self, number: int) -> bool:
+        """Send a signal to the main process; False if it is already gone."""
+        if self.exited:
+            return False  # reaped: the pid may belong to someone else by now
+        return send(self.pid, number)
+
+    def signal_group(self, number: int) -> bool:
+        """Send a signal to the task's process group (the task leads a session)."""
+        try:
+            os.killpg(self.pid, number)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def read(self) -> bytes:
+        """Wait for output; return up to READ_CHUNK bytes, or b"" at end of file."""
+        while True:
+            try:
+                return os.read(self.output_fd, READ_CHUNK)
+            except BlockingIOError:
+                if self._readable is None:
+                    self._readable = get_hub().loop.io(self.output_fd, 1)
+                get_hub().wait(self._readable)
+
+    def close_output(self) -> None:
+        """Close the read end of the output pipe (any writer left gets EPIPE)."""
+        if self._readable is not None:
+            self._readable.close()
+            self._readable = None
+        if self.output_fd >= 0:
+            os.close(self.output_fd)
+            self.output_fd = -1
+
+
+def spawn(executable: str, args: list, env: dict, cwd: str = "/",
+          place: Optional[Callable[[int], None]] = None) -> Process:
+    """Start ``executable args...`` with stdout and stderr on one new pipe.
+
+    ``place(pid)`` runs after the child exists and before it can run the
+    command (it writes the pid into the task's cgroups). If it raises, the
+    child is killed and reaped and the exception propagates.
+    The child gets stdin from /dev/null, its own session and process group,
+    default signal actions and only descriptors 0, 1 and 2.
+    """
+    out_read, out_write = os.pipe2(os.O_CLOEXEC)
+    gate_read, gate_write = os.pipe2(os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(out_read, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass  # above /proc/sys/fs/pipe-max-size for an unprivileged server
+    # posix_spawn's dup2(fd, fd) would keep close-on-exec set: keep our ends
+    # above the descriptors the child receives.
+    out_write, gate_read = (_above(fd, 3) for fd in (out_write, gate_read))
+    file_actions = [
+        (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+        (os.POSIX_SPAWN_DUP2, out_write, 1),
+        (os.POSIX_SPAWN_DUP2, out_write, 2),
+        (os.POSIX_SPAWN_DUP2, gate_read, 3),
+    ]
+    argv = [SHELL, "-c", GATE, cwd, executable, *args]
+    try:
+        pid = os.posix_spawn(SHELL, argv, env, file_actions=file_actions, setsid=True,
+                             setsigdef=_DEFAULT_SIGNALS, setsigmask=())
+    except BaseException:
+        for fd in (out_read, out_write, gate_read, gate_write):
+            os.close(fd)
+        raise
+    # Watch before anything can yield to the loop: libev reaps every child on
+    # SIGCHLD and drops the status of a pid nobody watches.
+    process = Process(pid, out_read, get_hub().loop.child(pid, False))
+    os.close(out_write)
+    os.close(gate_read)
+    try:
+        if place is not None:
+            place(pid)
+        os.write(gate_write, b"\n")
+    except BaseException:
+        process.signal(signal.SIGKILL)
+        os.close(gate_write)
+        process.wait()
+        process.close_output()
+        raise
+    os.close(gate_write)
+    os.set_blocking(out_read, False)
+    return process
+
+
+def _above(fd: int, lowest: int) -> int:
+    if fd > lowest:
+        return fd
+    duplicate = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, lowest + 1)
+    os.close(fd)
+    return duplicate
+
+
+def send(pid: int, number: int) -> bool:
+    """kill(2) that treats an exited process as success-by-absence (False)."""
+    try:
+        os.kill(pid, number)
+    except ProcessLookupError:
+        return False
+    except OSError as error:
+        if error.errno == errno.ESRCH:
+            return False
+        raise
+    return True
