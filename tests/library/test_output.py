@@ -1,0 +1,104 @@
+"""OutputLog: appends, followers, wake-ups, descriptors, caps and a full disk."""
+
+import os
+import subprocess
+
+import gevent
+import gevent.event
+import pytest
+from support import poll_for
+
+from taskman.output import OutputLog
+
+
+def open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_followers_wake_on_each_append(tmp_path):
+    log = OutputLog(str(tmp_path / "a.log"))
+    got = []
+    follower = gevent.spawn(lambda: [got.append(chunk) for chunk in log.follow()])
+    for i in range(5):
+        log.append(b"%d" % i)
+        poll_for(lambda: b"".join(got) == b"".join(b"%d" % j for j in range(i + 1)), timeout=2)
+    log.finish()
+    follower.get(timeout=2)
+    assert b"".join(got) == b"01234"
+
+
+def test_follow_from_offset_and_read(tmp_path):
+    log = OutputLog(str(tmp_path / "a.log"))
+    log.append(b"hello world")
+    log.finish()
+    assert b"".join(log.follow(6)) == b"world"
+    assert log.read(0, 5) == b"hello" and log.read(100) == b""
+
+
+def test_chunks_are_bounded(tmp_path):
+    log = OutputLog(str(tmp_path / "a.log"))
+    log.append(b"x" * 200_000)
+    log.finish()
+    chunks = list(log.follow(chunk_size=65536))
+    assert [len(c) for c in chunks] == [65536, 65536, 65536, 3392]
+
+
+def test_finished_log_holds_no_descriptor(tmp_path):
+    before = open_fds()
+    logs = [OutputLog(str(tmp_path / f"{i}.log")) for i in range(50)]
+    assert open_fds() == before + 50
+    for log in logs:
+        log.append(b"data")
+        log.finish()
+    assert open_fds() == before
+    assert b"".join(logs[0].follow()) == b"data"
+    assert open_fds() == before
+
+
+def test_existing_log_is_readable_and_finished(tmp_path):
+    path = tmp_path / "old.log"
+    path.write_bytes(b"from an earlier life")
+    log = OutputLog(str(path), existing=True)
+    assert log.finished and log.size == 20
+    assert b"".join(log.follow()) == b"from an earlier life"
+
+
+def test_cap_drops_the_excess_and_counts_it(tmp_path):
+    log = OutputLog(str(tmp_path / "a.log"), max_bytes=10)
+    log.append(b"12345678")
+    log.append(b"abcdef")
+    log.append(b"more")
+    log.finish()
+    assert b"".join(log.follow()) == b"12345678ab"
+    assert log.dropped == 8 and log.write_error is None
+
+
+def test_cancel_wakes_a_waiting_follower(tmp_path):
+    log = OutputLog(str(tmp_path / "a.log"))
+    cancelled = gevent.event.Event()
+    follower = gevent.spawn(lambda: list(log.follow(cancelled=cancelled)))
+    gevent.sleep(0.05)
+    cancelled.set()
+    assert follower.get(timeout=1) == []
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_full_disk_drops_output_but_keeps_going(tiny_disk):
+    log = OutputLog(str(tiny_disk / "a.log"))
+    for _ in range(40):
+        log.append(b"z" * 4096)  # 160 KiB into 64 KiB
+    log.finish()
+    assert log.write_error and "No space left" in log.write_error
+    assert log.size + log.dropped == 40 * 4096
+    assert 0 < log.size <= 64 * 1024
+    assert b"".join(log.follow()) == b"z" * log.size
