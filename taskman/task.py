@@ -53,6 +53,9 @@ class Task:
     source: Source = Source.NONE
     start_time: Optional[datetime.datetime] = None
     end_time: Optional[datetime.datetime] = None
+    output_size: int = 0  # bytes kept in the output log
+    output_dropped: int = 0  # bytes not kept: over the cap, or the disk failed
+    output_note: str = ""  # why bytes were dropped, for the status
 
     @property
     def running(self) -> bool:
