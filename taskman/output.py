@@ -33,6 +33,7 @@ class OutputLog:
         self.max_bytes = max_bytes  # 0: no cap
         self.write_error: Optional[str] = None
         self.dropped = 0  # bytes not kept (cap reached or write failure)
+        self.capped = False
         self._changed = gevent.event.Event()
         self._readers = 0
         self._fd = -1
@@ -52,15 +53,19 @@ class OutputLog:
 
         A full or failing disk must not stop the task or corrupt its status,
         so the bytes are dropped and counted and the error is remembered.
+        Past ``max_bytes`` the rest is dropped after one marker line, so a
+        reader sees where output was cut.
         """
         if not data or self.finished:
             return
-        if self.max_bytes and self.size + len(data) > self.max_bytes:
-            room = max(self.max_bytes - self.size, 0)
-            self.dropped += len(data) - room
-            data = data[:room]
-            if not data:
+        if self.max_bytes and self.size + len(data) > self.max_bytes - len(self._marker()):
+            if self.capped:
+                self.dropped += len(data)
                 return
+            room = max(self.max_bytes - len(self._marker()) - self.size, 0)
+            self.dropped += len(data) - room
+            data = data[:room] + self._marker()
+            self.capped = True
         view = memoryview(data)
         try:
             while view:
@@ -72,6 +77,18 @@ class OutputLog:
             if self.write_error is None:
                 self.write_error = f"output not saved: {os.strerror(error.errno)}"
         self._wake()
+
+    def _marker(self) -> bytes:
+        return b"\n[taskman: output cap of %d bytes reached; the rest is dropped]\n" % self.max_bytes
+
+    @property
+    def note(self) -> str:
+        """Why output was dropped, for the task's status; "" if nothing was."""
+        if self.write_error:
+            return self.write_error
+        if self.capped:
+            return f"output over the {self.max_bytes}-byte cap dropped"
+        return ""
 
     def finish(self) -> None:
         """Mark the end of output; followers drain what is left and stop."""

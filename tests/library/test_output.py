@@ -63,14 +63,18 @@ def test_existing_log_is_readable_and_finished(tmp_path):
     assert b"".join(log.follow()) == b"from an earlier life"
 
 
-def test_cap_drops_the_excess_and_counts_it(tmp_path):
-    log = OutputLog(str(tmp_path / "a.log"), max_bytes=10)
-    log.append(b"12345678")
-    log.append(b"abcdef")
+def test_cap_drops_the_excess_after_a_marker_line(tmp_path):
+    log = OutputLog(str(tmp_path / "a.log"), max_bytes=100)
+    marker = b"\n[taskman: output cap of 100 bytes reached; the rest is dropped]\n"
+    room = 100 - len(marker)
+    log.append(b"1" * (room - 5))
+    assert not log.capped and log.note == ""
+    log.append(b"abcdefghij")
     log.append(b"more")
     log.finish()
-    assert b"".join(log.follow()) == b"12345678ab"
-    assert log.dropped == 8 and log.write_error is None
+    assert b"".join(log.follow()) == b"1" * (room - 5) + b"abcde" + marker
+    assert log.size == 100 and log.dropped == 5 + 4 and log.capped
+    assert "100-byte cap" in log.note
 
 
 def test_cancel_wakes_a_waiting_follower(tmp_path):
