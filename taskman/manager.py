@@ -25,6 +25,7 @@ from taskman.cgroups.none import ProcessGroupDriver
 from taskman.errors import (CgroupError, InvalidArgument, NotFound, ResourceExhausted,
                             TaskmanError, Unavailable)
 from taskman.output import OutputLog, ensure_directory
+from taskman.store import TaskStore
 from taskman.task import JobStatus, Source, Task, now
 
 log = logging.getLogger("taskman.manager")
@@ -36,6 +37,10 @@ ADMIN = "admin"
 # with the ``none`` driver) could hold it open forever: stop waiting then.
 EOF_TIMEOUT = 5.0
 GROUP_EMPTY_TIMEOUT = 10.0
+
+RETENTION_AGE = 7 * 24 * 3600.0
+RETENTION_BYTES = 10 * 1024 ** 3
+RETENTION_INTERVAL = 60.0
 
 _PR_SET_CHILD_SUBREAPER = 36
 
@@ -70,12 +75,16 @@ class TaskManager:
 
     ``stop_grace``: seconds between SIGTERM and SIGKILL on stop (0 sends
     SIGKILL at once, as the RFD's exercise did). ``admins``: users who may
-    act on every task.
+    act on every task. ``output_max_bytes``: per-task output cap (0: none).
+    Finished tasks are forgotten (record and output) after ``retention_age``
+    seconds, and oldest first while their output exceeds ``retention_bytes``
+    (0 disables either).
     """
 
     def __init__(self, state_dir: Optional[str] = None, driver: Optional[Driver] = None,
                  stop_grace: float = 10.0, admins: Iterable[str] = (ADMIN,),
-                 search_path: str = process.DEFAULT_PATH, output_max_bytes: int = 0):
+                 search_path: str = process.DEFAULT_PATH, output_max_bytes: int = 0,
+                 retention_age: float = RETENTION_AGE, retention_bytes: int = RETENTION_BYTES):
         self.state_dir = ensure_directory(state_dir or default_state_dir())
         self.output_dir = ensure_directory(os.path.join(self.state_dir, "output"))
         self.driver = driver or ProcessGroupDriver()
@@ -83,11 +92,17 @@ class TaskManager:
         self.admins = frozenset(admins)
         self.search_path = search_path
         self.output_max_bytes = output_max_bytes
+        self.retention_age = retention_age
+        self.retention_bytes = retention_bytes
         self._tasks: Dict[str, _Entry] = {}
         self._closing = False
         process.seal_inherited_fds()
         _become_subreaper()
+        self.store = TaskStore(os.path.join(self.state_dir, "tasks.db"))
+        self._recover()  # before setup(): it looks for the earlier life's processes
         self.driver.setup()
+        self.prune()
+        self._pruner = gevent.spawn(self._prune_periodically)
 
     # -- the API
 
@@ -123,6 +138,7 @@ class TaskManager:
                     pid=proc.pid, start_time=now())
         entry = _Entry(task, output, group, proc)
         self._tasks[task_id] = entry
+        self._persist(task)
         gevent.spawn(self._supervise, entry)
         log.info("task %s started for %s: pid %d, %s", task_id, owner, proc.pid,
                  _command_line(command, args))
@@ -140,11 +156,11 @@ class TaskManager:
         if wait is None:
             wait = self.stop_grace + EOF_TIMEOUT
         entry.ended.wait(wait)
-        return entry.task.snapshot()
+        return self._snapshot(entry)
 
     def status(self, requester: str, task_id: str) -> Task:
         """Return a snapshot of the task; NotFound if missing or not the requester's."""
-        return self._lookup(requester, task_id).task.snapshot()
+        return self._snapshot(self._lookup(requester, task_id))
 
     def stream(self, requester: str, task_id: str,
                cancelled: Optional[gevent.event.Event] = None) -> Iterator[bytes]:
@@ -157,10 +173,50 @@ class TaskManager:
         entry = self._lookup(requester, task_id)
         return entry.log.follow(0, cancelled)
 
-    def tasks(self, requester: str) -> list:
-        """Snapshots of the tasks ``requester`` may see (all, for an admin)."""
-        return [entry.task.snapshot() for entry in self._tasks.values()
-                if requester in self.admins or entry.task.owner == requester]
+    def tasks(self, requester: str, owner: Optional[str] = None,
+              statuses: Iterable[JobStatus] = (), limit: int = 0) -> list:
+        """Snapshots of the tasks ``requester`` may see, newest first.
+
+        An admin sees everyone's (``owner`` narrows them); anyone else only
+        their own, whatever ``owner`` says. ``statuses`` filters (empty: all);
+        ``limit`` caps the count (0: all).
+        """
+        if requester not in self.admins:
+            owner = requester
+        wanted = set(statuses)
+        found = [self._snapshot(entry) for entry in reversed(self._tasks.values())
+                 if (not owner or entry.task.owner == owner)
+                 and (not wanted or entry.task.status in wanted)]
+        return found[:limit] if limit else found
+
+    def prune(self) -> int:
+        """Forget finished tasks past the retention age or the disk budget.
+
+        Oldest first. Returns how many were removed; they are NOT_FOUND after.
+        """
+        finished = sorted((entry for entry in self._tasks.values()
+                           if entry.ended.is_set() and not entry.log.in_use),
+                          key=lambda entry: entry.task.end_time or entry.task.start_time)
+        doomed = []
+        if self.retention_age:
+            horizon = now().timestamp() - self.retention_age
+            doomed = [entry for entry in finished
+                      if (entry.task.end_time or entry.task.start_time).timestamp() < horizon]
+        if self.retention_bytes:
+            kept = [entry for entry in finished if entry not in doomed]
+            total = sum(entry.log.size for entry in kept)
+            for entry in kept:
+                if total <= self.retention_bytes:
+                    break
+                total -= entry.log.size
+                doomed.append(entry)
+        for entry in doomed:
+            del self._tasks[entry.task.id]
+            entry.log.remove()
+        if doomed:
+            self._store_call(self.store.delete, [entry.task.id for entry in doomed])
+            log.info("retention: forgot %d finished task(s)", len(doomed))
+        return len(doomed)
 
     def shutdown(self, timeout: Optional[float] = None) -> None:
         """Refuse new tasks, end the running ones (source ``server``), wait for them."""
@@ -171,7 +227,9 @@ class TaskManager:
         if timeout is None:
             timeout = self.stop_grace + EOF_TIMEOUT + GROUP_EMPTY_TIMEOUT
         gevent.wait([entry.ended for entry in running], timeout=timeout)
+        self._pruner.kill()
         self.driver.close()
+        self.store.close()
 
     # -- running a task
 
@@ -181,6 +239,7 @@ class TaskManager:
         pump = gevent.spawn(self._pump, proc, entry.log)
         try:
             wait_status = proc.wait()
+            exited_at = now()
             # The task is its whole tree: what the main process left behind
             # dies with it, which also releases the output pipe they hold.
             self._kill_group(entry.group)
@@ -189,17 +248,20 @@ class TaskManager:
                     and os.WTERMSIG(wait_status) == signal.SIGKILL
                     and self._safely(self.driver.oom_killed, entry.group)):
                 source = Source.OOM
-            task.finish(wait_status, source, entry.sent_signal)
-            log.info("task %s ended: %s exit %s %s %s", task.id, task.status.name,
-                     task.exit_code, task.signal or "-", task.source.value or "-")
-            if not pump.join(timeout=EOF_TIMEOUT) and not pump.dead:
+            pump.join(timeout=EOF_TIMEOUT)
+            if not pump.dead:
                 log.warning("task %s: output still open after the group was killed; "
                             "closing it", task.id)
                 pump.kill()
+            # Published only now, so "ended" always comes with complete output.
+            task.finish(wait_status, source, entry.sent_signal, exited_at)
+            log.info("task %s ended: %s exit %s %s %s", task.id, task.status.name,
+                     task.exit_code, task.signal or "-", task.source.value or "-")
         finally:
             proc.close_output()
             entry.log.finish()
             self._discard_group(entry.group)
+            self._persist(self._snapshot(entry))
             entry.ended.set()
 
     @staticmethod
@@ -250,6 +312,65 @@ class TaskManager:
         except (CgroupError, OSError) as error:
             log.error("task %s: %s failed: %s", group.task_id, method.__name__, error)
             return default
+
+    # -- records
+
+    def _snapshot(self, entry: _Entry) -> Task:
+        task = entry.task.snapshot()
+        task.output_size = entry.log.size
+        task.output_dropped = entry.log.dropped
+        task.output_note = entry.log.note
+        return task
+
+    def _persist(self, task: Task) -> None:
+        self._store_call(self.store.save, task)
+
+    def _store_call(self, method, *args) -> None:
+        # The records are a convenience over the live state: a failing disk
+        # must not fail a start or lose a task's outcome in memory.
+        try:
+            method(*args)
+        except Exception as error:  # noqa: BLE001 - sqlite3 raises many kinds
+            log.error("task store: %s failed: %s", method.__name__, error)
+
+    def _recover(self) -> None:
+        """Load the records of an earlier life; end the tasks it left running.
+
+        A task still STARTED in the store was running when the server died.
+        Its main process, if alive (told apart from a reused pid by the
+        TASKMAN_TASK_ID in its environment), is killed with its process group
+        (the cgroup driver's setup() then kills whatever else is in its
+        groups): SIGNALED by SIGKILL, source ``server``. If it is already gone
+        its exit status is lost: UNKNOWN, source ``server``.
+        """
+        for task in self.store.load_all():
+            path = os.path.join(self.output_dir, task.id + ".log")
+            if not os.path.exists(path):
+                open(path, "ab").close()
+            if task.running:
+                if _is_process_of(task.pid, task.id):
+                    _kill_process_group(task.pid)
+                    task.status, task.exit_code = JobStatus.SIGNALED, 128 + signal.SIGKILL
+                    task.signal = "SIGKILL"
+                else:
+                    task.status, task.exit_code, task.signal = JobStatus.UNKNOWN, None, ""
+                task.source, task.end_time = Source.SERVER, now()
+                log.warning("task %s was running when the server stopped: recorded as %s",
+                            task.id, task.status.name)
+                self._persist(task)
+            output = OutputLog(path, existing=True)
+            output.dropped, output.write_error = task.output_dropped, task.output_note or None
+            self._tasks[task.id] = _Entry(task, output)
+        if self._tasks:
+            log.info("loaded %d task record(s) from %s", len(self._tasks), self.store.path)
+
+    def _prune_periodically(self) -> None:
+        while True:
+            gevent.sleep(RETENTION_INTERVAL)
+            try:
+                self.prune()
+            except Exception:  # noqa: BLE001 - never let retention kill the server
+                log.exception("retention pass failed")
 
     # -- helpers
 
@@ -316,6 +437,23 @@ def _home() -> str:
         return pwd.getpwuid(os.geteuid()).pw_dir
     except KeyError:
         return "/"
+
+
+def _is_process_of(pid: int, task_id: str) -> bool:
+    """True if ``pid`` runs now and carries the task's id in its environment."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as environ:
+            return b"TASKMAN_TASK_ID=" + task_id.encode() in environ.read().split(b"\0")
+    except OSError:
+        return False
+
+
+def _kill_process_group(pid: int) -> None:
+    for kill in (os.killpg, os.kill):
+        try:
+            kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def _become_subreaper() -> None:

@@ -115,6 +115,11 @@ class OutputLog:
 
     # -- the readers' side
 
+    @property
+    def in_use(self) -> bool:
+        """True while some follower or reader is reading the log."""
+        return self._readers > 0
+
     def read(self, offset: int, size: int = CHUNK_SIZE) -> bytes:
         """Return up to ``size`` bytes from ``offset`` (b"" past the end)."""
         self._acquire()

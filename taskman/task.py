@@ -61,14 +61,15 @@ class Task:
     def running(self) -> bool:
         return self.status == JobStatus.STARTED
 
-    def finish(self, wait_status: int, source: Source, sent_signal: int = 0) -> None:
+    def finish(self, wait_status: int, source: Source, sent_signal: int = 0,
+               end_time: Optional[datetime.datetime] = None) -> None:
         """Record the end of the main process from its ``waitpid`` status.
 
         ``source`` is who caused the end, if known (a stop, the OOM killer,
         the server); ``sent_signal`` is the signal taskman sent to cause it,
         kept even when the task caught it and exited by itself.
         """
-        self.end_time = now()
+        self.end_time = end_time or now()
         if os.WIFSIGNALED(wait_status):
             number = os.WTERMSIG(wait_status)
             self.status = JobStatus.SIGNALED
