@@ -1,0 +1,165 @@
+"""The cgroup drivers' OS seam: every cgroup file read and write, mkdir,
+rmdir, and the signals sent to the processes a group lists.
+
+Why one place: each failure becomes a ``CgroupError`` that names the file and
+the kernel's reason, so an operator can tell "no such device" from
+"permission denied" without a traceback, and tests can see every write.
+
+Files are opened without ``O_CREAT`` (a missing interface file means a missing
+controller, which must be an error, not a new regular file) and with
+``O_APPEND`` (the kernel ignores the offset; a fake tree in the tests then
+keeps every value written, in order). Each value is one ``write(2)``: the
+kernel parses one value per write.
+"""
+
+import errno
+import os
+import signal as signals
+import time
+from typing import Iterable, Iterator, List, Set
+
+from taskman.errors import CgroupError
+
+# rmdir of a group races with the exit of its last processes by a few
+# milliseconds at most; after this it is a real failure.
+REMOVE_RETRY_SECONDS = 0.2
+
+
+def read(path: str) -> str:
+    """Return the file's text; CgroupError if it cannot be read."""
+    try:
+        with open(path, encoding="ascii", errors="replace") as file:
+            return file.read()
+    except OSError as error:
+        raise _error("read", path, error) from None
+
+
+def write(path: str, value: str) -> None:
+    """Write ``value`` to an existing cgroup file in one write(2); CgroupError on failure."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+    except OSError as error:
+        raise _error("open", path, error) from None
+    try:
+        os.write(fd, value.encode("ascii"))
+    except OSError as error:
+        raise _error(f"write {value.strip()!r} to", path, error) from None
+    finally:
+        os.close(fd)
+
+
+def exists(path: str) -> bool:
+    return os.path.exists(path)
+
+
+def keyed(path: str) -> dict:
+    """Parse a flat keyed file ("key value" lines: cgroup.events, memory.events,
+    memory.oom_control) into a dict of ints."""
+    values = {}
+    for line in read(path).splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].lstrip("-").isdigit():
+            values[parts[0]] = int(parts[1])
+    return values
+
+
+def make_directory(path: str) -> bool:
+    """Create a group; return False if it already existed."""
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        return False
+    except OSError as error:
+        raise _error("create", path, error) from None
+    return True
+
+
+def remove_directory(path: str) -> None:
+    """Remove a group and the groups a task made beneath it, deepest first.
+
+    A group that is already gone is fine. Raises CgroupError if it stays
+    (still populated after REMOVE_RETRY_SECONDS, or permission).
+    """
+    for directory in reversed(list(walk(path))):
+        deadline = time.monotonic() + REMOVE_RETRY_SECONDS
+        while True:
+            try:
+                os.rmdir(directory)
+                break
+            except FileNotFoundError:
+                break
+            except OSError as error:
+                if error.errno != errno.EBUSY or time.monotonic() > deadline:
+                    raise _error("remove", directory, error) from None
+                time.sleep(0.005)
+
+
+def walk(path: str) -> Iterator[str]:
+    """Yield ``path`` and every group beneath it, parents first; nothing if it is gone."""
+    if not os.path.isdir(path):
+        return
+    yield path
+    for name in subgroups(path):
+        yield from walk(os.path.join(path, name))
+
+
+def subgroups(path: str) -> List[str]:
+    """Names of the groups directly beneath ``path``."""
+    try:
+        return sorted(entry.name for entry in os.scandir(path) if entry.is_dir(follow_symlinks=False))
+    except FileNotFoundError:
+        return []
+    except OSError as error:
+        raise _error("list", path, error) from None
+
+
+def pids(directories: Iterable[str]) -> Set[int]:
+    """The processes listed in the ``cgroup.procs`` of the given groups."""
+    found: Set[int] = set()
+    for directory in directories:
+        try:
+            text = read(os.path.join(directory, "cgroup.procs"))
+        except CgroupError:
+            if os.path.isdir(directory):
+                raise
+            continue  # removed meanwhile: empty
+        found.update(int(word) for word in text.split() if word.isdigit())
+    return found
+
+
+def signal_listed(directories: List[str], number: int) -> int:
+    """Send ``number`` to every process the groups list; return how many got it.
+
+    pid_max is 32768 on common hosts, so a listed pid can exit and be reused
+    by an unrelated process before kill(2). To never signal a stranger, each
+    pid is pinned with a pidfd first, and signalled only if the groups still
+    list it after pinning (a pidfd always names the process it was opened on).
+    """
+    pinned = {}
+    try:
+        for pid in pids(directories):
+            try:
+                pinned[pid] = os.pidfd_open(pid)
+            except ProcessLookupError:
+                continue  # exited meanwhile
+        still_listed = pids(directories) if pinned else set()
+        sent = 0
+        for pid, fd in pinned.items():
+            if pid not in still_listed:
+                continue
+            try:
+                signals.pidfd_send_signal(fd, number)
+                sent += 1
+            except ProcessLookupError:
+                pass
+            except OSError as error:
+                raise _error(f"signal {number} pid {pid} of", directories[0], error) from None
+        return sent
+    finally:
+        for fd in pinned.values():
+            os.close(fd)
+
+
+def _error(action: str, path: str, error: OSError) -> CgroupError:
+    reason = os.strerror(error.errno) if error.errno else str(error)
+    return CgroupError(f"cannot {action} {path}: {reason}")

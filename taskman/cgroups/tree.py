@@ -1,0 +1,270 @@
+"""What the v2 and hybrid drivers share: a task is one directory, named
+after its id, in each of a few cgroup hierarchies.
+
+A driver is a list of ``Hierarchy`` objects (where task groups live, which
+limit files to write into each new group). Creating, placing, signalling,
+killing, emptiness, OOM and removal then work the same on every layout; the
+two drivers differ only in which hierarchies they list and how they prepare
+them (see v2.py and hybrid.py).
+"""
+
+import dataclasses
+import logging
+import os
+import signal
+import time
+import uuid
+from typing import Dict, List, Optional, Tuple
+
+from taskman.cgroups import Driver, Group, Limits, cgroupfs
+from taskman.errors import CgroupError
+
+log = logging.getLogger("taskman.cgroups")
+
+# A freezer normally settles in 1-2 ms. A process in uninterruptible sleep
+# (a throttled direct read, say) keeps it FREEZING: kill anyway after this.
+FREEZE_TIMEOUT = 0.1
+# setup(): how long a stale group from an earlier run may take to empty.
+STALE_EMPTY_TIMEOUT = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One value written into a new task group's ``file``; skipped if the
+    file is absent and ``required`` is False (swap files without swap
+    accounting)."""
+
+    file: str
+    value: str
+    required: bool = True
+
+
+@dataclasses.dataclass
+class Hierarchy:
+    """One mounted hierarchy and the directory in it that holds task groups."""
+
+    name: str                     # "unified", "memory", "cpu,cpuacct"... for messages
+    base: str                     # <mount>/<the server's own cgroup>/<root name>
+    version: int                  # 1 or 2
+    settings: Tuple[Setting, ...] = ()
+    oom_file: Optional[str] = None  # memory.events (v2) or memory.oom_control (v1)
+    freezer_file: Optional[str] = None  # freezer.state (v1) or cgroup.freeze (v2)
+
+
+class CgroupGroup(Group):
+    """A task's directory in each hierarchy, by hierarchy name."""
+
+    def __init__(self, task_id: str, directories: Dict[str, str]):
+        super().__init__(task_id)
+        self.directories = directories
+
+
+class TreeDriver(Driver):
+    """The Driver operations over ``self.hierarchies``; see the module docstring."""
+
+    def __init__(self, hierarchies: List[Hierarchy], limits: Optional[Limits],
+                 devices: Tuple[str, ...] = ()):
+        self.hierarchies = hierarchies
+        self.limits = limits
+        self.devices = devices
+
+    # -- start-up
+
+    def setup(self) -> int:
+        for hierarchy in self.hierarchies:
+            self._prepare(hierarchy)
+        return self._remove_stale()
+
+    def _prepare(self, hierarchy: Hierarchy) -> None:
+        """Make the hierarchy's base directory (the server's own cgroup is its parent)."""
+        cgroupfs.make_directory(hierarchy.base)
+
+    def _remove_stale(self) -> int:
+        """Kill and remove task groups an earlier run left under our bases.
+
+        Only directories named like task ids are touched: the bases are ours,
+        but an operator's or another tool's directory there is left alone.
+        """
+        stale = set()
+        for hierarchy in self.hierarchies:
+            for name in cgroupfs.subgroups(hierarchy.base):
+                if _is_task_id(name):
+                    stale.add(name)
+                elif not self._is_own_leaf(hierarchy, name):
+                    log.warning("leaving %s alone: not a task group",
+                                os.path.join(hierarchy.base, name))
+        for task_id in sorted(stale):
+            group = self._group(task_id)
+            deadline = time.monotonic() + STALE_EMPTY_TIMEOUT
+            while not self.is_empty(group):
+                if time.monotonic() > deadline:
+                    raise CgroupError(f"processes of the earlier run's task {task_id} "
+                                      f"survived SIGKILL for {STALE_EMPTY_TIMEOUT}s")
+                self.kill(group)
+                time.sleep(0.005)
+            self.remove(group)
+            log.info("removed task group %s left by an earlier run", task_id)
+        return len(stale)
+
+    def _is_own_leaf(self, hierarchy: Hierarchy, name: str) -> bool:
+        return False
+
+    def _group(self, task_id: str) -> CgroupGroup:
+        return CgroupGroup(task_id, {hierarchy.name: os.path.join(hierarchy.base, task_id)
+                                     for hierarchy in self.hierarchies})
+
+    # -- a task's life
+
+    def create(self, task_id: str) -> Group:
+        if not _is_task_id(task_id):
+            raise CgroupError(f"refusing to create a group named {task_id!r}: not a task id")
+        group = self._group(task_id)
+        made: List[str] = []
+        try:
+            for hierarchy in self.hierarchies:
+                directory = group.directories[hierarchy.name]
+                if not cgroupfs.make_directory(directory):
+                    raise CgroupError(f"cannot create {directory}: it already exists")
+                made.append(directory)
+                for setting in hierarchy.settings:
+                    path = os.path.join(directory, setting.file)
+                    if setting.required or cgroupfs.exists(path):
+                        cgroupfs.write(path, setting.value)
+        except BaseException:
+            for directory in reversed(made):
+                try:
+                    cgroupfs.remove_directory(directory)
+                except CgroupError as error:
+                    log.error("task %s: cleaning up a half-made group: %s", task_id, error)
+            raise
+        return group
+
+    def place(self, group: Group, pid: int) -> None:
+        for directory in self._directories(group):
+            cgroupfs.write(os.path.join(directory, "cgroup.procs"), str(pid))
+        group.pid = pid
+
+    def signal(self, group: Group, number: int) -> None:
+        cgroupfs.signal_listed(self._all_directories(group), number)
+
+    def kill(self, group: Group) -> None:
+        """cgroup.kill where a hierarchy has it (atomic, follows forks);
+        otherwise freeze, SIGKILL every listed process, thaw."""
+        for hierarchy, directory in self._pairs(group):
+            if hierarchy.version == 2:
+                kill_file = os.path.join(directory, "cgroup.kill")
+                if cgroupfs.exists(kill_file):
+                    cgroupfs.write(kill_file, "1")
+                    return
+        for hierarchy, directory in self._pairs(group):
+            if hierarchy.freezer_file and cgroupfs.exists(directory):
+                self._freeze_and_kill(group, hierarchy, directory)
+                return
+        cgroupfs.signal_listed(self._all_directories(group), signal.SIGKILL)
+
+    def _freeze_and_kill(self, group: Group, hierarchy: Hierarchy, directory: str) -> None:
+        # Frozen processes cannot fork, so one pass over cgroup.procs gets
+        # them all; SIGKILL takes effect when they thaw.
+        state = os.path.join(directory, hierarchy.freezer_file)
+        frozen, thawed = ("FROZEN", "THAWED") if hierarchy.version == 1 else ("1", "0")
+        cgroupfs.write(state, frozen)
+        try:
+            deadline = time.monotonic() + FREEZE_TIMEOUT
+            while not self._is_frozen(hierarchy, directory) and time.monotonic() < deadline:
+                time.sleep(0.001)
+            cgroupfs.signal_listed(self._all_directories(group), signal.SIGKILL)
+        finally:
+            cgroupfs.write(state, thawed)
+
+    @staticmethod
+    def _is_frozen(hierarchy: Hierarchy, directory: str) -> bool:
+        if hierarchy.version == 1:
+            return cgroupfs.read(os.path.join(directory, "freezer.state")).strip() == "FROZEN"
+        return cgroupfs.keyed(os.path.join(directory, "cgroup.events")).get("frozen") == 1
+
+    def is_empty(self, group: Group) -> bool:
+        for hierarchy, directory in self._pairs(group):
+            if hierarchy.version == 2:
+                events = os.path.join(directory, "cgroup.events")
+                if cgroupfs.exists(events):
+                    if cgroupfs.keyed(events).get("populated", 0):
+                        return False
+                    continue
+            if cgroupfs.pids(cgroupfs.walk(directory)):
+                return False
+        return True
+
+    def oom_killed(self, group: Group) -> bool:
+        for hierarchy, directory in self._pairs(group):
+            if not hierarchy.oom_file:
+                continue
+            # v2 memory.events counts the group's whole subtree; v1 counts
+            # only where the victim was, so add up the groups a task made.
+            directories = [directory] if hierarchy.version == 2 else cgroupfs.walk(directory)
+            kills = 0
+            for path in directories:
+                events = os.path.join(path, hierarchy.oom_file)
+                if cgroupfs.exists(events):
+                    kills += cgroupfs.keyed(events).get("oom_kill", 0)
+            if kills:
+                return True
+        return False
+
+    def remove(self, group: Group) -> None:
+        first_error = None
+        for directory in reversed(self._directories(group)):
+            try:
+                cgroupfs.remove_directory(directory)
+            except CgroupError as error:
+                first_error = first_error or error
+        if first_error:
+            raise first_error
+
+    def close(self) -> None:
+        """Remove our base directories if no group is left in them (best effort)."""
+        for hierarchy in self.hierarchies:
+            try:
+                os.rmdir(hierarchy.base)
+            except OSError:
+                pass  # still holds groups (or the server itself, on v2)
+
+    # -- helpers
+
+    def _pairs(self, group: Group) -> List[Tuple[Hierarchy, str]]:
+        assert isinstance(group, CgroupGroup)
+        return [(hierarchy, group.directories[hierarchy.name]) for hierarchy in self.hierarchies]
+
+    def _directories(self, group: Group) -> List[str]:
+        return [directory for _, directory in self._pairs(group)]
+
+    def _all_directories(self, group: Group) -> List[str]:
+        """The task's groups and any group its processes made beneath them."""
+        return [path for directory in self._directories(group) for path in cgroupfs.walk(directory)]
+
+    def _limits_text(self) -> str:
+        limits = self.limits
+        if limits is None:
+            return "no limits (tracking only)"
+
+        def amount(value, unit=""):
+            return f"{value}{unit}" if value else "unlimited"
+        cpu = (f"cpu {limits.cpu_quota_us}/{limits.cpu_period_us} us "
+               f"({100 * limits.cpu_quota_us / limits.cpu_period_us:.0f}% of a CPU)"
+               if limits.cpu_quota_us else "cpu unlimited")
+        devices = ",".join(self.devices) or "-"
+        return (f"{cpu}, memory {_mib(limits.memory_max)} (no swap), "
+                f"io on {devices} read {_mib(limits.io_read_bps)}/s "
+                f"write {_mib(limits.io_write_bps)}/s, pids {amount(limits.pids_max)}")
+
+
+def _mib(value: int) -> str:
+    if not value:
+        return "unlimited"
+    return f"{value / 1048576:g} MiB" if value % 1048576 == 0 else f"{value} B"
+
+
+def _is_task_id(name: str) -> bool:
+    try:
+        return str(uuid.UUID(name)) == name
+    except ValueError:
+        return False
