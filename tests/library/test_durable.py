@@ -56,6 +56,7 @@ CRASHING_SERVER = textwrap.dedent("""
     gevent.sleep(0.5)
     running = mgr.start("alice", "sh", ["-c", "echo started; exec sleep 300"])
     gone = mgr.start("alice", "sh", ["-c", "exec sleep 300"])
+    next(mgr.stream("alice", running.id))  # "started" is on disk, not just in the pipe
     print(done.id, running.id, running.pid, gone.id, gone.pid, flush=True)
     gevent.sleep(300)
 """)
