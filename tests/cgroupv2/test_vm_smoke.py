@@ -1,0 +1,263 @@
+"""Smoke checks of a pure cgroup v2 kernel, meant to run inside the QEMU guest
+started by ``vm/run-in-cgroupv2-vm`` (see vm/README.md)::
+
+    vm/run-in-cgroupv2-vm -- /tmp/vmvenv/bin/python -m pytest -p no:cacheprovider tests/cgroupv2 -v
+
+They need no project module. They skip (with the reason) unless:
+  * /sys/fs/cgroup is a cgroup2 mount offering cpu, io, memory and pids,
+  * we are root,
+  * we run inside that VM (TASKMAN_IN_VM=1), or the caller explicitly accepts
+    that the tests rearrange this host's cgroups (TASKMAN_CGROUPV2_HOST_OK=1;
+    the raw block-device write of the io.max test still only runs in the VM).
+
+Layout used: our own cgroup (from /proc/self/cgroup, in the VM that is
+/taskman-vm.service) is emptied into a leaf ``<own>/pytest``, then the four
+controllers are enabled in ``<own>/cgroup.subtree_control`` and each test
+works in ``<own>/smoke-<pid>/<name>``.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+CG_ROOT = "/sys/fs/cgroup"
+NEEDED = ("cpu", "io", "memory", "pids")
+IN_VM = os.environ.get("TASKMAN_IN_VM") == "1"
+
+
+def _read(path):
+    with open(path) as f:
+        return f.read()
+
+
+def _write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _why_not():
+    try:
+        mounts = _read("/proc/self/mounts").splitlines()
+    except OSError as e:
+        return f"cannot read /proc/self/mounts: {e}"
+    fstype = {m.split()[1]: m.split()[2] for m in mounts if len(m.split()) > 2}
+    if fstype.get(CG_ROOT) != "cgroup2":
+        return (f"not a pure cgroup v2 host: {CG_ROOT} is "
+                f"{fstype.get(CG_ROOT, 'not mounted')!r}, not cgroup2 "
+                "(run these via vm/run-in-cgroupv2-vm)")
+    v1 = [p for p, t in fstype.items() if t == "cgroup"]
+    if v1:
+        return f"cgroup v1 hierarchies are mounted too ({', '.join(v1[:3])}): hybrid host"
+    have = _read(f"{CG_ROOT}/cgroup.controllers").split()
+    missing = [c for c in NEEDED if c not in have]
+    if missing:
+        return f"cgroup2 root lacks controllers {missing} (has {have})"
+    if os.geteuid() != 0:
+        return "needs root to create cgroups"
+    if not IN_VM and os.environ.get("TASKMAN_CGROUPV2_HOST_OK") != "1":
+        return ("refusing to rearrange this real host's cgroups: run inside "
+                "vm/run-in-cgroupv2-vm or set TASKMAN_CGROUPV2_HOST_OK=1")
+    return None
+
+
+_REASON = _why_not()
+if _REASON:
+    print(f"test_vm_smoke: skipped: {_REASON}", file=sys.stderr)
+    pytest.skip(_REASON, allow_module_level=True)
+
+
+def _own_cgroup():
+    for line in _read("/proc/self/cgroup").splitlines():
+        if line.startswith("0::"):
+            return CG_ROOT + line[3:].rstrip("/")
+    raise RuntimeError("no cgroup v2 line in /proc/self/cgroup")
+
+
+def _procs(cg):
+    return [int(p) for p in _read(f"{cg}/cgroup.procs").split()]
+
+
+def _into(cg):
+    """preexec_fn: move the child into cgroup ``cg`` before exec."""
+    def move():
+        _write(f"{cg}/cgroup.procs", "0")
+    return move
+
+
+def _rmtree(cg):
+    """Kill everything below ``cg`` and remove the groups, leaves first."""
+    if not os.path.isdir(cg):
+        return
+    if os.path.exists(f"{cg}/cgroup.kill"):
+        _write(f"{cg}/cgroup.kill", "1")
+    for dirpath, dirnames, _ in sorted(os.walk(cg), key=lambda t: -len(t[0])):
+        for _ in range(100):
+            try:
+                os.rmdir(dirpath)
+                break
+            except OSError:
+                time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def base():
+    own = _own_cgroup()
+    leaf = f"{own}/pytest"
+    if own != CG_ROOT:
+        # "no internal processes": empty our group into a leaf before
+        # enabling controllers for its children.
+        os.makedirs(leaf, exist_ok=True)
+        for pid in _procs(own):
+            try:
+                _write(f"{leaf}/cgroup.procs", str(pid))
+            except OSError:
+                pass  # exited meanwhile
+    for c in NEEDED:
+        _write(f"{own}/cgroup.subtree_control", f"+{c}")
+    top = f"{own}/smoke-{os.getpid()}"
+    os.mkdir(top)
+    for c in NEEDED:
+        _write(f"{top}/cgroup.subtree_control", f"+{c}")
+    yield top
+    _rmtree(top)
+
+
+def _child(base, name):
+    cg = f"{base}/{name}"
+    os.mkdir(cg)
+    return cg
+
+
+def test_pure_v2_root_has_controllers():
+    have = _read(f"{CG_ROOT}/cgroup.controllers").split()
+    print("root cgroup.controllers:", " ".join(have))
+    for c in NEEDED:
+        assert c in have
+    if IN_VM:
+        assert "cgroup_no_v1=all" in _read("/proc/cmdline")
+        # the VM's PID 1 sits in a leaf, like systemd's init.scope
+        assert _read("/proc/1/cgroup").strip() == "0::/init.scope"
+
+
+def test_child_group_gets_controllers(base):
+    cg = _child(base, "limits")
+    assert set(NEEDED) <= set(_read(f"{cg}/cgroup.controllers").split())
+    _write(f"{cg}/cpu.max", "50000 100000")
+    _write(f"{cg}/memory.max", str(128 << 20))
+    _write(f"{cg}/pids.max", "16")
+    assert _read(f"{cg}/cpu.max").split() == ["50000", "100000"]
+    assert int(_read(f"{cg}/memory.max")) == 128 << 20
+    assert _read(f"{cg}/pids.max").strip() == "16"
+    assert os.path.exists(f"{cg}/io.max")
+    assert os.path.exists(f"{cg}/cgroup.kill")
+    p = subprocess.run(["sleep", "0"], preexec_fn=_into(cg), timeout=30)
+    assert p.returncode == 0
+
+
+def test_cgroup_kill_empties_tree(base):
+    cg = _child(base, "killme")
+    sub = _child(cg, "nested")
+    procs = [subprocess.Popen(["sleep", "1000"], preexec_fn=_into(g))
+             for g in (cg, cg, sub, sub, sub)]
+    assert len(_procs(cg)) == 2 and len(_procs(sub)) == 3
+    assert "populated 1" in _read(f"{cg}/cgroup.events")
+    _write(f"{cg}/cgroup.kill", "1")
+    for p in procs:
+        assert p.wait(timeout=30) == -signal.SIGKILL
+    deadline = time.monotonic() + 10
+    while "populated 1" in _read(f"{cg}/cgroup.events"):
+        assert time.monotonic() < deadline, "tree still populated after cgroup.kill"
+        time.sleep(0.05)
+    assert _procs(cg) == [] and _procs(sub) == []
+
+
+def test_memory_max_oom_kills(base):
+    cg = _child(base, "oom")
+    _write(f"{cg}/memory.max", str(32 << 20))
+    if os.path.exists(f"{cg}/memory.swap.max"):
+        _write(f"{cg}/memory.swap.max", "0")
+    hog = ("import mmap\n"
+           "m = mmap.mmap(-1, 256 << 20)\n"
+           "for i in range(0, len(m), 4096): m[i] = 1\n"
+           "print('survived')\n")
+    p = subprocess.run([sys.executable, "-c", hog], preexec_fn=_into(cg),
+                       capture_output=True, text=True, timeout=300)
+    events = dict(line.split() for line in _read(f"{cg}/memory.events").splitlines())
+    print("memory.events:", events)
+    assert p.returncode == -signal.SIGKILL, (p.returncode, p.stdout, p.stderr)
+    assert "survived" not in p.stdout
+    assert events["oom_kill"] == "1"
+
+
+def test_pids_max_limits_forks(base):
+    cg = _child(base, "pids")
+    _write(f"{cg}/pids.max", "4")
+    forker = ("import os, time\n"
+              "ok = fail = 0\n"
+              "for _ in range(8):\n"
+              "    try:\n"
+              "        if os.fork() == 0:\n"
+              "            time.sleep(3); os._exit(0)\n"
+              "        ok += 1\n"
+              "    except BlockingIOError:\n"
+              "        fail += 1\n"
+              "print(ok, fail)\n")
+    p = subprocess.run([sys.executable, "-c", forker], preexec_fn=_into(cg),
+                       capture_output=True, text=True, timeout=120)
+    ok, fail = map(int, p.stdout.split())
+    _write(f"{cg}/cgroup.kill", "1")
+    assert (ok, fail) == (3, 5)
+    events = dict(line.split() for line in _read(f"{cg}/pids.events").splitlines())
+    assert int(events["max"]) >= 5
+
+
+def _block_device():
+    """(name, 'MAJ:MIN') of the first real disk, e.g. the VM's vda."""
+    want = os.path.basename(os.environ.get("TASKMAN_VM_DISK", ""))
+    names = sorted(os.listdir("/sys/block"))
+    if want in names:
+        names = [want]
+    for name in names:
+        if name.startswith(("loop", "ram", "zram", "nbd", "dm-", "md")):
+            continue
+        return name, _read(f"/sys/block/{name}/dev").strip()
+    return None, None
+
+
+def test_io_max_on_block_device(base):
+    name, majmin = _block_device()
+    assert name, "no block device in /sys/block"
+    print(f"block device {name} is {majmin}")
+    cg = _child(base, "io")
+    _write(f"{cg}/io.max", f"{majmin} wbps={1 << 20}")
+    assert f"{majmin} rbps=max wbps={1 << 20}" in _read(f"{cg}/io.max")
+    if not (IN_VM and os.environ.get("TASKMAN_VM_DISK") == f"/dev/{name}"):
+        pytest.skip("raw O_DIRECT write only on the VM's scratch disk")
+    # 3 MiB of O_DIRECT writes at 1 MiB/s must take well over a second.
+    writer = ("import mmap, os, sys\n"
+              "fd = os.open(sys.argv[1], os.O_WRONLY | os.O_DIRECT)\n"
+              "buf = mmap.mmap(-1, 1 << 20)\n"
+              "for i in range(3): os.pwrite(fd, buf, i << 20)\n"
+              "os.close(fd)\n")
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-c", writer, f"/dev/{name}"],
+                       preexec_fn=_into(cg), capture_output=True, text=True,
+                       timeout=120)
+    took = time.monotonic() - t0
+    stat = _read(f"{cg}/io.stat")
+    print(f"3 MiB O_DIRECT at wbps=1MiB/s took {took:.2f}s; io.stat: {stat.strip()}")
+    assert p.returncode == 0, p.stderr
+    assert took >= 1.5
+    assert f"{majmin} " in stat and f"wbytes={3 << 20}" in stat
+
+
+def test_host_python_runs():
+    for exe in ("python3", sys.executable):
+        p = subprocess.run([exe, "-c", "import sys; print(sys.version)"],
+                           capture_output=True, text=True, timeout=120)
+        print(exe, "->", p.stdout.strip())
+        assert p.returncode == 0 and p.stdout.startswith("3.")
