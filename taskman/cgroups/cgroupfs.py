@@ -13,6 +13,7 @@ kernel parses one value per write.
 """
 
 import errno
+import fcntl
 import os
 import signal as signals
 import time
@@ -92,6 +93,51 @@ def remove_directory(path: str) -> None:
                 if error.errno != errno.EBUSY or time.monotonic() > deadline:
                     raise _error("remove", directory, error) from None
                 time.sleep(0.005)
+
+
+def lock_directory(path: str) -> int:
+    """Take an exclusive flock on the group ``path``; return the descriptor
+    holding it (close it to release). CgroupError if another holder has it.
+
+    Why: hierarchies such as v1 cpu or pids are often shared by every
+    process on the host, so two servers (or a server and a test run) with
+    the same root name would remove each other's task groups at start.
+    """
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as error:
+            raise _error("open", path, error) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise CgroupError(f"{path} is in use by another taskman server (or test run): "
+                              f"give each server on a host its own cgroup root name") from None
+        except OSError as error:
+            os.close(fd)
+            raise _error("lock", path, error) from None
+        # The previous holder may have removed the directory between our
+        # open and our lock: then we locked a dead inode; start over.
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            make_directory(path)
+        os.close(fd)
+    raise CgroupError(f"cannot lock {path}: it keeps being removed and re-created")
+
+
+def remove_if_unused(path: str) -> bool:
+    """Remove the group ``path`` if it holds no process and no group; return
+    whether it is gone."""
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True
 
 
 def walk(path: str) -> Iterator[str]:

@@ -67,12 +67,19 @@ class TreeDriver(Driver):
         self.hierarchies = hierarchies
         self.limits = limits
         self.devices = devices
+        self._locks: List[int] = []
 
     # -- start-up
 
     def setup(self) -> int:
-        for hierarchy in self.hierarchies:
-            self._prepare(hierarchy)
+        if not self._locks:
+            try:
+                for hierarchy in self.hierarchies:
+                    self._prepare(hierarchy)
+                    self._locks.append(cgroupfs.lock_directory(hierarchy.base))
+            except BaseException:
+                self._unlock()
+                raise
         return self._remove_stale()
 
     def _prepare(self, hierarchy: Hierarchy) -> None:
@@ -221,12 +228,18 @@ class TreeDriver(Driver):
             raise first_error
 
     def close(self) -> None:
-        """Remove our base directories if no group is left in them (best effort)."""
-        for hierarchy in self.hierarchies:
-            try:
-                os.rmdir(hierarchy.base)
-            except OSError:
-                pass  # still holds groups (or the server itself, on v2)
+        """Remove our base directories if no group is left in them (best
+        effort), then let another server have them."""
+        if self._locks:
+            for hierarchy in self.hierarchies:
+                # Kept if it still holds groups (or the server itself, on v2).
+                cgroupfs.remove_if_unused(hierarchy.base)
+        self._unlock()
+
+    def _unlock(self) -> None:
+        for fd in self._locks:
+            os.close(fd)
+        self._locks = []
 
     # -- helpers
 

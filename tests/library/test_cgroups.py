@@ -1,0 +1,358 @@
+"""The host's real cgroup driver (hybrid here, v2 on a pure v2 host) through
+the real TaskManager: limits hold, stop kills whole trees, groups go away.
+
+Needs root and cgroups; skips with the reason otherwise. Every test uses its
+own root name (``taskman-test-<pid>-<n>``): hierarchies such as v1 cpu are
+shared by the whole host, and the default root belongs to a real server.
+"""
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import gevent
+import pytest
+from support import poll_for
+
+from taskman import cgroups
+from taskman.cgroups import Limits, cgroupfs, detect, v2
+from taskman.errors import CgroupError
+from taskman.manager import TaskManager
+from taskman.task import JobStatus, Source
+
+PY = sys.executable
+MiB = 1 << 20
+_names = itertools.count()
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _root_name():
+    return f"taskman-test-{os.getpid()}-{next(_names)}"
+
+
+def _select(limits=None, root=None, **keywords):
+    if os.geteuid() != 0:
+        pytest.skip(f"needs root: cgroups are managed by root (uid {os.geteuid()})")
+    try:
+        return cgroups.select_driver("auto", limits or Limits(), root=root or _root_name(),
+                                     **keywords)
+    except CgroupError as error:
+        pytest.skip(f"no cgroup driver on this host: {error}")
+
+
+def _groups_left(driver):
+    return {hierarchy.base: cgroupfs.subgroups(hierarchy.base)
+            for hierarchy in driver.hierarchies if cgroupfs.subgroups(hierarchy.base)}
+
+
+@pytest.fixture
+def run(state_dir):
+    """Make managers with the real driver; at the end shut them down and
+    check that no task group (nor base directory) is left."""
+    made = []
+
+    def make(limits=None, stop_grace=1.0, root=None):
+        driver = _select(limits, root, io_paths=(state_dir,))
+        manager = TaskManager(os.path.join(state_dir, str(len(made))), driver=driver,
+                              stop_grace=stop_grace)
+        made.append(manager)
+        return manager
+
+    yield make
+    for manager in made:
+        manager.shutdown(timeout=15)
+        driver = manager.driver
+        left = _groups_left(driver)
+        for hierarchy in driver.hierarchies:  # never leak into the host, even on failure
+            for name in cgroupfs.subgroups(hierarchy.base):
+                cgroupfs.remove_directory(os.path.join(hierarchy.base, name))
+            cgroupfs.remove_if_unused(hierarchy.base)
+        assert not left, f"groups left after shutdown: {left}"
+        assert not [h.base for h in driver.hierarchies if os.path.exists(h.base)]
+
+
+def wait_ended(manager, task_id, timeout=20):
+    return poll_for(lambda: (lambda task: None if task.running else task)(
+        manager.status("alice", task_id)), timeout=timeout, message=f"task {task_id} to end")
+
+
+def output_of(manager, task_id):
+    with gevent.Timeout(30):
+        return b"".join(manager.stream("alice", task_id)).decode()
+
+
+def processes_of(task_id):
+    """Live processes whose environment marks them as the task's (setsid or not)."""
+    found = []
+    marker = f"TASKMAN_TASK_ID={task_id}".encode()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as environ:
+                if marker not in environ.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{name}/stat") as stat:
+                if stat.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    continue
+        except OSError:
+            continue
+        found.append(int(name))
+    return found
+
+
+# -- limits
+
+
+def test_memory_limit_ends_in_oom_kill(run):
+    manager = run(Limits(memory_max=64 * MiB))
+    task = manager.start("alice", PY, ["-c", "data = b'x' * (256 << 20)"])
+    ended = wait_ended(manager, task.id)
+    assert (ended.status, ended.signal, ended.source) == (JobStatus.SIGNALED, "SIGKILL",
+                                                          Source.OOM)
+
+
+def test_memory_under_the_limit_is_fine(run):
+    manager = run(Limits(memory_max=64 * MiB))
+    task = manager.start("alice", PY, ["-c", "data = b'x' * (16 << 20)"])
+    assert wait_ended(manager, task.id).status == JobStatus.EXITED_OK
+
+
+def test_busy_loop_is_held_near_20_percent_of_a_cpu(run):
+    manager = run()  # the RFD's 200000/1000000
+    program = ("import time\nstart = time.monotonic()\n"
+               "while time.monotonic() - start < 2.5: pass\n"
+               "print(time.process_time() / (time.monotonic() - start))")
+    task = manager.start("alice", PY, ["-c", program])
+    wait_ended(manager, task.id)
+    share = float(output_of(manager, task.id))
+    print(f"cpu share under 200000/1000000: {share:.1%}")
+    assert 0.10 <= share <= 0.35
+
+
+def test_fork_loop_is_held_at_the_pids_limit(run):
+    manager = run(Limits(pids_max=20))
+    # At most 60 forks whatever happens, so a broken limit cannot bomb the host.
+    program = ("import os, sys, time\nmade = 0\nfor _ in range(60):\n"
+               "    try:\n        pid = os.fork()\n    except OSError:\n        continue\n"
+               "    if pid == 0:\n        time.sleep(30)\n        os._exit(0)\n"
+               "    made += 1\nprint(made, flush=True)\ntime.sleep(30)")
+    task = manager.start("alice", PY, ["-c", program])
+    made = int(poll_for(lambda: output_of_so_far(manager, task.id), timeout=15,
+                        message="the fork count"))
+    assert made == 19  # 20 processes: the forker and its 19 children
+    manager.stop("alice", task.id)
+    assert not processes_of(task.id)
+
+
+def output_of_so_far(manager, task_id):
+    path = manager._tasks[task_id].log.path  # the output file, read without following
+    with open(path, "rb") as output:
+        text = output.read().decode()
+    return text.strip() if text.endswith("\n") else ""
+
+
+def test_direct_io_is_throttled(run, state_dir):
+    driver = _select(Limits(), io_paths=(state_dir,))
+    if detect.backing_devices([state_dir]) != driver.devices:
+        pytest.skip(f"{state_dir} is not on the throttled device {driver.devices}")
+    size = 30
+    source = os.path.join(state_dir, "source.bin")
+    with open(source, "wb") as file:
+        file.write(os.urandom(MiB) * size)
+        os.fsync(file.fileno())
+    manager = run(Limits(io_read_bps=10 * MiB, io_write_bps=10 * MiB))
+    started = time.monotonic()
+    reader = manager.start("alice", "dd", [f"if={source}", "of=/dev/null", "bs=1M",
+                                           "iflag=direct"])
+    writer = manager.start("alice", "dd", ["if=/dev/zero", f"of={state_dir}/sink.bin",
+                                           "bs=1M", f"count={size}", "oflag=direct"])
+    durations = {}
+    for name, task in (("read", reader), ("write", writer)):
+        ended = wait_ended(manager, task.id, timeout=30)
+        durations[name] = time.monotonic() - started
+        assert ended.status == JobStatus.EXITED_OK, output_of(manager, task.id)
+        print(f"direct {name} of {size} MiB at 10 MiB/s: {durations[name]:.2f} s; "
+              f"dd says {output_of(manager, task.id).splitlines()[-1]}")
+    assert durations["read"] >= 2.0 and durations["write"] >= 2.0
+
+
+# -- stop, leftovers, groups
+
+
+def test_stop_kills_the_whole_tree_including_setsid(run):
+    manager = run(stop_grace=0.5)
+    # Everything ignores SIGTERM, so the stop must come down to the kill.
+    task = manager.start("alice", "sh", ["-c", "trap '' TERM; sleep 1000 & sleep 1000 & "
+                                               "setsid sleep 1000 & wait"])
+    poll_for(lambda: len(processes_of(task.id)) == 4, message="the tree to start")
+    started = time.monotonic()
+    stopped = manager.stop("alice", task.id)
+    took = time.monotonic() - started
+    assert (stopped.status, stopped.signal, stopped.source) == (JobStatus.SIGNALED, "SIGKILL",
+                                                                Source.USER)
+    assert not processes_of(task.id)
+    print(f"stop with 0.5 s grace, TERM ignored: {took * 1000:.0f} ms")
+    assert took < 2.0
+
+
+def test_stop_with_sigterm_reaches_every_process(run):
+    manager = run(stop_grace=5.0)
+    task = manager.start("alice", "sh", ["-c", "sleep 1000 & setsid sleep 1000 & wait"])
+    poll_for(lambda: len(processes_of(task.id)) == 3, message="the tree to start")
+    started = time.monotonic()
+    stopped = manager.stop("alice", task.id)
+    assert time.monotonic() - started < 2.0  # no waiting for the 5 s grace
+    assert (stopped.signal, stopped.source) == ("SIGTERM", Source.USER)
+    assert not processes_of(task.id)
+
+
+def test_leftovers_die_with_the_main_process_and_groups_go(run):
+    manager = run()
+    task = manager.start("alice", "sh", ["-c", "setsid sleep 1000 & echo started"])
+    ended = wait_ended(manager, task.id)
+    assert ended.status == JobStatus.EXITED_OK
+    assert output_of(manager, task.id) == "started\n"
+    assert not processes_of(task.id)
+    poll_for(lambda: not _groups_left(manager.driver), message="the groups to be removed")
+
+
+def test_stale_groups_of_an_earlier_run_are_removed_at_setup(run):
+    root = _root_name()
+    driver = _select(root=root)
+    stale_id = str(uuid.uuid4())
+    stray = subprocess.Popen(["sleep", "1000"])
+    made = []
+    try:
+        for hierarchy in driver.hierarchies:
+            os.makedirs(hierarchy.base, exist_ok=True)
+            directory = os.path.join(hierarchy.base, stale_id)
+            os.mkdir(directory)
+            made.append(directory)
+            cgroupfs.write(os.path.join(directory, "cgroup.procs"), str(stray.pid))
+        foreign = os.path.join(driver.hierarchies[0].base, "not-a-task")
+        os.mkdir(foreign)
+        manager = run(root=root)  # its setup() cleans up
+        assert stray.wait(timeout=5) == -signal.SIGKILL
+        assert not [directory for directory in made if os.path.exists(directory)]
+        assert os.path.isdir(foreign)  # not ours: left alone
+        os.rmdir(foreign)
+        assert manager.driver.describe()
+    finally:
+        if stray.poll() is None:
+            stray.kill()
+            stray.wait()
+        for directory in made:
+            if os.path.exists(directory):
+                cgroupfs.remove_directory(directory)
+
+
+def test_a_second_server_on_the_same_root_is_refused(run, state_dir):
+    root = _root_name()
+    run(root=root)
+    with pytest.raises(CgroupError, match="in use by another taskman server"):
+        TaskManager(os.path.join(state_dir, "second"), driver=_select(root=root))
+
+
+# place() failing in the second hierarchy; create() failing in the middle
+# (memory is made after unified and cpu) and at the end (pids).
+@pytest.mark.parametrize("failing, nth", [("cgroup.procs", 2), ("memory.limit_in_bytes", 1),
+                                          ("pids.max", 1)])
+def test_a_failed_create_or_place_leaves_nothing_behind(run, monkeypatch, failing, nth):
+    manager = run()
+    write = cgroupfs.write
+    calls = []
+
+    def failing_write(path, value):
+        calls.append(path)
+        if path.endswith("/" + failing) and sum(c.endswith("/" + failing) for c in calls) == nth:
+            raise CgroupError(f"cannot write {path}: injected failure")
+        write(path, value)
+
+    monkeypatch.setattr(cgroupfs, "write", failing_write)
+    if not any(failing in str(hierarchy.settings) or failing == "cgroup.procs"
+               for hierarchy in manager.driver.hierarchies):
+        pytest.skip(f"{failing} is not used by the {manager.driver.name} driver")
+    with pytest.raises(CgroupError, match="injected failure"):
+        manager.start("alice", "sleep", ["1000"])
+    monkeypatch.setattr(cgroupfs, "write", write)
+    assert not _groups_left(manager.driver)
+    assert not manager.tasks("alice")
+    leftover = [pid for pid in _children() if "sleep" in _command(pid)]
+    assert not leftover
+
+
+def _children():
+    me = str(os.getpid())
+    found = []
+    for name in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{name}/stat") as stat:
+                if stat.read().rsplit(")", 1)[1].split()[1] == me:
+                    found.append(int(name))
+        except (OSError, IndexError):
+            continue
+    return found
+
+
+def _command(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return cmdline.read().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+# -- start-up errors
+
+
+def test_a_nonexistent_io_device_is_a_start_up_error():
+    _select()  # skips where there is no driver at all
+    with pytest.raises(CgroupError, match="8:0 does not exist"):
+        cgroups.select_driver("auto", Limits(io_devices=("8:0",)), root=_root_name())
+    with pytest.raises(CgroupError, match="MAJ:MIN"):
+        cgroups.select_driver("auto", Limits(io_devices=("sda",)), root=_root_name())
+
+
+def test_the_io_device_defaults_to_the_disk_holding_the_state(state_dir):
+    driver = _select(io_paths=(state_dir,))
+    number = os.stat(state_dir).st_dev
+    assert driver.devices == (detect.whole_disk(f"{os.major(number)}:{os.minor(number)}"),)
+    assert os.path.exists(f"/sys/dev/block/{driver.devices[0]}")
+
+
+def test_an_unavailable_driver_fails_closed_naming_the_way_out():
+    _select()
+    available = detect.host().v2_controllers()
+    if all(name in available for name in v2.CONTROLLERS):
+        pytest.skip("this host has the v2 controllers: v2 is available")
+    with pytest.raises(CgroupError, match="--cgroup-driver none"):
+        cgroups.select_driver("v2", Limits(), root=_root_name())
+    with pytest.raises(CgroupError, match="unknown cgroup driver"):
+        cgroups.select_driver("v3")
+
+
+def test_without_root_the_driver_fails_closed():
+    _select()
+    program = ("import sys; sys.path.insert(0, %r)\nfrom taskman import cgroups\n"
+               "try:\n    cgroups.select_driver('auto', root='taskman-test-nobody')\n"
+               "except cgroups.CgroupError as error:\n    print(error)\n") % os.getcwd()
+    result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                             PY, "-c", program], capture_output=True, text=True, timeout=20)
+    if result.returncode != 0:
+        pytest.skip(f"cannot run as nobody here: {result.stderr.strip()[-200:]}")
+    assert "--cgroup-driver none" in result.stdout
+    assert "no permission" in result.stdout
+
+
+def test_describe_names_driver_place_and_limits():
+    driver = _select(Limits(memory_max=64 * MiB, pids_max=20))
+    line = driver.describe()
+    print(line)
+    assert driver.name in line and "64 MiB" in line and "pids 20" in line
+    assert "20% of a CPU" in line and driver.hierarchies[0].base in line
