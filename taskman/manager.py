@@ -96,6 +96,9 @@ class TaskManager:
         self.retention_bytes = retention_bytes
         self._tasks: Dict[str, _Entry] = {}
         self._closing = False
+        # Callables (event, task) told of "started", "stopping" and "ended":
+        # the audit trail and metrics hang here, the library knows neither.
+        self.listeners: list = []
         process.seal_inherited_fds()
         _become_subreaper()
         self.store = TaskStore(os.path.join(self.state_dir, "tasks.db"))
@@ -140,6 +143,7 @@ class TaskManager:
         self._tasks[task_id] = entry
         self._persist(task)
         gevent.spawn(self._supervise, entry)
+        self._notify("started", task.snapshot())
         log.info("task %s started for %s: pid %d, %s", task_id, owner, proc.pid,
                  _command_line(command, args))
         return task.snapshot()
@@ -263,6 +267,7 @@ class TaskManager:
             self._discard_group(entry.group)
             self._persist(self._snapshot(entry))
             entry.ended.set()
+            self._notify("ended", entry.task.snapshot())
 
     @staticmethod
     def _pump(proc: process.Process, output: OutputLog) -> None:
@@ -277,6 +282,9 @@ class TaskManager:
             return
         entry.stop_source = source
         entry.stopper = gevent.spawn(self._terminate, entry)
+        stopping = entry.task.snapshot()
+        stopping.source = source
+        self._notify("stopping", stopping)
 
     def _terminate(self, entry: _Entry) -> None:
         """SIGTERM the whole task, SIGKILL it after the grace period."""
@@ -321,6 +329,13 @@ class TaskManager:
         task.output_dropped = entry.log.dropped
         task.output_note = entry.log.note
         return task
+
+    def _notify(self, event: str, task: Task) -> None:
+        for listener in self.listeners:
+            try:
+                listener(event, task)
+            except Exception:  # noqa: BLE001 - an observer must not break a task
+                log.exception("listener %r failed on %s", listener, event)
 
     def _persist(self, task: Task) -> None:
         self._store_call(self.store.save, task)

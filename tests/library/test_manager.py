@@ -345,3 +345,15 @@ def test_descriptors_the_server_inherited_do_not_reach_tasks(state_dir):
         mgr.shutdown()
         os.close(read_end)
         os.close(write_end)
+
+
+def test_listeners_hear_start_stop_and_end(manager):
+    heard = []
+    manager.listeners.append(lambda event, task: heard.append((event, task.status, task.source)))
+    manager.listeners.append(lambda event, task: 1 / 0)  # a broken one changes nothing
+    task = manager.start("alice", "sleep", ["300"])
+    manager.stop("alice", task.id)
+    poll_for(lambda: len(heard) == 3, message="three events")
+    assert heard == [("started", JobStatus.STARTED, Source.NONE),
+                     ("stopping", JobStatus.STARTED, Source.USER),
+                     ("ended", JobStatus.SIGNALED, Source.USER)]
