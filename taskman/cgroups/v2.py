@@ -66,9 +66,10 @@ class V2Driver(TreeDriver):
             raise CgroupError(f"cgroup controllers {', '.join(missing)} are not available "
                               f"in {self.own_directory} (not delegated to the server's cgroup)")
         made_base = cgroupfs.make_directory(hierarchy.base)
-        if not self.is_root:
-            self._move_into_leaf(hierarchy.base, made_base)
-        self._enable(self.own_directory)
+        if self.is_root:
+            self._enable(self.own_directory)  # the root may hold processes
+        else:
+            self._move_into_leaf(hierarchy.base, made_base)  # enables own_directory
         self._enable(hierarchy.base)
 
     def _move_into_leaf(self, base: str, made_base: bool) -> None:

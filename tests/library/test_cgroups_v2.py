@@ -1,0 +1,286 @@
+"""The v2 driver: for real on whatever cgroup2 mount this host has (on a
+hybrid host it offers no controllers, so only tracking and killing), and its
+limit files, delegation and detection against a FAKE cgroup tree.
+
+The fake is a tmp directory laid out like /sys/fs/cgroup; a "kernel" stand-in
+fills each new group with its interface files. Because cgroupfs appends,
+every file the driver wrote keeps each value, in order.
+"""
+
+import itertools
+import os
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+
+import pytest
+from support import poll_for
+
+from taskman import cgroups
+from taskman.cgroups import Limits, cgroupfs, detect
+from taskman.cgroups.v2 import SERVER_LEAF, V2Driver
+from taskman.errors import CgroupError
+from taskman.manager import TaskManager
+from taskman.task import JobStatus, Source
+
+pytestmark = pytest.mark.timeout(60)
+_names = itertools.count()
+
+
+# -- for real, tracking only
+
+
+@pytest.fixture
+def tracking_manager(state_dir):
+    if os.geteuid() != 0:
+        pytest.skip(f"needs root: cgroup2 groups are created by root (uid {os.geteuid()})")
+    host = detect.host()
+    if not host.v2_mount:
+        pytest.skip("no cgroup2 mount on this host")
+    root = f"taskman-test-v2-{os.getpid()}-{next(_names)}"
+    driver = V2Driver(None, root, mount=host.v2_mount, own=host.v2_own)
+    manager = TaskManager(state_dir, driver=driver, stop_grace=0)
+    yield manager
+    manager.shutdown(timeout=15)
+    base = driver.hierarchies[0].base
+    left = cgroupfs.subgroups(base) if os.path.isdir(base) else []
+    for name in left:
+        cgroupfs.remove_directory(os.path.join(base, name))
+    cgroupfs.remove_if_unused(base)
+    assert not left and not os.path.exists(base)
+
+
+def _live(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_tracking_group_kills_a_setsid_tree(tracking_manager):
+    manager = tracking_manager
+    task = manager.start("alice", "sh", ["-c", "sleep 1000 & setsid sleep 1000 & wait"])
+    group = manager._tasks[task.id].group
+    directory = group.directories["unified"]
+    pids = poll_for(lambda: (lambda found: found if len(found) == 3 else None)(
+        cgroupfs.pids([directory])), message="three processes in the group")
+    assert cgroupfs.keyed(os.path.join(directory, "cgroup.events"))["populated"] == 1
+    started = time.monotonic()
+    stopped = manager.stop("alice", task.id)
+    print(f"cgroup.kill stop of a 3-process tree: {(time.monotonic() - started) * 1000:.1f} ms")
+    assert (stopped.status, stopped.signal, stopped.source) == (JobStatus.SIGNALED, "SIGKILL",
+                                                                Source.USER)
+    assert not [pid for pid in pids if _live(pid)]
+    poll_for(lambda: not os.path.exists(directory), message="the group to be removed")
+
+
+def test_tracking_group_ends_leftovers_of_the_main_process(tracking_manager):
+    manager = tracking_manager
+    task = manager.start("alice", "sh", ["-c", "setsid sleep 1000 & echo $!"])
+    ended = poll_for(lambda: (lambda t: None if t.running else t)(manager.status("alice", task.id)),
+                     message="the task to end")
+    assert ended.status == JobStatus.EXITED_OK
+    leftover = int(b"".join(manager.stream("alice", task.id)))
+    poll_for(lambda: not _live(leftover), message="the setsid sleep to die")
+
+
+def test_tracking_driver_removes_stale_groups_of_an_earlier_run(state_dir):
+    host = detect.host()
+    if os.geteuid() != 0 or not host.v2_mount:
+        pytest.skip("needs root and a cgroup2 mount")
+    root = f"taskman-test-v2-{os.getpid()}-{next(_names)}"
+    driver = V2Driver(None, root, mount=host.v2_mount, own=host.v2_own)
+    stale = os.path.join(driver.hierarchies[0].base, str(uuid.uuid4()))
+    os.makedirs(stale)
+    stray = subprocess.Popen(["sleep", "1000"])
+    try:
+        cgroupfs.write(os.path.join(stale, "cgroup.procs"), str(stray.pid))
+        assert driver.setup() == 1
+        assert stray.wait(timeout=5) == -signal.SIGKILL
+        assert not os.path.exists(stale)
+    finally:
+        if stray.poll() is None:
+            stray.kill()
+            stray.wait()
+        driver.close()
+        if os.path.exists(stale):
+            cgroupfs.remove_directory(stale)
+    assert not os.path.exists(driver.hierarchies[0].base)
+
+
+# -- against a fake tree
+
+
+INTERFACE = {"cgroup.procs": "", "cgroup.kill": "", "cgroup.freeze": "",
+             "cgroup.events": "populated 0\nfrozen 0\n", "cgroup.subtree_control": "",
+             "cgroup.controllers": "cpu io memory pids\n", "cpu.max": "",
+             "memory.max": "", "memory.swap.max": "", "memory.events": "oom_kill 0\n",
+             "io.max": "", "pids.max": ""}
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    """A fake cgroup2 mount whose "kernel" fills new groups with interface files."""
+    mount = tmp_path / "cgroup"
+    real_make = cgroupfs.make_directory
+
+    def make_directory(path):
+        made = real_make(path)
+        if made:
+            for name, text in INTERFACE.items():
+                with open(os.path.join(path, name), "w") as interface_file:
+                    interface_file.write(text)
+        return made
+
+    monkeypatch.setattr(cgroupfs, "make_directory", make_directory)
+    monkeypatch.setattr(cgroupfs, "remove_directory", lambda path: shutil.rmtree(path, True))
+    monkeypatch.setattr(cgroupfs, "remove_if_unused", lambda path: False)
+    mount.mkdir()
+    for name, text in INTERFACE.items():
+        (mount / name).write_text(text)
+    (mount / "svc").mkdir()
+    for name, text in INTERFACE.items():
+        (mount / "svc" / name).write_text(text)
+    (mount / "svc" / "cgroup.procs").write_text(f"{os.getpid()}\n")
+    return mount
+
+
+def _text(path):
+    return open(path).read()
+
+
+def test_fake_v2_setup_moves_the_server_into_a_leaf_then_delegates(fake):
+    driver = V2Driver(Limits(), "taskman", ("254:0",), mount=str(fake), own="/svc")
+    assert driver.setup() == 0
+    try:
+        base = fake / "svc" / "taskman"
+        assert _text(base / SERVER_LEAF / "cgroup.procs") == str(os.getpid())
+        assert _text(fake / "svc" / "cgroup.subtree_control") == "+cpu +memory +io +pids"
+        assert _text(base / "cgroup.subtree_control") == "+cpu +memory +io +pids"
+        assert "server moved into" in driver.describe()
+    finally:
+        driver.close()
+
+
+def test_fake_v2_at_the_root_moves_nothing(fake):
+    driver = V2Driver(Limits(), "taskman", ("254:0",), mount=str(fake), own="/")
+    driver.setup()
+    try:
+        assert not (fake / "taskman" / SERVER_LEAF).exists()
+        assert _text(fake / "cgroup.subtree_control") == "+cpu +memory +io +pids"
+    finally:
+        driver.close()
+
+
+def test_fake_v2_refuses_when_other_processes_share_its_cgroup(fake, monkeypatch):
+    (fake / "svc" / "cgroup.procs").write_text(f"{os.getpid()}\n4242\n")
+    write = cgroupfs.write
+
+    def kernel_write(path, value):  # the no-internal-processes rule
+        if path.endswith("svc/cgroup.subtree_control"):
+            raise CgroupError(f"cannot write {value!r} to {path}: Device or resource busy")
+        write(path, value)
+
+    monkeypatch.setattr(cgroupfs, "write", kernel_write)
+    driver = V2Driver(Limits(), "taskman", ("254:0",), mount=str(fake), own="/svc")
+    with pytest.raises(CgroupError, match="also holds processes 4242"):
+        driver.setup()
+    # The server went back where it was, and the directories it made are gone.
+    assert _text(fake / "svc" / "cgroup.procs").endswith(str(os.getpid()))
+    assert not (fake / "svc" / "taskman").exists()
+
+
+def test_fake_v2_refuses_without_delegated_controllers(fake):
+    (fake / "svc" / "cgroup.controllers").write_text("cpu memory\n")
+    driver = V2Driver(Limits(), "taskman", ("254:0",), mount=str(fake), own="/svc")
+    with pytest.raises(CgroupError, match="io, pids are not available"):
+        driver.setup()
+
+
+def test_fake_v2_limit_files_and_operations(fake):
+    limits = Limits(cpu_quota_us=50_000, cpu_period_us=100_000, memory_max=64 << 20,
+                    io_read_bps=10 << 20, io_write_bps=0, pids_max=20)
+    driver = V2Driver(limits, "taskman", ("254:0", "253:0"), mount=str(fake), own="/")
+    driver.setup()
+    task_id = str(uuid.uuid4())
+    group = driver.create(task_id)
+    directory = fake / "taskman" / task_id
+    assert group.directories == {"unified": str(directory)}
+    assert _text(directory / "cpu.max") == "50000 100000"
+    assert _text(directory / "memory.max") == str(64 << 20)
+    assert _text(directory / "memory.swap.max") == "0"
+    assert _text(directory / "pids.max") == "20"
+    # One write per device: the kernel takes one "MAJ:MIN key=value..." per write.
+    assert _text(directory / "io.max") == ("254:0 rbps=10485760 wbps=max"
+                                           "253:0 rbps=10485760 wbps=max")
+
+    driver.place(group, 4242)
+    assert _text(directory / "cgroup.procs") == "4242" and group.pid == 4242
+    (directory / "cgroup.events").write_text("populated 1\nfrozen 0\n")
+    assert not driver.is_empty(group)
+    driver.kill(group)
+    assert _text(directory / "cgroup.kill") == "1"
+    (directory / "cgroup.events").write_text("populated 0\nfrozen 0\n")
+    assert driver.is_empty(group)
+
+    assert not driver.oom_killed(group)
+    (directory / "memory.events").write_text("low 0\nhigh 0\nmax 7\noom 1\noom_kill 1\n")
+    assert driver.oom_killed(group)
+    driver.remove(group)
+    assert not directory.exists()
+
+
+def test_fake_v2_without_cgroup_kill_freezes_then_kills(fake):
+    driver = V2Driver(Limits(), "taskman", ("254:0",), mount=str(fake), own="/")
+    driver.setup()
+    group = driver.create(str(uuid.uuid4()))
+    directory = group.directories["unified"]
+    os.unlink(os.path.join(directory, "cgroup.kill"))  # a kernel before 5.14
+    victim = subprocess.Popen(["sleep", "1000"])
+    try:
+        open(os.path.join(directory, "cgroup.procs"), "w").write(f"{victim.pid}\n")
+        driver.kill(group)
+        assert _text(os.path.join(directory, "cgroup.freeze")) == "10"  # frozen, then thawed
+        assert victim.wait(timeout=5) == -signal.SIGKILL
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait()
+
+
+def test_fake_v2_unlimited_values_are_max(fake):
+    limits = Limits(cpu_quota_us=0, memory_max=0, io_read_bps=0, io_write_bps=0, pids_max=0)
+    driver = V2Driver(limits, "taskman", ("254:0",), mount=str(fake), own="/")
+    driver.setup()
+    directory = driver.create(str(uuid.uuid4())).directories["unified"]
+    assert _text(os.path.join(directory, "cpu.max")) == "max 1000000"
+    assert _text(os.path.join(directory, "memory.max")) == "max"
+    assert _text(os.path.join(directory, "pids.max")) == "max"
+    assert _text(os.path.join(directory, "io.max")) == ""
+
+
+def test_select_driver_detects_a_fake_pure_v2_host(fake, tmp_path, monkeypatch):
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"proc /proc proc rw 0 0\ncgroup2 {fake} cgroup2 rw,nsdelegate 0 0\n")
+    own = tmp_path / "proc_self_cgroup"
+    own.write_text("0::/svc\n")
+    monkeypatch.setattr(detect, "PROC_MOUNTS", str(mounts))
+    monkeypatch.setattr(detect, "PROC_CGROUP", str(own))
+    device = detect.backing_devices(["/"])[0]
+    driver = cgroups.select_driver("auto", Limits(), root="taskman")
+    assert isinstance(driver, V2Driver)
+    assert driver.hierarchies[0].base == str(fake / "svc" / "taskman")
+    assert driver.devices == (device,)
+    with pytest.raises(CgroupError, match="cgroup v1 controllers cpu, memory, blkio"):
+        cgroups.select_driver("hybrid", Limits(io_devices=(device,)))
+
+
+def test_detect_reads_this_hosts_layout():
+    host = detect.host()
+    print(f"cgroup2 at {host.v2_mount} (own {host.v2_own}); v1: {host.v1_mounts}; "
+          f"own v1: {host.v1_own}")
+    for controller, mount in host.v1_mounts.items():
+        assert os.path.isdir(mount), controller
