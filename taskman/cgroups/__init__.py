@@ -81,14 +81,14 @@ class Driver(abc.ABC):
         """True if the kernel's OOM killer killed a process of this group."""
         return False
 
-    def remove(self, group: Group) -> None:
+    def remove(self, group: Group) -> None:  # noqa: B027 - nothing to delete by default
         """Delete the (empty) groups; raise CgroupError if they stay."""
 
     def describe(self) -> str:
         """One line for the start-up log: the driver, where, which limits."""
         return self.name
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - nothing to release by default
         """Release the driver's own resources (the server is stopping)."""
 
 

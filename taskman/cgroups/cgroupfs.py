@@ -152,7 +152,8 @@ def walk(path: str) -> Iterator[str]:
 def subgroups(path: str) -> List[str]:
     """Names of the groups directly beneath ``path``."""
     try:
-        return sorted(entry.name for entry in os.scandir(path) if entry.is_dir(follow_symlinks=False))
+        return sorted(entry.name for entry in os.scandir(path)
+                      if entry.is_dir(follow_symlinks=False))
     except FileNotFoundError:
         return []
     except OSError as error:

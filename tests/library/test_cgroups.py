@@ -16,8 +16,8 @@ import uuid
 
 import gevent
 import pytest
-from support import poll_for
 
+from support import poll_for
 from taskman import cgroups
 from taskman.cgroups import Limits, cgroupfs, detect, v2
 from taskman.errors import CgroupError

@@ -16,8 +16,8 @@ import time
 import uuid
 
 import pytest
-from support import poll_for
 
+from support import poll_for
 from taskman import cgroups
 from taskman.cgroups import Limits, cgroupfs, detect
 from taskman.cgroups.v2 import SERVER_LEAF, V2Driver
