@@ -22,8 +22,7 @@ import gevent.event
 from taskman import process
 from taskman.cgroups import Driver, Group
 from taskman.cgroups.none import ProcessGroupDriver
-from taskman.errors import (CgroupError, InvalidArgument, NotFound, ResourceExhausted,
-                            TaskmanError, Unavailable)
+from taskman.errors import CgroupError, InvalidArgument, NotFound, ResourceExhausted, TaskmanError, Unavailable
 from taskman.output import OutputLog, ensure_directory
 from taskman.store import TaskStore
 from taskman.task import JobStatus, Source, Task, now

@@ -94,7 +94,7 @@ def _to_row(task: Task) -> tuple:
 
 
 def _from_row(row: tuple) -> Task:
-    values = dict(zip(_COLUMNS, row))
+    values = dict(zip(_COLUMNS, row, strict=True))
     values["args"] = json.loads(values["args"])
     values["status"] = JobStatus(values["status"])
     values["source"] = Source(values["source"])

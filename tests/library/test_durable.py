@@ -8,8 +8,8 @@ import textwrap
 
 import gevent
 import pytest
-from support import poll_for
 
+from support import poll_for
 from taskman import cgroups
 from taskman.errors import NotFound
 from taskman.manager import TaskManager

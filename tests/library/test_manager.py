@@ -13,8 +13,8 @@ import time
 import gevent
 import gevent.event
 import pytest
-from support import poll_for
 
+from support import poll_for
 from taskman import cgroups
 from taskman.errors import CommandNotFound, InvalidArgument, NotExecutable, NotFound, Unavailable
 from taskman.manager import TaskManager

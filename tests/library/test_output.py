@@ -6,8 +6,8 @@ import subprocess
 import gevent
 import gevent.event
 import pytest
-from support import poll_for
 
+from support import poll_for
 from taskman.output import OutputLog
 
 
@@ -21,7 +21,8 @@ def test_followers_wake_on_each_append(tmp_path):
     follower = gevent.spawn(lambda: [got.append(chunk) for chunk in log.follow()])
     for i in range(5):
         log.append(b"%d" % i)
-        poll_for(lambda: b"".join(got) == b"".join(b"%d" % j for j in range(i + 1)), timeout=2)
+        expected = b"".join(b"%d" % j for j in range(i + 1))
+        poll_for(lambda expected=expected: b"".join(got) == expected, timeout=2)
     log.finish()
     follower.get(timeout=2)
     assert b"".join(got) == b"01234"
