@@ -169,7 +169,8 @@ def test_follower_receives_output_while_task_runs(manager):
 
 
 def test_50_concurrent_readers_each_get_everything(manager):
-    script = "import sys, time\nfor i in range(2000):\n  print(i)\n  if i % 500 == 0: sys.stdout.flush(); time.sleep(0.05)\n"
+    script = ("import sys, time\nfor i in range(2000):\n  print(i)\n"
+              "  if i % 500 == 0: sys.stdout.flush(); time.sleep(0.05)\n")
     task = manager.start("alice", PY, ["-c", script])
     readers = [gevent.spawn(output_of, manager, task.id) for _ in range(50)]
     expected = "".join(f"{i}\n" for i in range(2000)).encode()

@@ -11,8 +11,15 @@ from support import poll_for
 from taskman.output import OutputLog
 
 
-def open_fds():
-    return len(os.listdir("/proc/self/fd"))
+def open_fds(directory):
+    """Descriptors of this process open on files in ``directory``."""
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{name}").startswith(str(directory))
+        except OSError:
+            pass
+    return count
 
 
 def test_followers_wake_on_each_append(tmp_path):
@@ -45,15 +52,15 @@ def test_chunks_are_bounded(tmp_path):
 
 
 def test_finished_log_holds_no_descriptor(tmp_path):
-    before = open_fds()
     logs = [OutputLog(str(tmp_path / f"{i}.log")) for i in range(50)]
-    assert open_fds() == before + 50
+    assert open_fds(tmp_path) == 50
     for log in logs:
         log.append(b"data")
         log.finish()
-    assert open_fds() == before
-    assert b"".join(logs[0].follow()) == b"data"
-    assert open_fds() == before
+    assert open_fds(tmp_path) == 0
+    reader = logs[0].follow()
+    assert next(reader) == b"data" and open_fds(tmp_path) == 1
+    assert list(reader) == [] and open_fds(tmp_path) == 0
 
 
 def test_existing_log_is_readable_and_finished(tmp_path):
