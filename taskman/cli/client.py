@@ -1,0 +1,332 @@
+"""taskman: the command-line client (start, get-status, stop, stream).
+
+The help texts and usage lines are the RFD's, verbatim. The RFD writes the
+command's arguments as ``[args...]``, which docopt would read as a literal
+word, so the pattern docopt parses spells it ``[<args>...]``; ``--help`` is
+answered before docopt sees the command line, with the RFD's text.
+
+One table (``EXIT_CODES``) maps gRPC status codes to exit codes; every failure
+is one sentence on stderr, never a traceback.
+"""
+
+import datetime
+import os
+import sys
+from typing import Optional
+
+import docopt
+
+DEFAULT_ADDRESS = "localhost:50051"
+
+START_HELP = """\
+Usage:
+  taskman start --user-id <user-id> [--server-address <host:port>] [--help] -- <command> [args...]
+
+Description:
+  Start a new task by executing the specified command. The --user-id flag is required to identify the client initiating the request.
+
+Arguments:
+  <command> [args...]
+        The command to execute, followed by any optional arguments. The command should be passed as:
+        - A command with space-separated arguments (e.g., ls /myFolder or sh -c 'command with spaces')
+
+        The binary can be a full path or must exist in the system's PATH.
+        Example: "ls"
+
+Options:
+  --user-id <user-id>
+      The user or client ID issuing the request (e.g., client001). This flag is required.
+  --server-address <host:port>
+      The gRPC server address to connect to (e.g., localhost:50051). Defaults to localhost:50051 if not set.
+  --help
+      Display help information for the start command.
+
+Example:
+  $ taskman start --user-id client001 -- ls /myFolder
+"""  # noqa: E501 (the RFD's text, verbatim)
+
+GET_STATUS_HELP = """\
+Usage:
+  taskman get-status <task-id> --user-id <user-id> [--server-address <host:port>] [--help]
+
+Description:
+  Retrieve the status of a task using its unique task ID. The command displays details such as whether
+  the task is running, start time, process id, and exit code and end time if the process has ended.
+
+Arguments:
+  <task-id>             The UUID of the task to query (e.g., a7da14c7-b47a-4535-a263-5bb26e503002)
+
+Options:
+  --user-id <user-id>
+      The user or client ID issuing the request (e.g., client001). This flag is required.
+  --server-address <host:port>
+      The gRPC server address to connect to (e.g., localhost:50051). Defaults to localhost:50051 if not set.
+  --help
+      Display help information for the get-status command.
+
+Example:
+  $ taskman get-status a7da14c7-b47a-4535-a263-5bb26e503002 --user-id client001
+"""
+
+STOP_HELP = """\
+Usage:
+  taskman stop <task-id> --user-id <user-id> [--server-address <host:port>] [--help]
+
+Description:
+  Stop a running task identified by its unique task ID.
+
+Arguments:
+  <task-id>
+        The unique identifier (UUID) of the task to stop.
+        Example: a7da14c7-b47a-4535-a263-5bb26e503002
+
+Options:
+  --user-id <user-id>
+      The user or client ID issuing the request (e.g., client001). This flag is required.
+  --server-address <host:port>
+      The gRPC server address to connect to (e.g., localhost:50051). Defaults to localhost:50051 if not set.
+  --help
+      Display help information for the stop command.
+
+Example:
+  $ taskman stop a7da14c7-b47a-4535-a263-5bb26e503002 --user-id client001
+"""
+
+STREAM_HELP = """\
+Usage:
+  taskman stream <task-id> --user-id <user-id> [--server-address <host:port>] [--help]
+
+Description:
+  Stream real-time output from a running task identified by its unique task ID.
+  This command continuously sends the task's stdout and stderr output to your terminal.
+
+Arguments:
+  <task-id>
+        The unique identifier (UUID) of the task from which to stream output.
+        Example: a7da14c7-b47a-4535-a263-5bb26e503002
+
+Options:
+  --user-id <user-id>
+      The user or client ID issuing the request (e.g., client001). This flag is required.
+  --server-address <host:port>
+      The gRPC server address to connect to (e.g., localhost:50051). Defaults to localhost:50051 if not set.
+  --help
+      Display help information for the stream command.
+
+Example:
+  $ taskman stream a7da14c7-b47a-4535-a263-5bb26e503002 --user-id client001
+"""
+
+HELP = {"start": START_HELP, "get-status": GET_STATUS_HELP, "stop": STOP_HELP,
+        "stream": STREAM_HELP}
+
+MAIN_HELP = """\
+Usage:
+  taskman start --user-id <user-id> [--server-address <host:port>] [--help] -- <command> [args...]
+  taskman get-status <task-id> --user-id <user-id> [--server-address <host:port>] [--help]
+  taskman stop <task-id> --user-id <user-id> [--server-address <host:port>] [--help]
+  taskman stream <task-id> --user-id <user-id> [--server-address <host:port>] [--help]
+  taskman --help
+
+Description:
+  Start, inspect, stop and follow tasks on a taskman server over mutual TLS.
+  `taskman <command> --help` describes each command. The certificate is picked
+  by --user-id from the certificates shipped with taskman, or from the
+  directory $TASKMAN_CERTS_DIR (<user-id>.crt, <user-id>.key and ca.crt).
+
+Exit status:
+  0    success
+  1    the server failed internally, or another error
+  2    usage error: bad command line, unknown --user-id, unusable certificate
+  3    the server rejected the request as invalid (INVALID_ARGUMENT)
+  4    no such task, or not yours (NOT_FOUND)
+  5    the server refused the credentials (UNAUTHENTICATED, PERMISSION_DENIED)
+  6    a server limit was reached, retry later (RESOURCE_EXHAUSTED)
+  7    the server cannot be reached or is shutting down (UNAVAILABLE)
+  8    the server did not answer in time (DEADLINE_EXCEEDED)
+  130  interrupted (Ctrl-C)
+"""
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+# gRPC status code name -> exit code; anything else is EXIT_ERROR.
+EXIT_CODES = {
+    "INVALID_ARGUMENT": 3,
+    "NOT_FOUND": 4,
+    "UNAUTHENTICATED": 5,
+    "PERMISSION_DENIED": 5,
+    "RESOURCE_EXHAUSTED": 6,
+    "UNAVAILABLE": 7,
+    "DEADLINE_EXCEEDED": 8,
+}
+
+
+class UsageError(Exception):
+    pass
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _run(argv)
+    except UsageError as error:
+        print(f"taskman: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # Whoever reads our output (e.g. `| head`) has gone: leave quietly.
+        _silence_stdout()
+        return EXIT_OK
+
+
+def _run(argv: list) -> int:
+    if not argv:
+        print(MAIN_HELP, end="", file=sys.stderr)
+        return EXIT_USAGE
+    if argv[0] in ("-h", "--help"):
+        print(MAIN_HELP, end="")
+        return EXIT_OK
+    command = argv[0]
+    if command not in HELP:
+        raise UsageError(f"unknown command {command!r}: use start, get-status, stop or stream "
+                         "(taskman --help)")
+    before_separator = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+    if "--help" in before_separator or "-h" in before_separator:
+        print(HELP[command], end="")
+        return EXIT_OK
+    options = _parse(HELP[command], argv)
+
+    # Before grpc is imported (by taskman.client): a TLS 1.3-only client, and
+    # no gRPC core log lines on the terminal (failures are reported below).
+    from taskman import tls
+
+    tls.restrict_to_tls13()
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    from taskman import client as client_module
+
+    address = options["--server-address"] or DEFAULT_ADDRESS
+    try:
+        client = client_module.TaskmanClient(address, options["--user-id"])
+    except tls.TLSConfigError as error:
+        raise UsageError(str(error)) from None
+    try:
+        with client:
+            if command == "start":
+                return _start(client, options["<command>"], options["<args>"])
+            if command == "get-status":
+                return _get_status(client, options["<task-id>"])
+            if command == "stop":
+                return _stop(client, options["<task-id>"])
+            return _stream(client, options["<task-id>"])
+    except client_module.ClientError as error:
+        print(f"taskman: {describe_error(error)}", file=sys.stderr)
+        return EXIT_CODES.get(error.code.name, EXIT_ERROR)
+
+
+def _parse(help_text: str, argv: list) -> dict:
+    pattern = help_text.replace("<command> [args...]", "<command> [<args>...]", 1)
+    try:
+        return docopt.docopt(pattern, argv=argv, default_help=False)
+    except docopt.DocoptExit:
+        usage = help_text.split("\n\n", 1)[0]
+        raise UsageError(f"{argv[0]}: missing, unknown or misplaced arguments "
+                         f"(see taskman {argv[0]} --help)\n{usage}") from None
+
+
+# -- the commands
+
+def _start(client, command: str, args: list) -> int:
+    task_id = client.start(command, args)
+    print("TASK ID\n-------\n" + task_id)
+    return EXIT_OK
+
+
+STATUS_COLUMNS = ("TASK ID", "START TIME", "PID", "STATUS", "EXIT CODE", "SIGNAL", "SOURCE",
+                  "END TIME")
+
+
+def _get_status(client, task_id: str) -> int:
+    status = client.status(task_id)
+    row = (status.task_id, format_time(status.start_time), str(status.process_id or "-"),
+           status.status, "-" if status.exit_code is None else str(status.exit_code),
+           status.termination_signal or "-", status.termination_source or "-",
+           format_time(status.end_time))
+    print(format_table(STATUS_COLUMNS, [row]))
+    return EXIT_OK
+
+
+def _stop(client, task_id: str) -> int:
+    client.stop(task_id)
+    print(f"Task {task_id} stop request received.")
+    return EXIT_OK
+
+
+def _stream(client, task_id: str) -> int:
+    out = sys.stdout.buffer
+    chunks = client.stream(task_id)
+    try:
+        for chunk in chunks:
+            out.write(chunk)
+            out.flush()
+    finally:
+        chunks.close()  # cancels the call if we leave early (Ctrl-C, closed pipe)
+    return EXIT_OK
+
+
+# -- formatting
+
+def format_time(moment: Optional[datetime.datetime]) -> str:
+    """Local time as YYYY-MM-DD HH:MM:SS, or "-"."""
+    if moment is None:
+        return "-"
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def format_table(headers, rows) -> str:
+    """Columns two spaces apart, a dashed rule under each header, as in the RFD."""
+    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=True)]
+
+    def line(cells):
+        return "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()
+
+    rule = ["-" * len(header) for header in headers]
+    return "\n".join(line(cells) for cells in (headers, rule, *rows))
+
+
+def describe_error(error) -> str:
+    """One sentence for a failed call, from its status code and the server's message."""
+    code, message = error.code.name, error.message.strip()
+    if code == "UNAVAILABLE":
+        return f"cannot reach server at {error.address}: {_unavailable_reason(message)}"
+    if code == "DEADLINE_EXCEEDED":
+        return f"the server at {error.address} did not answer in time"
+    if code == "UNAUTHENTICATED":
+        return f"the server refused the credentials: {message}"
+    if code == "INTERNAL" or code == "UNKNOWN":
+        return f"the server failed: {message or 'no details'}"
+    return message or f"the call failed ({code})"
+
+
+def _unavailable_reason(message: str) -> str:
+    lowered = message.lower()
+    if "connection refused" in lowered:
+        return "connection refused (is taskman-server running there?)"
+    if "handshake" in lowered or "ssl" in lowered or "certificate" in lowered:
+        return ("the TLS handshake failed (is the certificate signed by the server's CA, "
+                "and the address one the server certificate is valid for?)")
+    if "dns" in lowered or "resolve" in lowered:
+        return "the host name cannot be resolved"
+    if "failed to connect" in lowered:
+        return "no connection could be made"
+    return message or "unavailable"
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except OSError:
+        pass

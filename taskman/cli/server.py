@@ -1,0 +1,307 @@
+"""taskman-server: serve the TaskManager API over mutual TLS 1.3.
+
+Order matters and is kept in ``main``: the TLS 1.3 restriction and the fork
+setting must be in the environment before grpc is imported, gevent must patch
+the standard library before that import, and grpc's gevent integration must
+be initialised before any gRPC object exists. So this module imports nothing
+of gevent or grpc at the top.
+"""
+
+import logging
+import os
+import re
+import sys
+
+import docopt
+
+from taskman.cgroups import Limits
+
+USAGE = """\
+Usage:
+  taskman-server [--server-address <host:port>] [options] [--io-device <MAJ:MIN>]...
+  taskman-server --help
+
+Description:
+  This service manages task lifecycle (start, stop, status) and streams output to clients over a secure mTLS connection.
+
+Options:
+  --server-address <host:port>
+      The address the gRPC server will listen on (e.g., localhost:50051). Defaults to localhost:50051 if not set.
+  --ca-cert <path>
+      CA certificate that client certificates must be signed by.
+      Defaults to ca.crt in $TASKMAN_CERTS_DIR or in the certificates shipped with taskman.
+  --server-cert <path>
+      The server's certificate (PEM). Defaults to server.crt beside the CA certificate's default.
+  --server-key <path>
+      The server's private key (PEM). Defaults to server.key beside the CA certificate's default.
+  --state-dir <dir>
+      Where task output is kept. Defaults to /var/lib/taskman for root,
+      ~/.local/state/taskman otherwise.
+  --cgroup-driver <kind>
+      auto, v2, hybrid or none [default: auto]. auto refuses to start when the
+      limits cannot be enforced on this host; none runs tasks WITHOUT limits.
+  --cgroup-root <path>
+      The cgroup under which task groups are made. Defaults to the server's own.
+  --cpu-quota-us <us>
+      CPU time per period for each task [default: {cpu_quota_us}].
+  --cpu-period-us <us>
+      CPU bandwidth period [default: {cpu_period_us}].
+  --memory-max <size>
+      Memory limit per task, in bytes or with a K, M, G suffix (e.g., 512M) [default: 512M].
+  --io-read-bps <bytes>
+      Read bandwidth limit per task and device [default: {io_read_bps}].
+  --io-write-bps <bytes>
+      Write bandwidth limit per task and device [default: {io_write_bps}].
+  --io-device <MAJ:MIN>
+      A block device the IO limits apply to; repeatable. Defaults to the devices
+      backing the host's file systems.
+  --pids-max <n>
+      Processes and threads per task [default: {pids_max}].
+  --stop-grace <seconds>
+      Time between SIGTERM and SIGKILL when a task is stopped [default: 10].
+  --max-streams <n>
+      Concurrent output streams; more are refused with RESOURCE_EXHAUSTED [default: {max_streams}].
+  --log-level <level>
+      debug, info, warning or error [default: info].
+  --help
+      Display help information for the server command.
+
+Environment:
+  TASKMAN_CERTS_DIR   directory holding ca.crt, server.crt and server.key.
+
+Exit status:
+  0 stopped cleanly by SIGTERM or SIGINT; 1 could not start or failed; 2 usage error.
+
+Example:
+  $ taskman-server --server-address localhost:12345
+"""
+
+DEFAULT_ADDRESS = "localhost:50051"
+# Each open stream holds an executor worker (a greenlet, ~0.1 MB, NOTES.md).
+# Not taken from taskman.service: importing it would import grpc too early.
+DEFAULT_MAX_STREAMS = 256
+SHUTDOWN_MARGIN = 30.0  # seconds in-flight calls get beyond the tasks' stop grace
+
+log = logging.getLogger("taskman.server")
+
+
+class StartupError(Exception):
+    """Why the server cannot start, as one sentence for the operator."""
+
+
+def usage() -> str:
+    limits = Limits()
+    return USAGE.format(cpu_quota_us=limits.cpu_quota_us, cpu_period_us=limits.cpu_period_us,
+                        io_read_bps=limits.io_read_bps, io_write_bps=limits.io_write_bps,
+                        pids_max=limits.pids_max, max_streams=DEFAULT_MAX_STREAMS)
+
+
+def main(argv=None) -> int:
+    text = usage()
+    try:
+        options = docopt.docopt(text, argv=argv, default_help=False)
+    except docopt.DocoptExit as error:
+        print(error, file=sys.stderr)
+        return 2
+    if options["--help"]:
+        print(text, end="")
+        return 0
+    try:
+        settings = Settings(options)
+    except StartupError as error:
+        print(f"taskman-server: {error}", file=sys.stderr)
+        return 2
+
+    # The order below is the one NOTES.md measured to work; see the module docstring.
+    from taskman import tls
+
+    tls.restrict_to_tls13()
+    os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "0"
+    from gevent import monkey
+
+    monkey.patch_all()
+    import grpc
+    import grpc.experimental.gevent
+
+    grpc.experimental.gevent.init_gevent()
+
+    logging.basicConfig(level=settings.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return serve(settings)
+    except StartupError as error:
+        print(f"taskman-server: {error}", file=sys.stderr)
+        return 1
+
+
+class Settings:
+    """The parsed command line; StartupError for a value that cannot be used."""
+
+    def __init__(self, options: dict):
+        self.address = options["--server-address"] or DEFAULT_ADDRESS
+        self.host, self.port = split_address(self.address)
+        self.ca_cert = options["--ca-cert"]
+        self.server_cert = options["--server-cert"]
+        self.server_key = options["--server-key"]
+        self.state_dir = options["--state-dir"]
+        self.driver = options["--cgroup-driver"]
+        if self.driver not in ("auto", "v2", "hybrid", "none"):
+            raise StartupError(f"unknown cgroup driver {self.driver!r}: "
+                               "use auto, v2, hybrid or none")
+        self.cgroup_root = options["--cgroup-root"]
+        self.limits = Limits(
+            cpu_quota_us=positive(options["--cpu-quota-us"], "--cpu-quota-us"),
+            cpu_period_us=positive(options["--cpu-period-us"], "--cpu-period-us"),
+            memory_max=parse_size(options["--memory-max"]),
+            io_read_bps=positive(options["--io-read-bps"], "--io-read-bps"),
+            io_write_bps=positive(options["--io-write-bps"], "--io-write-bps"),
+            io_devices=tuple(parse_device(value) for value in options["--io-device"]),
+            pids_max=positive(options["--pids-max"], "--pids-max"))
+        try:
+            self.stop_grace = float(options["--stop-grace"])
+        except ValueError:
+            self.stop_grace = -1.0
+        if not 0 <= self.stop_grace <= 3600:
+            raise StartupError(f"--stop-grace must be 0 to 3600 seconds, "
+                               f"not {options['--stop-grace']!r}")
+        self.max_streams = positive(options["--max-streams"], "--max-streams")
+        level = options["--log-level"].upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise StartupError(f"unknown log level {options['--log-level']!r}")
+        self.log_level = getattr(logging, level)
+
+
+def serve(settings: Settings) -> int:
+    """Run the server until SIGTERM or SIGINT; return the exit status."""
+    import signal
+    from concurrent import futures
+
+    import gevent
+    import gevent.event
+    import grpc
+
+    from taskman import tls
+    from taskman.api import task_manager_pb2_grpc
+    from taskman.cgroups import select_driver
+    from taskman.errors import TaskmanError
+    from taskman.manager import TaskManager
+    from taskman.service import TaskManagerServicer
+
+    try:
+        ca, cert, key = tls.server_files(settings.ca_cert, settings.server_cert,
+                                         settings.server_key)
+        credentials = tls.server_credentials(ca, cert, key)
+    except tls.TLSConfigError as error:
+        raise StartupError(str(error)) from None
+
+    stopping = gevent.event.Event()
+    gevent.signal_handler(signal.SIGTERM, stopping.set)
+    gevent.signal_handler(signal.SIGINT, stopping.set)
+
+    try:
+        driver = select_driver(settings.driver, settings.limits, settings.cgroup_root)
+        manager = TaskManager(state_dir=settings.state_dir, driver=driver,
+                              stop_grace=settings.stop_grace)
+    except TaskmanError as error:
+        raise StartupError(f"cannot set up tasks: {error}") from None
+    except OSError as error:
+        raise StartupError(f"cannot set up tasks: {error.strerror} "
+                           f"({error.filename or ''})") from None
+
+    servicer = TaskManagerServicer(manager, max_streams=settings.max_streams)
+    executor = futures.ThreadPoolExecutor(
+        max_workers=TaskManagerServicer.executor_workers(settings.max_streams),
+        thread_name_prefix="rpc")
+    server = grpc.server(executor, options=[
+        # Without this a second server could bind the same port (gRPC sets
+        # SO_REUSEPORT by default) and the two would split the clients.
+        ("grpc.so_reuseport", 0),
+        # Find clients that vanished without closing, so their streams end.
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+    ])
+    task_manager_pb2_grpc.add_TaskManagerServicer_to_server(servicer, server)
+    try:
+        port = server.add_secure_port(settings.address, credentials)
+    except RuntimeError:
+        port = 0
+    if not port:
+        manager.shutdown(timeout=0)
+        raise StartupError(f"cannot listen on {settings.address}: the address is in use "
+                           "or not available")
+    server.start()
+
+    try:
+        refusal = tls.check_tls13_only(probe_host(settings.host), port)
+    except (tls.TLS12Accepted, OSError) as error:
+        server.stop(None)
+        manager.shutdown(timeout=0)
+        raise StartupError(f"refusing to run: the TLS 1.3-only self-test failed ({error})") \
+            from None
+
+    log.info("listening on %s:%d (mTLS, TLS 1.3 only; self-test: %s)",
+             settings.host, port, refusal)
+    log.info("cgroup driver: %s", driver.describe())
+    log.info("limits: %s", settings.limits)
+    log.info("state directory %s; stop grace %gs; at most %d streams, %d workers",
+             manager.state_dir, settings.stop_grace, settings.max_streams,
+             executor._max_workers)
+
+    stopping.wait()
+    log.info("shutting down: refusing new calls, stopping running tasks")
+    stopped = server.stop(grace=settings.stop_grace + SHUTDOWN_MARGIN)
+    manager.shutdown()
+    stopped.wait(settings.stop_grace + SHUTDOWN_MARGIN + 1)
+    executor.shutdown(wait=False)
+    log.info("stopped")
+    return 0
+
+
+# -- parsing
+
+def split_address(address: str):
+    """"host:port" or "[v6]:port" -> (host, port); StartupError if malformed."""
+    host, separator, port = address.rpartition(":")
+    if not separator or not host or not port.isdigit() or int(port) > 65535:
+        raise StartupError(f"invalid --server-address {address!r}: expected host:port")
+    return host, int(port)
+
+
+def probe_host(host: str) -> str:
+    """Where the self-test connects to reach a server bound to ``host``."""
+    host = host.strip("[]")
+    if host in ("", "0.0.0.0", "*"):
+        return "127.0.0.1"
+    if host == "::":
+        return "::1"
+    return host
+
+
+def positive(value: str, option: str) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if number <= 0:
+        raise StartupError(f"{option} must be a positive integer, not {value!r}")
+    return number
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE = re.compile(r"(\d+)\s*([KMGT]?)(?:I?B)?", re.IGNORECASE)
+
+
+def parse_size(value: str) -> int:
+    """"512M" -> 536870912; plain numbers are bytes (K, M, G, T are powers of 1024)."""
+    match = _SIZE.fullmatch(value.strip())
+    if not match or int(match.group(1)) == 0:
+        raise StartupError(f"invalid --memory-max {value!r}: expected bytes or a size "
+                           "such as 512M")
+    return int(match.group(1)) * _UNITS[match.group(2).upper()]
+
+
+def parse_device(value: str) -> str:
+    major, separator, minor = value.partition(":")
+    if not (separator and major.isdigit() and minor.isdigit()):
+        raise StartupError(f"invalid --io-device {value!r}: expected MAJOR:MINOR such as 8:0")
+    return f"{int(major)}:{int(minor)}"

@@ -1,0 +1,140 @@
+"""A small typed client of the TaskManager service, over mutual TLS.
+
+Used by the CLI, the tests and the benchmarks. Failures are raised as
+``ClientError`` carrying the gRPC status code and the server's message, so
+callers never handle ``grpc.RpcError`` themselves.
+"""
+
+import dataclasses
+import datetime
+from typing import Iterator, Optional
+
+import grpc
+
+from taskman import tls
+from taskman.api import task_manager_pb2, task_manager_pb2_grpc
+
+DEFAULT_ADDRESS = "localhost:50051"
+# Unary calls end well within this; a stop waits for the task's grace period.
+DEFAULT_TIMEOUT = 60.0
+
+
+class ClientError(Exception):
+    """A call failed: ``code`` is the grpc.StatusCode, ``message`` the reason."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, address: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.address = address
+
+    @classmethod
+    def from_rpc_error(cls, error: grpc.RpcError, address: str) -> "ClientError":
+        code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+        details = error.details() if hasattr(error, "details") else str(error)
+        return cls(code or grpc.StatusCode.UNKNOWN, details or "", address)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskStatus:
+    """A TaskStatusResponse in Python types; None/"" for what is not set."""
+
+    task_id: str
+    process_id: int
+    status: str  # the proto enum name, e.g. JOB_STATUS_EXITED_OK
+    exit_code: Optional[int]
+    termination_signal: str
+    termination_source: str
+    start_time: Optional[datetime.datetime]
+    end_time: Optional[datetime.datetime]
+
+    @property
+    def running(self) -> bool:
+        return self.status == "JOB_STATUS_STARTED"
+
+    @classmethod
+    def from_response(cls, response) -> "TaskStatus":
+        return cls(
+            task_id=response.task_id,
+            process_id=response.process_id,
+            status=task_manager_pb2.JobStatus.Name(response.status),
+            exit_code=response.exit_code if response.HasField("exit_code") else None,
+            termination_signal=response.termination_signal,
+            termination_source=response.termination_source,
+            start_time=_datetime(response, "start_time"),
+            end_time=_datetime(response, "end_time"),
+        )
+
+
+def _datetime(response, field: str) -> Optional[datetime.datetime]:
+    if not response.HasField(field):
+        return None
+    return getattr(response, field).ToDatetime(tzinfo=datetime.timezone.utc)
+
+
+class TaskmanClient:
+    """A channel to one server as one user.
+
+    Give ``user_id`` to use that user's certificate from the certificates
+    directory (``certs_dir``, $TASKMAN_CERTS_DIR or the packaged ones), or
+    the three paths ``ca_cert``, ``cert`` and ``key``. Raises
+    tls.TLSConfigError when the files are missing or invalid.
+    """
+
+    def __init__(self, address: str = DEFAULT_ADDRESS, user_id: Optional[str] = None, *,
+                 certs_dir: Optional[str] = None, ca_cert: Optional[str] = None,
+                 cert: Optional[str] = None, key: Optional[str] = None,
+                 timeout: float = DEFAULT_TIMEOUT, options=()):
+        if user_id is not None:
+            ca_cert, cert, key = tls.client_files(user_id, certs_dir)
+        if not (ca_cert and cert and key):
+            raise ValueError("give user_id, or ca_cert, cert and key")
+        self.address = address
+        self.timeout = timeout
+        credentials = tls.channel_credentials(ca_cert, cert, key)
+        self._channel = grpc.secure_channel(address, credentials, options=list(options))
+        self._stub = task_manager_pb2_grpc.TaskManagerStub(self._channel)
+
+    def start(self, command: str, args=()) -> str:
+        """Start ``command args...``; return the new task's id."""
+        request = task_manager_pb2.StartTaskRequest(command=command, args=list(args))
+        return self._unary(self._stub.StartTask, request).task_id
+
+    def stop(self, task_id: str) -> None:
+        """Stop the task (it has ended, or is ending, when this returns)."""
+        self._unary(self._stub.StopTask, task_manager_pb2.StopTaskRequest(task_id=task_id))
+
+    def status(self, task_id: str) -> TaskStatus:
+        request = task_manager_pb2.TaskStatusRequest(task_id=task_id)
+        return TaskStatus.from_response(self._unary(self._stub.GetTaskStatus, request))
+
+    def stream(self, task_id: str, timeout: Optional[float] = None) -> Iterator[bytes]:
+        """Yield the task's output from its first byte until it ends.
+
+        Closing the iterator (or leaving a ``for`` loop early and dropping it)
+        cancels the call on the server.
+        """
+        request = task_manager_pb2.StreamTaskOutputRequest(task_id=task_id)
+        call = self._stub.StreamTaskOutput(request, timeout=timeout)
+        try:
+            for response in call:
+                yield response.output
+        except grpc.RpcError as error:
+            raise ClientError.from_rpc_error(error, self.address) from None
+        finally:
+            call.cancel()  # a no-op once the call has ended
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "TaskmanClient":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _unary(self, method, request):
+        try:
+            return method(request, timeout=self.timeout)
+        except grpc.RpcError as error:
+            raise ClientError.from_rpc_error(error, self.address) from None
