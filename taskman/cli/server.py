@@ -40,23 +40,25 @@ Options:
   --cgroup-driver <kind>
       auto, v2, hybrid or none [default: auto]. auto refuses to start when the
       limits cannot be enforced on this host; none runs tasks WITHOUT limits.
-  --cgroup-root <path>
-      The cgroup under which task groups are made. Defaults to the server's own.
+  --cgroup-root <name>
+      The directory, beneath the server's own cgroup in each hierarchy, that holds
+      the task groups [default: taskman]. Two servers on one host need two names.
   --cpu-quota-us <us>
-      CPU time per period for each task [default: {cpu_quota_us}].
+      CPU time per period for each task; 0 for no limit [default: {cpu_quota_us}].
   --cpu-period-us <us>
       CPU bandwidth period [default: {cpu_period_us}].
   --memory-max <size>
-      Memory limit per task, in bytes or with a K, M, G suffix (e.g., 512M) [default: 512M].
+      Memory limit per task, in bytes or with a K, M, G suffix (e.g., 512M);
+      0 for no limit [default: 512M].
   --io-read-bps <bytes>
-      Read bandwidth limit per task and device [default: {io_read_bps}].
+      Read bandwidth limit per task and device, bytes/s; 0 for none [default: {io_read_bps}].
   --io-write-bps <bytes>
-      Write bandwidth limit per task and device [default: {io_write_bps}].
+      Write bandwidth limit per task and device, bytes/s; 0 for none [default: {io_write_bps}].
   --io-device <MAJ:MIN>
       A block device the IO limits apply to; repeatable. Defaults to the devices
       backing the host's file systems.
   --pids-max <n>
-      Processes and threads per task [default: {pids_max}].
+      Processes and threads per task; 0 for no limit [default: {pids_max}].
   --stop-grace <seconds>
       Time between SIGTERM and SIGKILL when a task is stopped [default: 10].
   --max-streams <n>
@@ -150,13 +152,13 @@ class Settings:
                                "use auto, v2, hybrid or none")
         self.cgroup_root = options["--cgroup-root"]
         self.limits = Limits(
-            cpu_quota_us=positive(options["--cpu-quota-us"], "--cpu-quota-us"),
-            cpu_period_us=positive(options["--cpu-period-us"], "--cpu-period-us"),
+            cpu_quota_us=count(options["--cpu-quota-us"], "--cpu-quota-us"),
+            cpu_period_us=count(options["--cpu-period-us"], "--cpu-period-us", minimum=1),
             memory_max=parse_size(options["--memory-max"]),
-            io_read_bps=positive(options["--io-read-bps"], "--io-read-bps"),
-            io_write_bps=positive(options["--io-write-bps"], "--io-write-bps"),
+            io_read_bps=count(options["--io-read-bps"], "--io-read-bps"),
+            io_write_bps=count(options["--io-write-bps"], "--io-write-bps"),
             io_devices=tuple(parse_device(value) for value in options["--io-device"]),
-            pids_max=positive(options["--pids-max"], "--pids-max"))
+            pids_max=count(options["--pids-max"], "--pids-max"))
         try:
             self.stop_grace = float(options["--stop-grace"])
         except ValueError:
@@ -164,7 +166,7 @@ class Settings:
         if not 0 <= self.stop_grace <= 3600:
             raise StartupError(f"--stop-grace must be 0 to 3600 seconds, "
                                f"not {options['--stop-grace']!r}")
-        self.max_streams = positive(options["--max-streams"], "--max-streams")
+        self.max_streams = count(options["--max-streams"], "--max-streams", minimum=1)
         level = options["--log-level"].upper()
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise StartupError(f"unknown log level {options['--log-level']!r}")
@@ -184,7 +186,8 @@ def serve(settings: Settings) -> int:
     from taskman.api import task_manager_pb2_grpc
     from taskman.cgroups import select_driver
     from taskman.errors import TaskmanError
-    from taskman.manager import TaskManager
+    from taskman.manager import TaskManager, default_state_dir
+    from taskman.output import ensure_directory
     from taskman.service import TaskManagerServicer
 
     try:
@@ -199,8 +202,11 @@ def serve(settings: Settings) -> int:
     gevent.signal_handler(signal.SIGINT, stopping.set)
 
     try:
-        driver = select_driver(settings.driver, settings.limits, settings.cgroup_root)
-        manager = TaskManager(state_dir=settings.state_dir, driver=driver,
+        state_dir = ensure_directory(settings.state_dir or default_state_dir())
+        # The IO limits default to the disks holding / and the task output.
+        driver = select_driver(settings.driver, settings.limits, settings.cgroup_root,
+                               io_paths=("/", state_dir))
+        manager = TaskManager(state_dir=state_dir, driver=driver,
                               stop_grace=settings.stop_grace)
     except TaskmanError as error:
         raise StartupError(f"cannot set up tasks: {error}") from None
@@ -277,13 +283,13 @@ def probe_host(host: str) -> str:
     return host
 
 
-def positive(value: str, option: str) -> int:
+def count(value: str, option: str, minimum: int = 0) -> int:
     try:
         number = int(value)
     except (TypeError, ValueError):
-        number = 0
-    if number <= 0:
-        raise StartupError(f"{option} must be a positive integer, not {value!r}")
+        number = -1
+    if number < minimum:
+        raise StartupError(f"{option} must be an integer of at least {minimum}, not {value!r}")
     return number
 
 
@@ -292,9 +298,9 @@ _SIZE = re.compile(r"(\d+)\s*([KMGT]?)(?:I?B)?", re.IGNORECASE)
 
 
 def parse_size(value: str) -> int:
-    """"512M" -> 536870912; plain numbers are bytes (K, M, G, T are powers of 1024)."""
+    """"512M" -> 536870912; plain numbers are bytes (K, M, G, T: powers of 1024); 0: no limit."""
     match = _SIZE.fullmatch(value.strip())
-    if not match or int(match.group(1)) == 0:
+    if not match:
         raise StartupError(f"invalid --memory-max {value!r}: expected bytes or a size "
                            "such as 512M")
     return int(match.group(1)) * _UNITS[match.group(2).upper()]
