@@ -201,6 +201,27 @@ def serve(settings: Settings) -> int:
     gevent.signal_handler(signal.SIGTERM, stopping.set)
     gevent.signal_handler(signal.SIGINT, stopping.set)
 
+    executor = futures.ThreadPoolExecutor(
+        max_workers=TaskManagerServicer.executor_workers(settings.max_streams),
+        thread_name_prefix="rpc")
+    server = grpc.server(executor, options=[
+        # Without this a second server could bind the same port (gRPC sets
+        # SO_REUSEPORT by default) and the two would split the clients.
+        ("grpc.so_reuseport", 0),
+        # Find clients that vanished without closing, so their streams end.
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+    ])
+    # Bind first: a port in use must not cost a pass over the state directory
+    # and the cgroups (whose clean-up could disturb the server holding it).
+    try:
+        port = server.add_secure_port(settings.address, credentials)
+    except RuntimeError:
+        port = 0
+    if not port:
+        raise StartupError(f"cannot listen on {settings.address}: the address is in use "
+                           "or not available")
+
     try:
         state_dir = ensure_directory(settings.state_dir or default_state_dir())
         # The IO limits default to the disks holding / and the task output.
@@ -215,26 +236,7 @@ def serve(settings: Settings) -> int:
                            f"({error.filename or ''})") from None
 
     servicer = TaskManagerServicer(manager, max_streams=settings.max_streams)
-    executor = futures.ThreadPoolExecutor(
-        max_workers=TaskManagerServicer.executor_workers(settings.max_streams),
-        thread_name_prefix="rpc")
-    server = grpc.server(executor, options=[
-        # Without this a second server could bind the same port (gRPC sets
-        # SO_REUSEPORT by default) and the two would split the clients.
-        ("grpc.so_reuseport", 0),
-        # Find clients that vanished without closing, so their streams end.
-        ("grpc.keepalive_time_ms", 60_000),
-        ("grpc.keepalive_timeout_ms", 20_000),
-    ])
     task_manager_pb2_grpc.add_TaskManagerServicer_to_server(servicer, server)
-    try:
-        port = server.add_secure_port(settings.address, credentials)
-    except RuntimeError:
-        port = 0
-    if not port:
-        manager.shutdown(timeout=0)
-        raise StartupError(f"cannot listen on {settings.address}: the address is in use "
-                           "or not available")
     server.start()
 
     try:
