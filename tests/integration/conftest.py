@@ -1,0 +1,49 @@
+"""Fixtures: a real taskman-server per test module, torn down with SIGTERM.
+
+gRPC objects made in this process (the tests that speak gRPC directly) need
+grpc's gevent integration, since tests/conftest.py patched gevent; and gRPC's
+fork handlers off, since the tests fork the CLI (NOTES.md: with them on, a few
+percent of forked children die before exec).
+"""
+
+import os
+
+os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "0"
+
+import grpc  # noqa: E402
+import grpc.experimental.gevent  # noqa: E402
+import pytest  # noqa: E402
+from server_harness import Cli, Server  # noqa: E402
+
+grpc.experimental.gevent.init_gevent()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One server for the module; its exit status on SIGTERM must be 0."""
+    instance = Server(tmp_path_factory.mktemp("server")).start()
+    yield instance
+    status = instance.stop()
+    assert status == 0, f"taskman-server exited with {status} on SIGTERM:\n{instance.log()}"
+
+
+@pytest.fixture
+def cli(server):
+    return Cli(server)
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    """Start extra servers with options of the test's choosing; all stopped after."""
+    started = []
+
+    def start(*options, env=None):
+        instance = Server(tmp_path / f"server{len(started)}", *options, env=env)
+        started.append(instance)
+        return instance.start()
+
+    yield start
+    for instance in started:
+        if instance.process and instance.process.poll() is None:
+            status = instance.stop()
+            assert status == 0, f"taskman-server exited with {status}:\n{instance.log()}"

@@ -1,0 +1,175 @@
+"""Run the real taskman-server and taskman CLI as subprocesses, every wait bounded.
+
+The programs are the installed ones (found on PATH, as tox installs them);
+only when they are not installed does this fall back to ``python bin/...``
+with the checkout on PYTHONPATH.
+"""
+
+import itertools
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+REPO = Path(__file__).resolve().parents[2]
+RFD = REPO.parent / "shared" / "RFD.md"
+DRIVER = os.environ.get("TASKMAN_TEST_CGROUP_DRIVER", "auto")
+START_TIMEOUT = 60.0
+STOP_TIMEOUT = 60.0
+CLI_TIMEOUT = 60.0
+
+_roots = itertools.count()
+
+
+def program(name: str) -> List[str]:
+    found = shutil.which(name)
+    if found:
+        return [found]
+    return [sys.executable, str(REPO / "bin" / name)]
+
+
+def program_env(extra: Optional[dict] = None) -> dict:
+    env = dict(os.environ)
+    if not shutil.which("taskman-server"):
+        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra or {})
+    return env
+
+
+class Server:
+    """A taskman-server on a kernel-chosen loopback port, with its own state
+    directory and cgroup root; ``stop()`` sends SIGTERM and returns the exit status."""
+
+    def __init__(self, workdir: Path, *options: str, env: Optional[dict] = None):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.state_dir = self.workdir / "state"
+        self.log_path = self.workdir / "server.log"
+        self.command = [*program("taskman-server"), "--server-address", "127.0.0.1:0",
+                        "--state-dir", str(self.state_dir), "--cgroup-driver", DRIVER,
+                        "--cgroup-root", f"taskman-it-{os.getpid()}-{next(_roots)}",
+                        "--stop-grace", "2", *options]
+        self.env = program_env(env)
+        self.process: Optional[subprocess.Popen] = None
+        self.port = 0
+        self.address = ""
+
+    def start(self) -> "Server":
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
+                                            env=self.env, start_new_session=True)
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            match = re.search(r"listening on 127\.0\.0\.1:(\d+)", self.log())
+            if match:
+                self.port = int(match.group(1))
+                self.address = f"127.0.0.1:{self.port}"
+                return self
+            if self.process.poll() is not None:
+                raise AssertionError(f"taskman-server exited with {self.process.returncode} "
+                                     f"before listening:\n{self.log()}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(f"taskman-server not listening after {START_TIMEOUT}s:\n"
+                                     f"{self.log()}")
+            time.sleep(0.05)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self) -> int:
+        """SIGTERM, then wait (bounded) for the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"taskman-server ignored SIGTERM for {STOP_TIMEOUT}s:\n"
+                                 f"{self.log()}") from None
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+def taskman(*args: str, timeout: float = CLI_TIMEOUT, env: Optional[dict] = None,
+            **popen) -> subprocess.CompletedProcess:
+    """Run the taskman CLI; stdout/stderr are bytes."""
+    return subprocess.run([*program("taskman"), *args], capture_output=True, timeout=timeout,
+                          env=program_env(env), **popen)
+
+
+class Cli:
+    """The CLI bound to one server: ``cli.start("client001", "sh", "-c", ...)``."""
+
+    def __init__(self, server: Server):
+        self.server = server
+
+    def run(self, command: str, *args: str, user: str = "client001",
+            **kwargs) -> subprocess.CompletedProcess:
+        return taskman(command, *args, "--user-id", user, "--server-address",
+                       self.server.address, **kwargs)
+
+    def start(self, user: str, *command: str, **kwargs) -> subprocess.CompletedProcess:
+        return taskman("start", "--user-id", user, "--server-address", self.server.address,
+                       "--", *command, **kwargs)
+
+    def start_id(self, user: str, *command: str) -> str:
+        result = self.start(user, *command)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.decode().split()[-1]
+
+    def status_row(self, task_id: str, user: str = "client001") -> dict:
+        """get-status's table as {column: cell}, checked to be well formed."""
+        result = self.run("get-status", task_id, user=user)
+        assert result.returncode == 0, result.stderr
+        return parse_status_table(result.stdout.decode())
+
+    def wait_ended(self, task_id: str, user: str = "client001", timeout: float = 30.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            row = self.status_row(task_id, user)
+            if row["STATUS"] != "JOB_STATUS_STARTED":
+                return row
+            if time.monotonic() > deadline:
+                raise AssertionError(f"task {task_id} still running after {timeout}s")
+            time.sleep(0.1)
+
+
+STATUS_COLUMNS = ["TASK ID", "START TIME", "PID", "STATUS", "EXIT CODE", "SIGNAL", "SOURCE",
+                  "END TIME"]
+
+
+def parse_status_table(text: str) -> dict:
+    """Split get-status output by the header's column positions."""
+    lines = text.rstrip("\n").split("\n")
+    assert len(lines) == 3, text
+    header, rule, row = lines
+    starts = [header.index(name) for name in STATUS_COLUMNS]
+    assert starts == sorted(starts), header
+    for name, start in zip(STATUS_COLUMNS, starts, strict=True):
+        assert rule[start:start + len(name)] == "-" * len(name), rule
+    bounds = list(zip(starts, starts[1:] + [None], strict=True))
+    return {name: row[start:end].strip()
+            for name, (start, end) in zip(STATUS_COLUMNS, bounds, strict=True)}
+
+
+def wait_for(predicate, timeout: float = 10.0, message: str = "condition", interval=0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
