@@ -198,7 +198,7 @@ class TLS12Accepted(Exception):
 def check_tls13_only(host: str, port: int, timeout: float = 5.0) -> str:
     """Prove that ``host:port`` refuses a TLS 1.2 handshake; return how it refused.
 
-    Sends the ClientHello of a TLS <= 1.2 client and looks at the first record
+    Sends the ClientHello of a TLS 1.2 client and looks at the first record
     the server answers with: a handshake record is a ServerHello, i.e. the
     server agreed to TLS 1.2 (raise TLS12Accepted); an alert or a closed
     connection is a refusal. Looking at the record, not at whether the
@@ -207,7 +207,6 @@ def check_tls13_only(host: str, port: int, timeout: float = 5.0) -> str:
     nothing. Raises OSError if the server cannot be reached.
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.minimum_version = ssl.TLSVersion.TLSv1
     context.maximum_version = ssl.TLSVersion.TLSv1_2
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
