@@ -7,7 +7,7 @@ import subprocess
 import time
 
 import pytest
-from server_harness import RFD, Cli, parse_status_table, program, program_env, taskman
+from server_harness import RFD, STATUS_COLUMNS, Cli, parse_status_table, program, program_env, taskman
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -37,17 +37,32 @@ def test_get_status_of_a_finished_task(cli):
     assert row["SIGNAL"] == "-" and row["SOURCE"] == "-"
 
 
-def test_get_status_layout_matches_the_rfd_example(cli):
+def test_get_status_columns_are_two_spaces_apart(cli):
     task_id = cli.start_id("client001", "true")
     cli.wait_ended(task_id)
     text = cli.run("get-status", task_id).stdout.decode()
     header, rule, row = text.rstrip("\n").split("\n")
-    assert header == ("TASK ID                               START TIME           PID   "
-                      + "STATUS                EXIT CODE  SIGNAL  SOURCE  END TIME")
-    assert rule == ("-------                               ----------           ---   "
-                    + "------                ---------  ------  ------  --------")
-    # The RFD's example row, with this task's values in the same columns.
-    assert row.index(" JOB_STATUS_EXITED_OK ") + 1 == header.index("STATUS")
+    cells = parse_status_table(text)
+    position = 0
+    for name in STATUS_COLUMNS[:-1]:  # each column: its widest cell, then two spaces
+        width = max(len(name), len(cells[name])) + 2
+        assert header[position:position + width] == name.ljust(width)
+        assert rule[position:position + width] == ("-" * len(name)).ljust(width)
+        assert row[position:position + width] == cells[name].ljust(width)
+        position += width
+    assert header[position:] == "END TIME" and row[position:] == cells["END TIME"]
+
+
+@pytest.mark.skipif(not RFD.exists(), reason=f"the RFD is not at {RFD}")
+def test_the_rfds_get_status_example_renders_identically():
+    from taskman.cli.client import STATUS_COLUMNS as columns
+    from taskman.cli.client import format_table
+
+    block = re.search(r"\$ taskman get-status a7da\S+ --user-id client001\n(TASK ID.*?)\n```",
+                      RFD.read_text(), flags=re.S).group(1)
+    example_row = ("a7da14c7-b47a-4535-a263-5bb26e503002", "2024-11-10 22:58:00", "2345",
+                   "JOB_STATUS_EXITED_OK", "0", "-", "-", "2024-11-10 23:00:00")
+    assert format_table(columns, [example_row]) == block
 
 
 def test_get_status_of_a_running_task_leaves_the_end_empty(cli):
