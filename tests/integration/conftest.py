@@ -47,3 +47,10 @@ def start_server(tmp_path):
         if instance.process and instance.process.poll() is None:
             status = instance.stop()
             assert status == 0, f"taskman-server exited with {status}:\n{instance.log()}"
+
+
+def pytest_report_header(config):
+    from server_harness import DRIVER, program
+
+    return (f"integration: {' '.join(program('taskman-server'))}, {' '.join(program('taskman'))}; "
+            f"cgroup driver {DRIVER} (TASKMAN_TEST_CGROUP_DRIVER)")
