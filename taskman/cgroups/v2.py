@@ -45,6 +45,13 @@ class V2Driver(TreeDriver):
     def __init__(self, limits: Optional[Limits], root: str, devices: Tuple[str, ...] = (),
                  mount: str = MOUNT, own: str = "/"):
         self.mount = mount
+        # A server restarted inside the leaf an earlier run moved into (the
+        # one place of its delegated group that can still take a process)
+        # belongs to the group above: else it nests a new tree in the leaf
+        # and never finds the earlier run's task groups.
+        parts = own.strip("/").split("/")
+        if parts[-2:] == [root, SERVER_LEAF]:
+            own = "/" + "/".join(parts[:-2])
         self.own_directory = os.path.join(mount, own.lstrip("/"))
         self.is_root = own.strip("/") == ""
         settings = v2_settings(limits, devices) if limits is not None else ()
