@@ -39,8 +39,8 @@ class Metrics:
         self.stream_bytes = Counter("taskman_stream_bytes", "Output bytes sent to followers.",
                                     registry=r)
         self.rpc_duration = Histogram("taskman_rpc_duration_seconds",
-                                      "Time to answer a call (streams: until the first "
-                                      "message or the refusal), by method and status code.",
+                                      "Time to answer a call (streams: until the stream "
+                                      "is accepted or refused), by method and status code.",
                                       ["method", "code"], buckets=RPC_BUCKETS, registry=r)
 
     def task_event(self, event: str, task: Task) -> None:

@@ -80,6 +80,10 @@ class _Call:
         self.user = "-"
         self.code = grpc.StatusCode.CANCELLED  # until it is known to be otherwise
         self.sent = None  # bytes, for streams
+        self.peer = ""
+        self.answered: Optional[float] = None  # monotonic time a stream was accepted
+        self.audited = True  # False: audit only if refused (health probes)
+        self.streaming = False
 
 
 class TaskManagerServicer(task_manager_pb2_grpc.TaskManagerServicer):
@@ -87,12 +91,19 @@ class TaskManagerServicer(task_manager_pb2_grpc.TaskManagerServicer):
 
     ``max_streams``: open StreamTaskOutput calls beyond which new ones get
     RESOURCE_EXHAUSTED. Size the server's executor with ``executor_workers``.
+    ``audit`` (a taskman.audit.AuditLog) and ``metrics`` (a
+    taskman.metrics.Metrics) are told of every call when given.
     """
 
-    def __init__(self, manager: TaskManager, max_streams: int = DEFAULT_MAX_STREAMS):
+    def __init__(self, manager: TaskManager, max_streams: int = DEFAULT_MAX_STREAMS,
+                 audit=None, metrics=None):
         self.manager = manager
         self.max_streams = max_streams
         self.open_streams = 0
+        self.audit = audit
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.streams_active.set_function(lambda: self.open_streams)
 
     @staticmethod
     def executor_workers(max_streams: int) -> int:
@@ -114,7 +125,7 @@ class TaskManagerServicer(task_manager_pb2_grpc.TaskManagerServicer):
             return status_response(self.manager.status(call.user, request.task_id))
 
     def StreamTaskOutput(self, request, context) -> Iterator:
-        with self._call(context, "StreamTaskOutput", request.task_id) as call:
+        with self._call(context, "StreamTaskOutput", request.task_id, streaming=True) as call:
             if self.open_streams >= self.max_streams:
                 raise ResourceExhausted(f"too many open output streams (limit "
                                         f"{self.max_streams}); try again later")
@@ -127,25 +138,34 @@ class TaskManagerServicer(task_manager_pb2_grpc.TaskManagerServicer):
             chunks = self.manager.stream(call.user, request.task_id, cancelled)
             self.open_streams += 1
             call.sent = 0
+            call.answered = time.monotonic()
+            sent_bytes = self.metrics.stream_bytes if self.metrics is not None else None
             try:
                 for chunk in chunks:
                     call.sent += len(chunk)
+                    if sent_bytes is not None:
+                        sent_bytes.inc(len(chunk))  # live, so a long stream shows as it goes
                     yield task_manager_pb2.StreamTaskOutputResponse(output=chunk)
             finally:
                 self.open_streams -= 1
                 chunks.close()
 
     @contextlib.contextmanager
-    def _call(self, context, method: str, task_id: str):
-        """Authenticate, run the body, map its error to a status, log one line."""
+    def _call(self, context, method: str, task_id: str, streaming: bool = False):
+        """Authenticate, run the body, map its error to a status, log one line
+        (and an audit record and the call's metrics, when configured)."""
         call = _Call(method, task_id)
+        call.peer = context.peer()
+        call.streaming = streaming
         started = time.monotonic()
         failure: Optional[str] = None
         try:
             call.user = tls.caller(context).user
             yield call
             if call.code is grpc.StatusCode.CANCELLED and context.is_active():
-                call.code = grpc.StatusCode.OK
+                # A handler may set a code without raising (grpc_health's
+                # Check sets NOT_FOUND for an unknown service).
+                call.code = _code_set(context) or grpc.StatusCode.OK
         except tls.Unauthenticated as error:
             call.code, failure = grpc.StatusCode.UNAUTHENTICATED, str(error)
         except TaskmanError as error:
@@ -154,12 +174,104 @@ class TaskManagerServicer(task_manager_pb2_grpc.TaskManagerServicer):
             log.exception("%s by %s failed", method, call.user)
             call.code, failure = grpc.StatusCode.INTERNAL, "internal server error"
         finally:
-            _log_call(call, time.monotonic() - started)
+            self._observe(call, started, failure)
         if failure is not None:
             context.abort(call.code, failure)
+
+    def _observe(self, call: _Call, started: float, failure: Optional[str]) -> None:
+        """The log line, the audit record and the metrics of one finished call."""
+        ended = time.monotonic()
+        _log_call(call, ended - started)
+        refused = call.code not in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED)
+        if self.audit is not None and (call.audited or refused):
+            try:
+                self.audit.call(call.user, call.method, call.code.name, task_id=call.task_id,
+                                peer=call.peer, detail=failure,
+                                duration_ms=(ended - started) * 1000)
+            except OSError as error:  # a full disk must not turn calls into errors
+                log.error("cannot write the audit record of %s: %s", call.method, error)
+        if self.metrics is not None:
+            # Streams: time to accept (or refuse) them, not their whole life.
+            answered = call.answered if call.answered is not None else ended
+            self.metrics.rpc_duration.labels(call.method, call.code.name).observe(
+                answered - started)
+            if call.code is grpc.StatusCode.RESOURCE_EXHAUSTED and call.streaming:
+                self.metrics.streams_refused.inc()
 
 
 def _log_call(call: _Call, elapsed: float) -> None:
     sent = "" if call.sent is None else f" sent={call.sent}"
     log.info("user=%s method=%s task=%s code=%s%s time=%.1fms", call.user, call.method,
              call.task_id or "-", call.code.name, sent, elapsed * 1000)
+
+
+def _code_set(context) -> Optional[grpc.StatusCode]:
+    """The status code a handler set with ``context.set_code``, if any."""
+    try:
+        return context.code()
+    except AttributeError:  # a context without code() (older grpcio, test doubles)
+        return None
+
+
+# -- the server's other services (health checking, reflection)
+
+OWN_METHODS = "/" + task_manager_pb2.DESCRIPTOR.services_by_name["TaskManager"].full_name + "/"
+HEALTH_METHODS = "grpc.health.v1.Health/"
+
+
+class GuardInterceptor(grpc.ServerInterceptor):
+    """Puts every call to the server's other services through ``servicer._call``.
+
+    Health checking and reflection carry no task data, but they share the
+    mTLS port, so they get the same identity and TLS 1.3 guard, log line,
+    audit record and metrics as TaskManager's own methods (which call
+    ``_call`` themselves and pass through untouched). Their streams (Health
+    Watch, ServerReflectionInfo) each hold an executor worker, so they count
+    against the servicer's stream limit. Successful health calls are not
+    audited: probes every few seconds would bury the trail; refused ones are.
+    """
+
+    def __init__(self, servicer: Optional[TaskManagerServicer] = None):
+        self.servicer = servicer  # may be set later, before the server starts
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(OWN_METHODS):
+            return handler
+        return _guarded(handler, self.servicer, method.lstrip("/"))
+
+
+def _guarded(handler, servicer: TaskManagerServicer, name: str):
+    """``handler`` with its behaviour run inside ``servicer._call``."""
+    audited = not name.startswith(HEALTH_METHODS)
+    if handler.response_streaming:
+        behavior = handler.stream_stream if handler.request_streaming else handler.unary_stream
+
+        def serve(request, context):
+            with servicer._call(context, name, "", streaming=True) as call:
+                call.audited = audited
+                if servicer.open_streams >= servicer.max_streams:
+                    raise ResourceExhausted(f"too many open streams (limit "
+                                            f"{servicer.max_streams}); try again later")
+                servicer.open_streams += 1
+                call.answered = time.monotonic()
+                try:
+                    yield from behavior(request, context)
+                finally:
+                    servicer.open_streams -= 1
+    else:
+        behavior = handler.stream_unary if handler.request_streaming else handler.unary_unary
+
+        def serve(request, context):
+            with servicer._call(context, name, "") as call:
+                call.audited = audited
+                return behavior(request, context)
+
+    wrap = {(False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler}
+    return wrap[handler.request_streaming, handler.response_streaming](
+        serve, request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer)

@@ -65,6 +65,15 @@ Options:
       Concurrent output streams; more are refused with RESOURCE_EXHAUSTED [default: {max_streams}].
   --log-level <level>
       debug, info, warning or error [default: info].
+  --audit-log <path>
+      Append-only audit trail: one JSON line per call and per task start, stop and
+      end (never task output). Defaults to audit.log in the state directory.
+  --metrics-address <host:port>
+      Serve Prometheus metrics over plain HTTP at http://<host:port>/metrics. Off
+      unless given; use a local address (e.g., localhost:9464).
+  --check
+      Check the certificates, the cgroup driver, the state directory and the audit
+      log, print one OK or FAIL line each and exit, without serving or touching tasks.
   --help
       Display help information for the server command.
 
@@ -73,6 +82,7 @@ Environment:
 
 Exit status:
   0 stopped cleanly by SIGTERM or SIGINT; 1 could not start or failed; 2 usage error.
+  With --check: 0 every check passed; 1 at least one failed.
 
 Example:
   $ taskman-server --server-address localhost:12345
@@ -113,6 +123,11 @@ def main(argv=None) -> int:
     except StartupError as error:
         print(f"taskman-server: {error}", file=sys.stderr)
         return 2
+
+    if settings.check:  # imports neither grpc nor gevent
+        from taskman.cli import check
+
+        return check.run(settings)
 
     # The order below is the one NOTES.md measured to work; see the module docstring.
     from taskman import tls
@@ -171,6 +186,12 @@ class Settings:
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise StartupError(f"unknown log level {options['--log-level']!r}")
         self.log_level = getattr(logging, level)
+        self.check = bool(options["--check"])
+        self.audit_log = options["--audit-log"]
+        self.metrics_address = options["--metrics-address"]
+        if self.metrics_address:
+            self.metrics_host, self.metrics_port = split_address(self.metrics_address,
+                                                                 "--metrics-address")
 
 
 def serve(settings: Settings) -> int:
@@ -188,7 +209,7 @@ def serve(settings: Settings) -> int:
     from taskman.errors import TaskmanError
     from taskman.manager import TaskManager, default_state_dir
     from taskman.output import ensure_directory
-    from taskman.service import TaskManagerServicer
+    from taskman.service import GuardInterceptor, TaskManagerServicer
 
     try:
         ca, cert, key = tls.server_files(settings.ca_cert, settings.server_cert,
@@ -204,7 +225,8 @@ def serve(settings: Settings) -> int:
     executor = futures.ThreadPoolExecutor(
         max_workers=TaskManagerServicer.executor_workers(settings.max_streams),
         thread_name_prefix="rpc")
-    server = grpc.server(executor, options=[
+    guard = GuardInterceptor()  # health and reflection calls through _call too
+    server = grpc.server(executor, interceptors=[guard], options=[
         # Without this a second server could bind the same port (gRPC sets
         # SO_REUSEPORT by default) and the two would split the clients.
         ("grpc.so_reuseport", 0),
@@ -235,13 +257,22 @@ def serve(settings: Settings) -> int:
         raise StartupError(f"cannot set up tasks: {error.strerror} "
                            f"({error.filename or ''})") from None
 
-    servicer = TaskManagerServicer(manager, max_streams=settings.max_streams)
+    try:
+        audit, metrics, metrics_server = observers(settings, manager)
+    except StartupError:
+        manager.shutdown(timeout=0)
+        raise
+    servicer = TaskManagerServicer(manager, max_streams=settings.max_streams,
+                                   audit=audit, metrics=metrics)
+    guard.servicer = servicer
     task_manager_pb2_grpc.add_TaskManagerServicer_to_server(servicer, server)
+    health = add_health_and_reflection(server)
     server.start()
 
     try:
         refusal = tls.check_tls13_only(probe_host(settings.host), port)
     except (tls.TLS12Accepted, OSError) as error:
+        audit.record("server.refused_to_start", reason=f"TLS 1.3-only self-test failed: {error}")
         server.stop(None)
         manager.shutdown(timeout=0)
         raise StartupError(f"refusing to run: the TLS 1.3-only self-test failed ({error})") \
@@ -255,23 +286,104 @@ def serve(settings: Settings) -> int:
              manager.state_dir, settings.stop_grace, settings.max_streams,
              executor._max_workers)
 
+    audit.record("server.start", pid=os.getpid(), address=f"{settings.host}:{port}",
+                 tls_self_test=refusal, cgroup_driver=driver.describe(),
+                 metrics=(f"{settings.metrics_host}:{metrics_server.server_address[1]}"
+                          if metrics_server is not None else None))
+
     stopping.wait()
+    health.enter_graceful_shutdown()  # NOT_SERVING to Watch streams and later Checks
+    close_health_watches(health)
+    audit.record("server.stop", pid=os.getpid())
     log.info("shutting down: refusing new calls, stopping running tasks")
     stopped = server.stop(grace=settings.stop_grace + SHUTDOWN_MARGIN)
     manager.shutdown()
     stopped.wait(settings.stop_grace + SHUTDOWN_MARGIN + 1)
     executor.shutdown(wait=False)
+    if metrics_server is not None:
+        metrics_server.shutdown()
+        metrics_server.server_close()
+    audit.close()
     log.info("stopped")
     return 0
 
 
+# -- operability: audit trail, metrics, health checking, reflection
+
+AUDIT_LOG = "audit.log"
+
+
+def observers(settings: Settings, manager):
+    """Open the audit log and, if asked for, serve metrics; hang both on the
+    manager's task events. Return (audit, metrics or None, metrics HTTP server
+    or None); StartupError if either cannot be opened."""
+    from taskman.audit import AuditLog
+
+    path = settings.audit_log or os.path.join(manager.state_dir, AUDIT_LOG)
+    try:
+        audit = AuditLog(path)
+    except OSError as error:
+        raise StartupError(f"cannot open the audit log {path}: {error.strerror}") from None
+    manager.listeners.append(audit.task_event)
+    log.info("audit log %s", path)
+    if not settings.metrics_address:
+        return audit, None, None
+    from taskman.metrics import Metrics
+
+    metrics = Metrics()
+    try:
+        metrics_server = metrics.serve(settings.metrics_host.strip("[]"),
+                                       settings.metrics_port)
+    except OSError as error:
+        audit.close()
+        raise StartupError(f"cannot serve metrics on {settings.metrics_address}: "
+                           f"{error.strerror}") from None
+    manager.listeners.append(metrics.task_event)
+    log.info("metrics on http://%s:%d/metrics", settings.metrics_host,
+             metrics_server.server_address[1])
+    return audit, metrics, metrics_server
+
+
+def add_health_and_reflection(server):
+    """Add grpc.health.v1.Health (SERVING for the server and TaskManager) and
+    server reflection (listing both and itself); return the health servicer."""
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection
+
+    from taskman.api import task_manager_pb2
+
+    service = task_manager_pb2.DESCRIPTOR.services_by_name["TaskManager"].full_name
+    # Blocking Watch: a plain generator the guard can wrap; it holds an
+    # executor worker like any stream, and counts against --max-streams.
+    servicer = health.HealthServicer(experimental_non_blocking=False)
+    for name in (health.OVERALL_HEALTH, service):
+        servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    reflection.enable_server_reflection((service, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                                        server)
+    return servicer
+
+
+def close_health_watches(servicer) -> None:
+    """End open Health/Watch streams (after NOT_SERVING was sent) so they do not
+    hold the shutdown for its whole grace period. grpc_health has no API for
+    it: this uses its per-service callbacks, and does nothing if they change."""
+    callbacks = getattr(servicer, "_send_response_callbacks", None)
+    if not isinstance(callbacks, dict):
+        return
+    with servicer._lock:
+        pending = [callback for group in callbacks.values() for callback in group]
+    for callback in pending:
+        callback(None)  # None closes a blocking watcher
+
+
 # -- parsing
 
-def split_address(address: str):
+def split_address(address: str, option: str = "--server-address"):
     """"host:port" or "[v6]:port" -> (host, port); StartupError if malformed."""
     host, separator, port = address.rpartition(":")
     if not separator or not host or not port.isdigit() or int(port) > 65535:
-        raise StartupError(f"invalid --server-address {address!r}: expected host:port")
+        raise StartupError(f"invalid {option} {address!r}: expected host:port")
     return host, int(port)
 
 
