@@ -47,6 +47,13 @@ class TaskStatus:
     termination_source: str
     start_time: Optional[datetime.datetime]
     end_time: Optional[datetime.datetime]
+    # Not in the RFD's response; empty from servers that predate them.
+    owner: str = ""
+    command: str = ""
+    args: tuple = ()
+    output_bytes: int = 0
+    output_dropped_bytes: int = 0
+    output_note: str = ""
 
     @property
     def running(self) -> bool:
@@ -63,6 +70,12 @@ class TaskStatus:
             termination_source=response.termination_source,
             start_time=_datetime(response, "start_time"),
             end_time=_datetime(response, "end_time"),
+            owner=response.owner,
+            command=response.command,
+            args=tuple(response.args),
+            output_bytes=response.output_bytes,
+            output_dropped_bytes=response.output_dropped_bytes,
+            output_note=response.output_note,
         )
 
 
@@ -107,6 +120,17 @@ class TaskmanClient:
     def status(self, task_id: str) -> TaskStatus:
         request = task_manager_pb2.TaskStatusRequest(task_id=task_id)
         return TaskStatus.from_response(self._unary(self._stub.GetTaskStatus, request))
+
+    def list(self, statuses=(), owner: str = "", limit: int = 0) -> list:
+        """The caller's tasks, newest first (an admin's: everyone's, or ``owner``'s).
+
+        ``statuses``: enum names such as "JOB_STATUS_STARTED" (empty: all).
+        """
+        request = task_manager_pb2.ListTasksRequest(
+            statuses=[task_manager_pb2.JobStatus.Value(name) for name in statuses],
+            owner=owner, limit=limit)
+        response = self._unary(self._stub.ListTasks, request)
+        return [TaskStatus.from_response(task) for task in response.tasks]
 
     def stream(self, task_id: str, timeout: Optional[float] = None) -> Iterator[bytes]:
         """Yield the task's output from its first byte until it ends.

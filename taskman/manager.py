@@ -94,6 +94,7 @@ class TaskManager:
         self.retention_age = retention_age
         self.retention_bytes = retention_bytes
         self._tasks: Dict[str, _Entry] = {}
+        self._finished_bytes = 0  # output of finished tasks, for the disk budget
         self._closing = False
         # Callables (event, task) told of "started", "stopping" and "ended":
         # the audit trail and metrics hang here, the library knows neither.
@@ -206,15 +207,16 @@ class TaskManager:
             doomed = [entry for entry in finished
                       if (entry.task.end_time or entry.task.start_time).timestamp() < horizon]
         if self.retention_bytes:
-            kept = [entry for entry in finished if entry not in doomed]
-            total = sum(entry.log.size for entry in kept)
-            for entry in kept:
+            total = self._finished_bytes - sum(entry.log.size for entry in doomed)
+            for entry in finished:
                 if total <= self.retention_bytes:
                     break
-                total -= entry.log.size
-                doomed.append(entry)
+                if entry not in doomed:
+                    total -= entry.log.size
+                    doomed.append(entry)
         for entry in doomed:
             del self._tasks[entry.task.id]
+            self._finished_bytes -= entry.log.size
             entry.log.remove()
         if doomed:
             self._store_call(self.store.delete, [entry.task.id for entry in doomed])
@@ -267,6 +269,9 @@ class TaskManager:
             self._persist(self._snapshot(entry))
             entry.ended.set()
             self._notify("ended", entry.task.snapshot())
+            self._finished_bytes += entry.log.size
+            if self.retention_bytes and self._finished_bytes > self.retention_bytes:
+                self.prune()
 
     @staticmethod
     def _pump(proc: process.Process, output: OutputLog) -> None:
@@ -375,12 +380,18 @@ class TaskManager:
             output = OutputLog(path, existing=True)
             output.dropped, output.write_error = task.output_dropped, task.output_note or None
             self._tasks[task.id] = _Entry(task, output)
+            self._finished_bytes += output.size
         if self._tasks:
             log.info("loaded %d task record(s) from %s", len(self._tasks), self.store.path)
 
     def _prune_periodically(self) -> None:
+        # Often enough that nothing outlives its retention by more than a
+        # quarter of it (the disk budget is checked as each task ends).
+        interval = RETENTION_INTERVAL
+        if self.retention_age:
+            interval = max(0.25, min(interval, self.retention_age / 4))
         while True:
-            gevent.sleep(RETENTION_INTERVAL)
+            gevent.sleep(interval)
             try:
                 self.prune()
             except Exception:  # noqa: BLE001 - never let retention kill the server

@@ -19,7 +19,7 @@ from taskman import tls
 from taskman.api import task_manager_pb2, task_manager_pb2_grpc
 from taskman.errors import CgroupError, InvalidArgument, NotFound, ResourceExhausted, TaskmanError, Unavailable
 from taskman.manager import TaskManager
-from taskman.task import Task
+from taskman.task import JobStatus, Task
 
 log = logging.getLogger("taskman.service")
 
@@ -60,7 +60,10 @@ def status_response(task: Task) -> task_manager_pb2.TaskStatusResponse:
     """Fill a TaskStatusResponse; the exit code and end time only once ended."""
     response = task_manager_pb2.TaskStatusResponse(
         task_id=task.id, process_id=task.pid, status=int(task.status),
-        termination_signal=task.signal, termination_source=task.source.value)
+        termination_signal=task.signal, termination_source=task.source.value,
+        owner=task.owner, command=task.command, args=task.args,
+        output_bytes=task.output_size, output_dropped_bytes=task.output_dropped,
+        output_note=task.output_note)
     if task.start_time is not None:
         response.start_time.FromDatetime(task.start_time)
     if not task.running:
@@ -123,6 +126,16 @@ class TaskManagerServicer(task_manager_pb2_grpc.TaskManagerServicer):
     def GetTaskStatus(self, request, context):
         with self._call(context, "GetTaskStatus", request.task_id) as call:
             return status_response(self.manager.status(call.user, request.task_id))
+
+    def ListTasks(self, request, context):
+        with self._call(context, "ListTasks", "") as call:
+            statuses = [JobStatus(value) for value in request.statuses
+                        if value in JobStatus._value2member_map_]
+            if len(statuses) != len(request.statuses):
+                raise InvalidArgument("unknown job status in the filter")
+            tasks = self.manager.tasks(call.user, owner=request.owner or None,
+                                       statuses=statuses, limit=request.limit)
+            return task_manager_pb2.ListTasksResponse(tasks=[status_response(t) for t in tasks])
 
     def StreamTaskOutput(self, request, context) -> Iterator:
         with self._call(context, "StreamTaskOutput", request.task_id, streaming=True) as call:

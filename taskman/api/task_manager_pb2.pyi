@@ -54,7 +54,7 @@ class TaskStatusRequest(_message.Message):
     def __init__(self, task_id: _Optional[str] = ...) -> None: ...
 
 class TaskStatusResponse(_message.Message):
-    __slots__ = ("task_id", "exit_code", "process_id", "status", "termination_signal", "termination_source", "start_time", "end_time")
+    __slots__ = ("task_id", "exit_code", "process_id", "status", "termination_signal", "termination_source", "start_time", "end_time", "owner", "command", "args", "output_bytes", "output_dropped_bytes", "output_note")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
     PROCESS_ID_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +63,12 @@ class TaskStatusResponse(_message.Message):
     TERMINATION_SOURCE_FIELD_NUMBER: _ClassVar[int]
     START_TIME_FIELD_NUMBER: _ClassVar[int]
     END_TIME_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_DROPPED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_NOTE_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     exit_code: int
     process_id: int
@@ -71,13 +77,35 @@ class TaskStatusResponse(_message.Message):
     termination_source: str
     start_time: _timestamp_pb2.Timestamp
     end_time: _timestamp_pb2.Timestamp
-    def __init__(self, task_id: _Optional[str] = ..., exit_code: _Optional[int] = ..., process_id: _Optional[int] = ..., status: _Optional[_Union[JobStatus, str]] = ..., termination_signal: _Optional[str] = ..., termination_source: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    owner: str
+    command: str
+    args: _containers.RepeatedScalarFieldContainer[str]
+    output_bytes: int
+    output_dropped_bytes: int
+    output_note: str
+    def __init__(self, task_id: _Optional[str] = ..., exit_code: _Optional[int] = ..., process_id: _Optional[int] = ..., status: _Optional[_Union[JobStatus, str]] = ..., termination_signal: _Optional[str] = ..., termination_source: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., owner: _Optional[str] = ..., command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., output_bytes: _Optional[int] = ..., output_dropped_bytes: _Optional[int] = ..., output_note: _Optional[str] = ...) -> None: ...
 
 class StreamTaskOutputRequest(_message.Message):
     __slots__ = ("task_id",)
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     def __init__(self, task_id: _Optional[str] = ...) -> None: ...
+
+class ListTasksRequest(_message.Message):
+    __slots__ = ("statuses", "owner", "limit")
+    STATUSES_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    statuses: _containers.RepeatedScalarFieldContainer[JobStatus]
+    owner: str
+    limit: int
+    def __init__(self, statuses: _Optional[_Iterable[_Union[JobStatus, str]]] = ..., owner: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ListTasksResponse(_message.Message):
+    __slots__ = ("tasks",)
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    tasks: _containers.RepeatedCompositeFieldContainer[TaskStatusResponse]
+    def __init__(self, tasks: _Optional[_Iterable[_Union[TaskStatusResponse, _Mapping]]] = ...) -> None: ...
 
 class StreamTaskOutputResponse(_message.Message):
     __slots__ = ("output",)

@@ -55,6 +55,11 @@ class TaskManagerStub:
                 request_serializer=taskman_dot_api_dot_task__manager__pb2.StreamTaskOutputRequest.SerializeToString,
                 response_deserializer=taskman_dot_api_dot_task__manager__pb2.StreamTaskOutputResponse.FromString,
                 _registered_method=True)
+        self.ListTasks = channel.unary_unary(
+                '/task_manager.TaskManager/ListTasks',
+                request_serializer=taskman_dot_api_dot_task__manager__pb2.ListTasksRequest.SerializeToString,
+                response_deserializer=taskman_dot_api_dot_task__manager__pb2.ListTasksResponse.FromString,
+                _registered_method=True)
 
 
 class TaskManagerServicer:
@@ -89,6 +94,14 @@ class TaskManagerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTasks(self, request, context):
+        """Added after the RFD.
+        ListTasks lists the caller's tasks (an admin's: everyone's), newest first
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskManagerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -111,6 +124,11 @@ def add_TaskManagerServicer_to_server(servicer, server):
                     servicer.StreamTaskOutput,
                     request_deserializer=taskman_dot_api_dot_task__manager__pb2.StreamTaskOutputRequest.FromString,
                     response_serializer=taskman_dot_api_dot_task__manager__pb2.StreamTaskOutputResponse.SerializeToString,
+            ),
+            'ListTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTasks,
+                    request_deserializer=taskman_dot_api_dot_task__manager__pb2.ListTasksRequest.FromString,
+                    response_serializer=taskman_dot_api_dot_task__manager__pb2.ListTasksResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +240,33 @@ class TaskManager:
             '/task_manager.TaskManager/StreamTaskOutput',
             taskman_dot_api_dot_task__manager__pb2.StreamTaskOutputRequest.SerializeToString,
             taskman_dot_api_dot_task__manager__pb2.StreamTaskOutputResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/task_manager.TaskManager/ListTasks',
+            taskman_dot_api_dot_task__manager__pb2.ListTasksRequest.SerializeToString,
+            taskman_dot_api_dot_task__manager__pb2.ListTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,

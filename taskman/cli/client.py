@@ -117,8 +117,36 @@ Example:
   $ taskman stream a7da14c7-b47a-4535-a263-5bb26e503002 --user-id client001
 """
 
+LIST_HELP = """\
+Usage:
+  taskman list --user-id <user-id> [--owner <user>] [--status <status>]... [--limit <n>] [--server-address <host:port>] [--help]
+
+Description:
+  List your tasks, newest first, in the get-status table style plus the owner
+  and the command line. An admin sees every user's tasks; --owner narrows them.
+  Finished tasks are kept until the server's retention removes them.
+
+Options:
+  --user-id <user-id>
+      The user or client ID issuing the request (e.g., client001). This flag is required.
+  --owner <user>
+      Only this user's tasks (for an admin; everyone else only ever sees their own).
+  --status <status>
+      Only tasks in this state: started, signaled, exited_ok, exited_error or unknown
+      (or the full name, e.g. JOB_STATUS_STARTED). Repeat to allow several.
+  --limit <n>
+      At most this many tasks (the newest).
+  --server-address <host:port>
+      The gRPC server address to connect to (e.g., localhost:50051). Defaults to localhost:50051 if not set.
+  --help
+      Display help information for the list command.
+
+Example:
+  $ taskman list --user-id client001 --status started
+"""  # noqa: E501
+
 HELP = {"start": START_HELP, "get-status": GET_STATUS_HELP, "stop": STOP_HELP,
-        "stream": STREAM_HELP}
+        "stream": STREAM_HELP, "list": LIST_HELP}
 
 MAIN_HELP = """\
 Usage:
@@ -126,6 +154,7 @@ Usage:
   taskman get-status <task-id> --user-id <user-id> [--server-address <host:port>] [--help]
   taskman stop <task-id> --user-id <user-id> [--server-address <host:port>] [--help]
   taskman stream <task-id> --user-id <user-id> [--server-address <host:port>] [--help]
+  taskman list --user-id <user-id> [--owner <user>] [--status <status>]... [--limit <n>] [--server-address <host:port>] [--help]
   taskman --help
 
 Description:
@@ -145,7 +174,7 @@ Exit status:
   7    the server cannot be reached or is shutting down (UNAVAILABLE)
   8    the server did not answer in time (DEADLINE_EXCEEDED)
   130  interrupted (Ctrl-C)
-"""
+"""  # noqa: E501
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -191,8 +220,8 @@ def _run(argv: list) -> int:
         return EXIT_OK
     command = argv[0]
     if command not in HELP:
-        raise UsageError(f"unknown command {command!r}: use start, get-status, stop or stream "
-                         "(taskman --help)")
+        raise UsageError(f"unknown command {command!r}: use start, get-status, stop, stream "
+                         "or list (taskman --help)")
     before_separator = argv[1:argv.index("--")] if "--" in argv else argv[1:]
     if "--help" in before_separator or "-h" in before_separator:
         print(HELP[command], end="")
@@ -220,6 +249,8 @@ def _run(argv: list) -> int:
                 return _get_status(client, options["<task-id>"])
             if command == "stop":
                 return _stop(client, options["<task-id>"])
+            if command == "list":
+                return _list(client, options)
             return _stream(client, options["<task-id>"])
     except client_module.ClientError as error:
         print(f"taskman: {describe_error(error)}", file=sys.stderr)
@@ -255,7 +286,51 @@ def _get_status(client, task_id: str) -> int:
            status.termination_signal or "-", status.termination_source or "-",
            format_time(status.end_time))
     print(format_table(STATUS_COLUMNS, [row]))
+    if status.output_dropped_bytes:
+        # On stderr: stdout stays exactly the RFD's table for scripts.
+        print(f"Note: {status.output_note or 'output dropped'} "
+              f"({status.output_dropped_bytes} bytes dropped)", file=sys.stderr)
     return EXIT_OK
+
+
+LIST_COLUMNS = ("TASK ID", "OWNER", "START TIME", "PID", "STATUS", "EXIT CODE", "SIGNAL",
+                "SOURCE", "END TIME", "COMMAND")
+STATUS_NAMES = ("JOB_STATUS_UNKNOWN", "JOB_STATUS_STARTED", "JOB_STATUS_SIGNALED",
+                "JOB_STATUS_EXITED_OK", "JOB_STATUS_EXITED_ERROR")
+COMMAND_WIDTH = 60
+
+
+def _list(client, options: dict) -> int:
+    statuses = [_status_name(value) for value in options["--status"]]
+    limit = options["--limit"]
+    if limit is not None and (not limit.isdigit() or int(limit) > 2 ** 32 - 1):
+        raise UsageError(f"invalid --limit {limit!r}: expected a whole number")
+    tasks = client.list(statuses=statuses, owner=options["--owner"] or "",
+                        limit=int(limit or 0))
+    rows = [(task.task_id, task.owner or "-", format_time(task.start_time),
+             str(task.process_id or "-"), task.status,
+             "-" if task.exit_code is None else str(task.exit_code),
+             task.termination_signal or "-", task.termination_source or "-",
+             format_time(task.end_time), _command_line(task)) for task in tasks]
+    print(format_table(LIST_COLUMNS, rows))
+    return EXIT_OK
+
+
+def _status_name(value: str) -> str:
+    name = value.upper()
+    if not name.startswith("JOB_STATUS_"):
+        name = "JOB_STATUS_" + name
+    if name not in STATUS_NAMES:
+        raise UsageError(f"unknown --status {value!r}: use started, signaled, exited_ok, "
+                         "exited_error or unknown")
+    return name
+
+
+def _command_line(task) -> str:
+    import shlex
+    text = shlex.join([task.command, *task.args]) if task.command else "-"
+    text = text.replace("\n", " ")
+    return text if len(text) <= COMMAND_WIDTH else text[:COMMAND_WIDTH - 3] + "..."
 
 
 def _stop(client, task_id: str) -> int:

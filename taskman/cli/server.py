@@ -63,6 +63,15 @@ Options:
       Time between SIGTERM and SIGKILL when a task is stopped [default: 10].
   --max-streams <n>
       Concurrent output streams; more are refused with RESOURCE_EXHAUSTED [default: {max_streams}].
+  --task-output-max <size>
+      Output kept per task (e.g., 1G); past it, one marker line, then the rest
+      is dropped and the status says so. 0 for no cap [default: 1G].
+  --retention <duration>
+      How long finished tasks (record and output) are kept, e.g. 12h, 7d;
+      0 keeps them until the budget below removes them [default: 7d].
+  --output-budget <size>
+      Disk space for finished tasks' output; past it the oldest finished tasks
+      are removed. 0 for no budget [default: 10G].
   --log-level <level>
       debug, info, warning or error [default: info].
   --audit-log <path>
@@ -182,6 +191,9 @@ class Settings:
             raise StartupError(f"--stop-grace must be 0 to 3600 seconds, "
                                f"not {options['--stop-grace']!r}")
         self.max_streams = count(options["--max-streams"], "--max-streams", minimum=1)
+        self.task_output_max = parse_size(options["--task-output-max"], "--task-output-max")
+        self.retention = parse_duration(options["--retention"], "--retention")
+        self.output_budget = parse_size(options["--output-budget"], "--output-budget")
         level = options["--log-level"].upper()
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise StartupError(f"unknown log level {options['--log-level']!r}")
@@ -250,7 +262,10 @@ def serve(settings: Settings) -> int:
         driver = select_driver(settings.driver, settings.limits, settings.cgroup_root,
                                io_paths=("/", state_dir))
         manager = TaskManager(state_dir=state_dir, driver=driver,
-                              stop_grace=settings.stop_grace)
+                              stop_grace=settings.stop_grace,
+                              output_max_bytes=settings.task_output_max,
+                              retention_age=settings.retention,
+                              retention_bytes=settings.output_budget)
     except TaskmanError as error:
         raise StartupError(f"cannot set up tasks: {error}") from None
     except OSError as error:
@@ -411,13 +426,26 @@ _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE = re.compile(r"(\d+)\s*([KMGT]?)(?:I?B)?", re.IGNORECASE)
 
 
-def parse_size(value: str) -> int:
+def parse_size(value: str, option: str = "--memory-max") -> int:
     """"512M" -> 536870912; plain numbers are bytes (K, M, G, T: powers of 1024); 0: no limit."""
     match = _SIZE.fullmatch(value.strip())
     if not match:
-        raise StartupError(f"invalid --memory-max {value!r}: expected bytes or a size "
+        raise StartupError(f"invalid {option} {value!r}: expected bytes or a size "
                            "such as 512M")
     return int(match.group(1)) * _UNITS[match.group(2).upper()]
+
+
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw]?)", re.IGNORECASE)
+
+
+def parse_duration(value: str, option: str) -> float:
+    """"7d" -> 604800.0; plain numbers are seconds; 0: forever."""
+    match = _DURATION.fullmatch(value.strip())
+    if not match:
+        raise StartupError(f"invalid {option} {value!r}: expected a duration such as 90s, "
+                           "30m, 12h or 7d")
+    return float(match.group(1)) * _SECONDS[match.group(2).lower()]
 
 
 def parse_device(value: str) -> str:

@@ -44,14 +44,32 @@ def rfd_proto() -> str:
 
 def test_the_proto_parser_sees_everything():
     shape = parse_proto(PROTO.read_text())
-    assert len(shape["services"]["TaskManager"]) == 4
+    assert len(shape["services"]["TaskManager"]) == 5
     assert len(shape["enums"]["JobStatus"]) == 5
-    assert len(shape["messages"]["TaskStatusResponse"]) == 8
+    assert len(shape["messages"]["TaskStatusResponse"]) == 14
     assert shape["messages"]["StopTaskResponse"] == []
 
 
-def test_proto_matches_the_rfd():
-    assert parse_proto(PROTO.read_text()) == parse_proto(rfd_proto())
+def assert_extends(ours, rfd):
+    """Everything the RFD has is there unchanged; additions are new RPCs,
+    messages and fields with numbers the RFD does not use (wire compatible)."""
+    assert ours["package"] == rfd["package"]
+    assert set(ours["services"]) == set(rfd["services"])
+    for name, methods in rfd["services"].items():
+        assert set(methods) <= set(ours["services"][name]), name
+    assert ours["enums"] == rfd["enums"]
+    for name, fields in rfd["messages"].items():
+        assert set(fields) <= set(ours["messages"][name]), name
+        taken = {field[-1] for field in fields}
+        added = set(ours["messages"][name]) - set(fields)
+        assert not {field[-1] for field in added} & taken, name
+
+
+def test_proto_extends_the_rfd_compatibly():
+    ours = parse_proto(PROTO.read_text())
+    assert_extends(ours, parse_proto(rfd_proto()))
+    assert ("ListTasks", "", "ListTasksRequest", "", "ListTasksResponse") in \
+        ours["services"]["TaskManager"]
 
 
 def test_compiled_descriptor_matches_the_rfd():
@@ -62,19 +80,16 @@ def test_compiled_descriptor_matches_the_rfd():
 
     rfd = parse_proto(rfd_proto())
     descriptor = task_manager_pb2.DESCRIPTOR
-    assert descriptor.package == rfd["package"]
-    service = descriptor.services_by_name["TaskManager"]
-    assert sorted((method.name, "", method.input_type.name,
-                   "stream " if method.server_streaming else "", method.output_type.name)
-                  for method in service.methods) == rfd["services"]["TaskManager"]
-    assert set(descriptor.services_by_name) == set(rfd["services"])
-    assert sorted((value.name, value.number)
-                  for value in descriptor.enum_types_by_name["JobStatus"].values) == \
-        rfd["enums"]["JobStatus"]
-    assert set(descriptor.message_types_by_name) == set(rfd["messages"])
-    for name, fields in rfd["messages"].items():
-        message = descriptor.message_types_by_name[name]
-        compiled = []
+    compiled = {"package": descriptor.package, "services": {}, "enums": {}, "messages": {}}
+    for service in descriptor.services_by_name.values():
+        compiled["services"][service.name] = sorted(
+            (method.name, "", method.input_type.name,
+             "stream " if method.server_streaming else "", method.output_type.name)
+            for method in service.methods)
+    for enum in descriptor.enum_types_by_name.values():
+        compiled["enums"][enum.name] = sorted((value.name, value.number) for value in enum.values)
+    for name, message in descriptor.message_types_by_name.items():
+        fields = []
         for field in message.fields:
             if field.is_repeated:
                 label = "repeated"
@@ -88,9 +103,11 @@ def test_compiled_descriptor_matches_the_rfd():
                 kind = field.enum_type.name
             else:
                 kind = {FieldDescriptor.TYPE_STRING: "string", FieldDescriptor.TYPE_INT32: "int32",
+                        FieldDescriptor.TYPE_UINT32: "uint32", FieldDescriptor.TYPE_UINT64: "uint64",
                         FieldDescriptor.TYPE_BYTES: "bytes"}[field.type]
-            compiled.append((label, kind, field.name, field.number))
-        assert sorted(compiled) == fields, name
+            fields.append((label, kind, field.name, field.number))
+        compiled["messages"][name] = sorted(fields)
+    assert_extends(compiled, rfd)
 
 
 def test_generated_modules_are_fresh(tmp_path):
