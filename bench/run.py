@@ -125,9 +125,10 @@ class TaskmanServer:
             deadline = time.monotonic() + 30
             while "listening on" not in self.log() and time.monotonic() < deadline:
                 time.sleep(0.05)
-        except BaseException:
+        except BaseException as error:
             self.__exit__()
-            raise
+            raise RuntimeError(f"taskman-server did not start: {error}; its log ends:\n"
+                               f"{self.log()[-2000:]}") from None
         return self
 
     def __exit__(self, *exc) -> None:
@@ -244,12 +245,35 @@ class Bench:
                 began = time.perf_counter()
                 subprocess.run([TRUE], check=True)
                 subproc.append(time.perf_counter() - began)
+        # Paced: 10 ms between calls, so the previous task's end (reaping,
+        # removing its groups) does not run on the loop during the next start.
+        paced = []
+        for _ in range(max(50, samples // 5)):
+            time.sleep(0.01)
+            began = time.perf_counter()
+            self.client.start(TRUE)
+            paced.append(time.perf_counter() - began)
         self.results["start"] = {
-            "taskman": _stats(taskman), "spawn_only": _stats(spawn_only),
+            "taskman": _stats(taskman), "paced": _stats(paced), "spawn_only": _stats(spawn_only),
             "spawn_wait": _stats(spawn_wait), "subprocess": _stats(subproc)}
+        try:
+            self.results["start"]["breakdown"] = self._breakdown(max(100, samples // 3))
+        except Exception as error:  # the rows above stand without it
+            self.notes.append(f"Start breakdown failed: {type(error).__name__}: {error}")
         self.log(f"start: taskman p50 {fmt_ms(median(taskman))}, bare posix_spawn+wait p50 "
                  f"{fmt_ms(median(spawn_wait))}")
         self.bench_sustained()
+
+    def _breakdown(self, count: int) -> dict:
+        """bench/breakdown.py: the library's start path timed step by step, in-process."""
+        state = os.path.join(self.workdir, "breakdown")
+        proc = subprocess.run([sys.executable, os.path.join(common.BENCH_DIR, "breakdown.py"),
+                               str(count), state], capture_output=True, text=True, timeout=300)
+        shutil.rmtree(state, ignore_errors=True)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            raise RuntimeError(f"breakdown.py exited {proc.returncode}: {proc.stderr[-300:]}")
+        return json.loads(lines[-1])
 
     def bench_sustained(self) -> None:
         seconds = self.args.sustain_seconds
@@ -298,7 +322,10 @@ class Bench:
         runs: Dict[str, List[dict]] = {"pipe": [], "ceiling": [], "live": [], "replay": []}
         for repeat in range(self.args.repeats):
             runs["pipe"].append(_pipe_read(command))
-            runs["ceiling"].append(_follow(ceiling_follower, str(size), size))
+            cpu_before = common.cpu_seconds(self.ceiling.proc.pid)
+            ceiling = _follow(ceiling_follower, str(size), size)
+            ceiling["server_cpu"] = common.cpu_seconds(self.ceiling.proc.pid) - cpu_before
+            runs["ceiling"].append(ceiling)
             with common.RssSampler(self.server.pid) as rss:
                 cpu_before = common.cpu_seconds(self.server.pid)
                 task_id = self.client.start(command[0], command[1:])
@@ -312,10 +339,7 @@ class Bench:
             live["rss_peak"] = replay["rss_peak"] = rss.peak
             runs["live"].append(live)
             runs["replay"].append(replay)
-            if repeat == 0:
-                self.stream_task = task_id  # kept for the CLI comparison and the profile
-            else:
-                self.server.discard_output(task_id)
+            self.server.discard_output(task_id)
             self.log(f"stream {repeat + 1}/{self.args.repeats}: pipe "
                      f"{fmt_rate(runs['pipe'][-1]['rate'])}, ceiling "
                      f"{fmt_rate(runs['ceiling'][-1]['rate'])}, live "
@@ -371,9 +395,10 @@ class Bench:
                        for reply in replies if reply["followers"])
         elapsed = finished - began_wall
         ttfbs = [follower["ttfb"] for follower in followers if follower["ttfb"] is not None]
-        self.wait_ended(task_id, 60)
+        status = self.wait_ended(task_id, 60)
         self.server.discard_output(task_id)
-        row = {"followers": count, "bytes_each": size, "exact": exact, "errors": errors,
+        row = {"followers": count, "bytes_each": size,
+               "task_seconds": (status.end_time - status.start_time).total_seconds(), "exact": exact, "errors": errors,
                "error_samples": error_samples[:3], "seconds": elapsed,
                "aggregate": count * size / elapsed, "ttfb_p50": median(ttfbs),
                "ttfb_p99": percentile(ttfbs, 0.99), "ttfb_max": max(ttfbs, default=float("nan")),
@@ -523,11 +548,9 @@ class Bench:
         result["start"] = {**profiling.summarize(raw, self.server.pid), "calls": count,
                            "cpu_per_call": cpu / max(count, 1)}
         # The stream path: followers replaying the finished stream task in a loop.
-        task_id = getattr(self, "stream_task", None)
         size = self.args.stream_bytes
-        if task_id is None:
-            task_id = self.client.start("head", ["-c", str(size), "/dev/zero"])
-            self.wait_ended(task_id, 120)
+        task_id = self.client.start("head", ["-c", str(size), "/dev/zero"])
+        self.wait_ended(task_id, 120)
         follower = self.worker("follow", self.server.address, "1")
         follower.receive(60)
         raw = os.path.join(self.workdir, "profile-stream.txt")
@@ -539,6 +562,7 @@ class Bench:
         cpu = common.cpu_seconds(self.server.pid) - cpu_before
         profiling.finish(recorder, seconds + 60)
         self.close_workers()
+        self.server.discard_output(task_id)
         result["stream"] = {**profiling.summarize(raw, self.server.pid), "bytes": streamed,
                             "cpu_per_gib": cpu / max(streamed, 1) * GiB}
         self.results["profile"] = result
@@ -740,9 +764,19 @@ def render(bench: Bench, info: Dict[str, str], command: str, failures: Dict[str,
         add(f"| StartTask p50 (mTLS, cgroups) | {fmt_ms(start['taskman']['p50'])} | "
             f"bare posix_spawn+wait of /bin/true | {fmt_ms(start['spawn_wait']['p50'])} | "
             f"{value:.1f}× | ≤ 3×: {_target(value <= 3)} |")
+        value = ratio(start["paced"]["p50"], start["spawn_wait"]["p50"])
+        add(f"| StartTask p50, 10 ms between calls | {fmt_ms(start['paced']['p50'])} | "
+            f"bare posix_spawn+wait | {fmt_ms(start['spawn_wait']['p50'])} | {value:.1f}× | "
+            f"≤ 3×: {_target(value <= 3)} |")
         value = ratio(start["taskman"]["p50"], start["subprocess"]["p50"])
         add(f"| StartTask p50 | {fmt_ms(start['taskman']['p50'])} | subprocess.run(/bin/true) "
             f"| {fmt_ms(start['subprocess']['p50'])} | {value:.1f}× | |")
+        sustained = results.get("sustained")
+        if sustained:
+            add(f"| sustained starts, 4 clients | {sustained['per_second']:.0f}/s | "
+                f"bare posix_spawn+wait, one after another | "
+                f"{1 / start['spawn_wait']['p50']:.0f}/s | "
+                f"{sustained['per_second'] * start['spawn_wait']['p50']:.2f}× | |")
     peer_result = results.get("peer")
     if start and peer_result:
         value = ratio(start["taskman"]["p50"], peer_result["api_start"]["p50"])
@@ -769,6 +803,11 @@ def render(bench: Bench, info: Dict[str, str], command: str, failures: Dict[str,
             f"{fmt_rate(stream['replay']['rate'])} | transport ceiling | "
             f"{fmt_rate(stream['ceiling']['rate'])} | {value:.2f}× | ≥ 0.8×: "
             f"{_target(value >= 0.8)} |")
+        live_extra = stream["live"]["extra"]
+        task_rate = stream["bytes"] / live_extra["task_seconds"]
+        value = ratio(stream["live"]["rate"], task_rate)
+        add(f"| 1 follower of a live task | {fmt_rate(stream['live']['rate'])} | the task's own "
+            f"write pace (cgroup CPU quota) | {fmt_rate(task_rate)} | {value:.2f}× | |")
         value = ratio(stream["live"]["rate"], stream["pipe"]["rate"])
         add(f"| 1 follower of a live task | {fmt_rate(stream['live']['rate'])} | a plain pipe "
             f"| {fmt_rate(stream['pipe']['rate'])} | {value:.2f}× | |")
@@ -780,6 +819,7 @@ def render(bench: Bench, info: Dict[str, str], command: str, failures: Dict[str,
             f"{tail_rate / 1024:.0f} KiB/s | {ratio(cli_rate, tail_rate):.0f}× | |")
     fanout = results.get("fanout")
     if fanout:
+        ceiling_rate = stream["ceiling"]["rate"] if stream else float("nan")
         for row in fanout["rows"]:
             target = ""
             if row["followers"] >= 1000:
@@ -787,9 +827,9 @@ def render(bench: Bench, info: Dict[str, str], command: str, failures: Dict[str,
                 target = f"all exact, RSS ≤ 200 MiB: {_target(met)}"
             add(f"| {row['followers']} followers × {fmt_mib(row['bytes_each'])} | "
                 f"{fmt_rate(row['aggregate'])} aggregate, {row['exact']}/{row['followers']} "
-                f"byte-exact, RSS {fmt_mib(row['rss_peak'])} | one follower | "
-                f"{fmt_rate(fanout['rows'][0]['aggregate'])} | "
-                f"{ratio(row['aggregate'], fanout['rows'][0]['aggregate']):.2f}× | {target} |")
+                f"byte-exact, RSS peak {fmt_mib(row['rss_peak'])} | transport ceiling, one "
+                f"stream | {fmt_rate(ceiling_rate)} | {ratio(row['aggregate'], ceiling_rate):.2f}× "
+                f"| {target} |")
     memory = results.get("memory")
     if memory:
         for mode, row in memory.items():
@@ -823,6 +863,30 @@ def render(bench: Bench, info: Dict[str, str], command: str, failures: Dict[str,
             row = start[key]
             add(f"| {label} | {fmt_ms(row['p50'])} | {fmt_ms(row['p99'])} | "
                 f"{fmt_ms(row['max'])} |")
+        row = start["paced"]
+        add(f"| StartTask, 10 ms between calls | {fmt_ms(row['p50'])} | {fmt_ms(row['p99'])} | "
+            f"{fmt_ms(row['max'])} |")
+        breakdown = start.get("breakdown")
+        if breakdown:
+            add("")
+            add(f"Where a start goes (bench/breakdown.py: `TaskManager.start` in a gevent "
+                f"process of its own, same driver, {breakdown['count']} starts, p50 of each "
+                "step; steps nest as indented):")
+            add("")
+            add("| step | p50 |")
+            add("|---|---:|")
+            add(f"| StartTask over mTLS (above, back to back) | {fmt_ms(start['taskman']['p50'])} |")
+            add(f"| StartTask over mTLS, paced | {fmt_ms(start['paced']['p50'])} |")
+            add(f"| `TaskManager.start`, in-process | {fmt_ms(breakdown['manager_start'])} |")
+            for label, value in breakdown["steps"].items():
+                indent = "&nbsp;&nbsp;&nbsp;&nbsp;" * (2 if label.startswith(("posix_spawn",
+                                                                             "cgroup place"))
+                                                       else 1)
+                add(f"| {indent}{label} | {fmt_ms(value)} |")
+            add(f"| bare posix_spawn+wait in that process | {fmt_ms(breakdown['bare_spawn_wait'])} |")
+            if status:
+                add(f"| a unary RPC's own cost (GetTaskStatus p50, section 2) | "
+                    f"{fmt_ms(status['taskman']['p50'])} |")
         sustained = results.get("sustained")
         if sustained:
             add("")
@@ -865,7 +929,9 @@ def render(bench: Bench, info: Dict[str, str], command: str, failures: Dict[str,
             "its cgroup's CPU quota); server CPU per GiB streamed: live "
             f"{live['server_cpu'] / stream['bytes'] * GiB:.2f} s (reading the pipe, writing "
             f"the file and sending), from disk "
-            f"{stream['replay']['extra']['server_cpu'] / stream['bytes'] * GiB:.2f} s; server "
+            f"{stream['replay']['extra']['server_cpu'] / stream['bytes'] * GiB:.2f} s, the "
+            f"ceiling server {stream['ceiling']['extra']['server_cpu'] / stream['bytes'] * GiB:.2f}"
+            f" s; server "
             f"RSS peak {fmt_mib(live['rss_peak'])}.")
         add("")
     if fanout:
@@ -877,12 +943,13 @@ def render(bench: Bench, info: Dict[str, str], command: str, failures: Dict[str,
             "opens its stream at once. Aggregate = N × size / (task start → last follower "
             "done). Time to first byte: stream opened → first message, per follower.")
         add("")
-        add("| followers | size each | byte-exact | errors | aggregate | TTFB p50 | TTFB p99 | "
-            "connect all | RSS idle | RSS connected | RSS peak |")
-        add("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        add("| followers | size each | byte-exact | errors | task time | aggregate | TTFB p50 | "
+            "TTFB p99 | connect all | RSS idle | RSS connected | RSS peak |")
+        add("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for row in fanout["rows"]:
             add(f"| {row['followers']} | {fmt_mib(row['bytes_each'])} | {row['exact']} | "
-                f"{row['errors']} | {fmt_rate(row['aggregate'])} | {fmt_ms(row['ttfb_p50'])} | "
+                f"{row['errors']} | {row['task_seconds']:.2f} s | {fmt_rate(row['aggregate'])} | "
+                f"{fmt_ms(row['ttfb_p50'])} | "
                 f"{fmt_ms(row['ttfb_p99'])} | {row['connect_seconds']:.1f} s | "
                 f"{fmt_mib(row['rss_idle'])} | {fmt_mib(row['rss_connected'])} | "
                 f"{fmt_mib(row['rss_peak'])} |")
