@@ -281,3 +281,58 @@ def test_systemd_unit_verifies(tmp_path):
     # only complaints about this file count.
     errors = [line for line in result.stderr.decode().splitlines() if unit.name in line]
     assert result.returncode == 0 and not errors, result.stderr.decode()
+
+
+# -- the guard on health and reflection, in process (a real client cannot
+# complete a TLS 1.2 handshake with the server to show it)
+
+class _Aborted(Exception):
+    pass
+
+
+class _Context:
+    def __init__(self, tls_version: bytes):
+        self.auth = {"transport_security_type": [b"ssl"], "ssl_tls_version": [tls_version],
+                     "x509_common_name": [b"client001"]}
+        self.aborted = None
+
+    def auth_context(self):
+        return self.auth
+
+    def peer(self):
+        return "ipv4:127.0.0.1:1"
+
+    def is_active(self):
+        return True
+
+    def code(self):
+        return None
+
+    def abort(self, code, details):
+        self.aborted = (code, details)
+        raise _Aborted()
+
+
+class _Details:
+    method = "/grpc.health.v1.Health/Check"
+
+
+def test_health_and_reflection_pass_the_same_tls13_and_identity_guard(tmp_path):
+    from taskman.audit import AuditLog
+    from taskman.service import GuardInterceptor, TaskManagerServicer
+
+    audit = AuditLog(str(tmp_path / "audit.log"))
+    guard = GuardInterceptor(TaskManagerServicer(manager=None, audit=audit))
+    inner = grpc.unary_unary_rpc_method_handler(lambda request, context: "SERVING")
+    handler = guard.intercept_service(lambda details: inner, _Details())
+
+    assert handler.unary_unary(None, _Context(b"TLSv1.3")) == "SERVING"
+    refused = _Context(b"TLSv1.2")
+    with pytest.raises(_Aborted):
+        handler.unary_unary(None, refused)
+    assert refused.aborted[0] is grpc.StatusCode.UNAUTHENTICATED
+    audit.close()
+    records = [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
+    # The successful probe is not audited; the refused one is.
+    assert [(r["method"], r["code"]) for r in records] == [
+        ("grpc.health.v1.Health/Check", "UNAUTHENTICATED")]
