@@ -13,6 +13,7 @@ from taskman.errors import CgroupError
 
 PROC_MOUNTS = "/proc/self/mounts"
 PROC_CGROUP = "/proc/self/cgroup"
+SYS_BLOCK = "/sys/block"
 SYS_DEV_BLOCK = "/sys/dev/block"
 
 # Options of a v1 mount that are not controllers.
@@ -71,23 +72,36 @@ def backing_devices(paths: Iterable[str]) -> Tuple[str, ...]:
     """The whole disks ("MAJ:MIN") holding the file systems of ``paths``.
 
     A partition is replaced by its disk: the kernel's IO throttling works on
-    whole request queues and refuses a partition's number. Raises CgroupError
-    when a path lives on no block device (tmpfs, overlay): the operator must
-    then name the device.
+    whole request queues and refuses a partition's number. A path on no
+    block device (tmpfs, or the overlay root of a container) is skipped; if
+    no path has one, every real disk of the host is used (a file system
+    layered over them is backed by one of them). Raises CgroupError when the
+    host has no disk at all: the operator must then name the device.
     """
     devices: List[str] = []
     for path in paths:
         number = os.stat(path).st_dev
-        device = f"{os.major(number)}:{os.minor(number)}"
-        disk = whole_disk(device)
-        if disk is None:
-            raise CgroupError(
-                f"cannot find the block device holding {path} (device {device} is not "
-                f"a block device, e.g. tmpfs or overlay): configure the IO limit's "
-                f"device (Limits.io_devices, MAJ:MIN as in lsblk) explicitly")
-        if disk not in devices:
+        disk = whole_disk(f"{os.major(number)}:{os.minor(number)}")
+        if disk is not None and disk not in devices:
             devices.append(disk)
+    if not devices:
+        devices = host_disks()
+    if not devices:
+        raise CgroupError(
+            f"cannot find a block device for the IO limits: {', '.join(paths)} are on no "
+            f"block device and the host has no disk; name it with --io-device MAJ:MIN "
+            f"(lsblk shows them) or set the IO limits to 0")
     return tuple(devices)
+
+
+def host_disks() -> List[str]:
+    """"MAJ:MIN" of every disk backed by hardware (not loop, ram or zram)."""
+    disks = []
+    for name in sorted(os.listdir(SYS_BLOCK)):
+        directory = os.path.join(SYS_BLOCK, name)
+        if os.path.exists(os.path.join(directory, "device")):
+            disks.append(cgroupfs.read(os.path.join(directory, "dev")).strip())
+    return disks
 
 
 def whole_disk(device: str) -> Optional[str]:

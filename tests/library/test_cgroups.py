@@ -356,3 +356,20 @@ def test_describe_names_driver_place_and_limits():
     print(line)
     assert driver.name in line and "64 MiB" in line and "pids 20" in line
     assert "20% of a CPU" in line and driver.hierarchies[0].base in line
+
+
+def test_io_limits_fall_back_to_the_host_disks_when_paths_are_on_no_block_device(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
+    try:
+        disks = detect.host_disks()
+        assert disks, "this host has a disk (lsblk)"
+        assert detect.backing_devices([str(mount)]) == tuple(disks)
+        # A path that has a disk wins over the fallback.
+        assert detect.backing_devices([str(mount), "/"]) == (detect.whole_disk(
+            "%d:%d" % (os.major(os.stat("/").st_dev), os.minor(os.stat("/").st_dev))),)
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
