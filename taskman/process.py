@@ -80,6 +80,8 @@ def _check_executable(path: str) -> str:
         raise CommandNotFound(f"{path}: no such file") from None
     except PermissionError:
         raise NotExecutable(f"{path}: permission denied") from None
+    except OSError as error:  # ENAMETOOLONG, ELOOP...: no file by that name can be run
+        raise CommandNotFound(f"{path}: {os.strerror(error.errno)}") from None
     if stat.S_ISDIR(info.st_mode):
         raise NotExecutable(f"{path}: is a directory")
     if not stat.S_ISREG(info.st_mode) or not os.access(path, os.X_OK):
