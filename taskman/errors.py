@@ -5,8 +5,19 @@ Messages are written for the person who made the request: they reach the CLI.
 """
 
 
+# Messages quote the request (a command, a task id) and travel in the call's
+# trailers, which gRPC clients cap at 16 KiB: quoting a MB-sized input whole
+# turned an INVALID_ARGUMENT into the client's RESOURCE_EXHAUSTED.
+MAX_MESSAGE = 2000
+
+
 class TaskmanError(Exception):
     """Base class; an unexpected internal failure when raised as itself."""
+
+    def __init__(self, message: str = "", *args):
+        if isinstance(message, str) and len(message) > MAX_MESSAGE:
+            message = message[:MAX_MESSAGE] + "... (truncated)"
+        super().__init__(message, *args)
 
 
 class InvalidArgument(TaskmanError):
