@@ -8,12 +8,23 @@ and nothing already written is rewritten.
 """
 
 import datetime
+import errno
 import json
+import logging
 import os
 import threading
 from typing import Optional
 
 from taskman.task import Task
+
+log = logging.getLogger("taskman.audit")
+
+# Longest command line kept in a task.started record: a user may send
+# megabytes of arguments, and the trail must not become the easiest way to
+# fill the server's disk. The total length is always recorded.
+MAX_COMMAND_CHARS = 16 * 1024
+# Longest value of any other field (task ids and details quote user input).
+MAX_FIELD_CHARS = 1024
 
 
 class AuditLog:
@@ -25,16 +36,34 @@ class AuditLog:
         os.makedirs(directory, mode=0o700, exist_ok=True)
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._lock = threading.Lock()
+        self.failures = 0  # records that could not be written
 
     def record(self, event: str, **fields) -> None:
-        """Write one record; fields with value None are left out."""
+        """Write one record; fields with value None are left out.
+
+        Never raises for a failing disk: a full disk must not turn calls
+        into errors or stop the server. Failures are counted and logged.
+        """
         entry = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="microseconds"), "event": event}
-        entry.update((key, value) for key, value in fields.items() if value is not None)
+        entry.update((key, _bounded(value)) for key, value in fields.items()
+                     if value is not None)
         line = (json.dumps(entry, ensure_ascii=False, separators=(",", ":"),
                            default=str) + "\n").encode("utf-8", "backslashreplace")
-        with self._lock:
-            os.write(self._fd, line)
+        try:
+            with self._lock:
+                written = os.write(self._fd, line)
+                if written < len(line):
+                    # A full disk can take part of a record: cut it off, so
+                    # the trail stays whole JSON lines.
+                    end = os.lseek(self._fd, 0, os.SEEK_CUR)
+                    os.ftruncate(self._fd, end - written)
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as error:
+            self.failures += 1
+            if self.failures == 1 or self.failures % 1000 == 0:
+                log.error("cannot write to the audit log %s (%d record(s) lost): %s",
+                          self.path, self.failures, os.strerror(error.errno))
 
     def call(self, user: Optional[str], method: str, code: str, task_id: Optional[str] = None,
              peer: Optional[str] = None, detail: Optional[str] = None,
@@ -48,7 +77,7 @@ class AuditLog:
         """A manager listener: task started, stopping, ended."""
         fields = {"task_id": task.id, "owner": task.owner}
         if event == "started":
-            fields.update(command=task.command, args=task.args, pid=task.pid)
+            fields.update(_command_fields(task), pid=task.pid)
         elif event == "stopping":
             fields.update(cause=task.source.value)
         elif event == "ended":
@@ -60,3 +89,25 @@ class AuditLog:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def _bounded(value):
+    if isinstance(value, str) and len(value) > MAX_FIELD_CHARS:
+        return value[:MAX_FIELD_CHARS] + f"... ({len(value)} characters)"
+    return value
+
+
+def _command_fields(task: Task) -> dict:
+    """command and args, cut to MAX_COMMAND_CHARS in all, with the full size."""
+    budget = MAX_COMMAND_CHARS - len(task.command)
+    kept = []
+    for argument in task.args:
+        if len(argument) > budget:
+            break
+        kept.append(argument)
+        budget -= len(argument)
+    fields = {"command": task.command[:MAX_COMMAND_CHARS], "args": kept}
+    if len(kept) < len(task.args) or len(task.command) > MAX_COMMAND_CHARS:
+        fields["args_omitted"] = len(task.args) - len(kept)
+        fields["command_line_chars"] = len(task.command) + sum(map(len, task.args))
+    return fields

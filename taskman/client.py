@@ -125,12 +125,22 @@ class TaskmanClient:
         """The caller's tasks, newest first (an admin's: everyone's, or ``owner``'s).
 
         ``statuses``: enum names such as "JOB_STATUS_STARTED" (empty: all).
+        ``limit``: at most this many (0: all), fetched page by page. In a
+        listing each task's args are cut to about 1 KiB (``status`` has them
+        whole).
         """
-        request = task_manager_pb2.ListTasksRequest(
-            statuses=[task_manager_pb2.JobStatus.Value(name) for name in statuses],
-            owner=owner, limit=limit)
-        response = self._unary(self._stub.ListTasks, request)
-        return [TaskStatus.from_response(task) for task in response.tasks]
+        found: list = []
+        token = ""
+        while True:
+            want = min(limit - len(found), 1000) if limit else 0
+            request = task_manager_pb2.ListTasksRequest(
+                statuses=[task_manager_pb2.JobStatus.Value(name) for name in statuses],
+                owner=owner, limit=want, page_token=token)
+            response = self._unary(self._stub.ListTasks, request)
+            found += [TaskStatus.from_response(task) for task in response.tasks]
+            token = response.next_page_token
+            if not token or (limit and len(found) >= limit):
+                return found[:limit] if limit else found
 
     def stream(self, task_id: str, timeout: Optional[float] = None) -> Iterator[bytes]:
         """Yield the task's output from its first byte until it ends.

@@ -9,9 +9,11 @@ ends what the task left behind and records the outcome.
 
 import ctypes
 import errno
+import itertools
 import logging
 import os
 import pwd
+import shlex
 import signal
 import uuid
 from typing import Dict, Iterable, Iterator, Optional
@@ -178,20 +180,34 @@ class TaskManager:
         return entry.log.follow(0, cancelled)
 
     def tasks(self, requester: str, owner: Optional[str] = None,
-              statuses: Iterable[JobStatus] = (), limit: int = 0) -> list:
+              statuses: Iterable[JobStatus] = (), limit: int = 0,
+              after: Optional[str] = None) -> list:
         """Snapshots of the tasks ``requester`` may see, newest first.
 
         An admin sees everyone's (``owner`` narrows them); anyone else only
         their own, whatever ``owner`` says. ``statuses`` filters (empty: all);
-        ``limit`` caps the count (0: all).
+        ``limit`` caps the count (0: all); ``after`` continues a listing after
+        that task (InvalidArgument if it is gone, e.g. removed by retention).
         """
         if requester not in self.admins:
             owner = requester
         wanted = set(statuses)
-        found = [self._snapshot(entry) for entry in reversed(self._tasks.values())
-                 if (not owner or entry.task.owner == owner)
-                 and (not wanted or entry.task.status in wanted)]
-        return found[:limit] if limit else found
+        entries = reversed(self._tasks.values())
+        if after:
+            after = parse_task_id(after)
+            if after not in self._tasks:
+                raise InvalidArgument("the listing's page token is no longer valid "
+                                      "(its task was removed): list again")
+            entries = itertools.dropwhile(lambda entry: entry.task.id != after, entries)
+            next(entries)
+        found = []
+        for entry in entries:
+            if ((not owner or entry.task.owner == owner)
+                    and (not wanted or entry.task.status in wanted)):
+                found.append(self._snapshot(entry))
+                if limit and len(found) == limit:
+                    break
+        return found
 
     def prune(self) -> int:
         """Forget finished tasks past the retention age or the disk budget.
@@ -452,9 +468,11 @@ def _spawn_error(error: OSError) -> TaskmanError:
     return TaskmanError(f"cannot start the task: {os.strerror(error.errno)}")
 
 
-def _command_line(command: str, args: list) -> str:
-    import shlex
-    return shlex.join([command, *args])
+def _command_line(command: str, args: list, limit: int = 500) -> str:
+    """The command line for the log, cut at ``limit`` characters (users may
+    send megabytes of arguments; the audit trail keeps more)."""
+    text = shlex.join([command, *args])
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _home() -> str:

@@ -40,6 +40,12 @@ DEFAULT_MAX_STREAMS = 256
 # for the stop grace period.
 UNARY_WORKERS = 32
 
+# ListTasks pages: default and largest size, and the arguments kept per task,
+# so a page stays far below gRPC's 4 MiB message limit.
+LIST_PAGE_SIZE = 500
+LIST_PAGE_MAX = 1000
+LIST_ARGS_CHARS = 1024
+
 
 def status_for(error: TaskmanError) -> grpc.StatusCode:
     for kind, code in STATUS_FOR:
@@ -56,12 +62,16 @@ def message_for(error: TaskmanError) -> str:
     return message
 
 
-def status_response(task: Task) -> task_manager_pb2.TaskStatusResponse:
-    """Fill a TaskStatusResponse; the exit code and end time only once ended."""
+def status_response(task: Task, args_chars: int = 0) -> task_manager_pb2.TaskStatusResponse:
+    """Fill a TaskStatusResponse; the exit code and end time only once ended.
+
+    ``args_chars`` > 0 cuts the arguments to about that many characters (for
+    listings, whose messages must stay far below gRPC's 4 MiB limit).
+    """
     response = task_manager_pb2.TaskStatusResponse(
         task_id=task.id, process_id=task.pid, status=int(task.status),
         termination_signal=task.signal, termination_source=task.source.value,
-        owner=task.owner, command=task.command, args=task.args,
+        owner=task.owner, command=task.command, args=_cut(task.args, args_chars),
         output_bytes=task.output_size, output_dropped_bytes=task.output_dropped,
         output_note=task.output_note)
     if task.start_time is not None:
@@ -72,6 +82,19 @@ def status_response(task: Task) -> task_manager_pb2.TaskStatusResponse:
         if task.end_time is not None:
             response.end_time.FromDatetime(task.end_time)
     return response
+
+
+def _cut(args: list, chars: int) -> list:
+    if not chars or sum(map(len, args)) <= chars:
+        return args
+    kept = []
+    for argument in args:
+        if len(argument) >= chars:
+            kept.append(argument[:chars] + "...")
+            break
+        kept.append(argument)
+        chars -= len(argument)
+    return kept
 
 
 class _Call:
@@ -133,9 +156,16 @@ class TaskManagerServicer(task_manager_pb2_grpc.TaskManagerServicer):
                         if value in JobStatus._value2member_map_]
             if len(statuses) != len(request.statuses):
                 raise InvalidArgument("unknown job status in the filter")
+            page_size = min(request.limit or LIST_PAGE_SIZE, LIST_PAGE_MAX)
+            # One more than the page tells whether another page follows.
             tasks = self.manager.tasks(call.user, owner=request.owner or None,
-                                       statuses=statuses, limit=request.limit)
-            return task_manager_pb2.ListTasksResponse(tasks=[status_response(t) for t in tasks])
+                                       statuses=statuses, limit=page_size + 1,
+                                       after=request.page_token or None)
+            response = task_manager_pb2.ListTasksResponse(
+                tasks=[status_response(task, LIST_ARGS_CHARS) for task in tasks[:page_size]])
+            if len(tasks) > page_size:
+                response.next_page_token = tasks[page_size - 1].id
+            return response
 
     def StreamTaskOutput(self, request, context) -> Iterator:
         with self._call(context, "StreamTaskOutput", request.task_id, streaming=True) as call:
@@ -197,12 +227,8 @@ class TaskManagerServicer(task_manager_pb2_grpc.TaskManagerServicer):
         _log_call(call, ended - started)
         refused = call.code not in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED)
         if self.audit is not None and (call.audited or refused):
-            try:
-                self.audit.call(call.user, call.method, call.code.name, task_id=call.task_id,
-                                peer=call.peer, detail=failure,
-                                duration_ms=(ended - started) * 1000)
-            except OSError as error:  # a full disk must not turn calls into errors
-                log.error("cannot write the audit record of %s: %s", call.method, error)
+            self.audit.call(call.user, call.method, call.code.name, task_id=call.task_id,
+                            peer=call.peer, detail=failure, duration_ms=(ended - started) * 1000)
         if self.metrics is not None:
             # Streams: time to accept (or refuse) them, not their whole life.
             answered = call.answered if call.answered is not None else ended
@@ -214,8 +240,10 @@ class TaskManagerServicer(task_manager_pb2_grpc.TaskManagerServicer):
 
 def _log_call(call: _Call, elapsed: float) -> None:
     sent = "" if call.sent is None else f" sent={call.sent}"
+    # The task id is the client's text until validated: never let it flood the log.
+    task_id = repr(call.task_id[:40]) + "..." if len(call.task_id) > 40 else call.task_id
     log.info("user=%s method=%s task=%s code=%s%s time=%.1fms", call.user, call.method,
-             call.task_id or "-", call.code.name, sent, elapsed * 1000)
+             task_id or "-", call.code.name, sent, elapsed * 1000)
 
 
 def _code_set(context) -> Optional[grpc.StatusCode]:

@@ -92,20 +92,24 @@ class StreamTaskOutputRequest(_message.Message):
     def __init__(self, task_id: _Optional[str] = ...) -> None: ...
 
 class ListTasksRequest(_message.Message):
-    __slots__ = ("statuses", "owner", "limit")
+    __slots__ = ("statuses", "owner", "limit", "page_token")
     STATUSES_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     statuses: _containers.RepeatedScalarFieldContainer[JobStatus]
     owner: str
     limit: int
-    def __init__(self, statuses: _Optional[_Iterable[_Union[JobStatus, str]]] = ..., owner: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+    page_token: str
+    def __init__(self, statuses: _Optional[_Iterable[_Union[JobStatus, str]]] = ..., owner: _Optional[str] = ..., limit: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListTasksResponse(_message.Message):
-    __slots__ = ("tasks",)
+    __slots__ = ("tasks", "next_page_token")
     TASKS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     tasks: _containers.RepeatedCompositeFieldContainer[TaskStatusResponse]
-    def __init__(self, tasks: _Optional[_Iterable[_Union[TaskStatusResponse, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, tasks: _Optional[_Iterable[_Union[TaskStatusResponse, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class StreamTaskOutputResponse(_message.Message):
     __slots__ = ("output",)

@@ -161,3 +161,28 @@ def test_output_cap_keeps_a_marker_and_the_status_says_so(start_server):
     kept = output.index(b"\n[taskman")
     assert status.stderr.decode() == \
         f"Note: output over the 4096-byte cap dropped ({100000 - kept} bytes dropped)\n"
+
+
+def test_list_pages_through_many_tasks_and_cuts_long_args(start_server):
+    from taskman.api import task_manager_pb2
+    from taskman.client import TaskmanClient
+
+    server = start_server()
+    long_args = ["x" * 3000, "y" * 3000]
+    with TaskmanClient(server.address, "client001") as client:
+        ids = [client.start("true") for _ in range(4)] + [client.start("echo", long_args)]
+        seen, token = [], ""
+        while True:
+            page = client._unary(client._stub.ListTasks, task_manager_pb2.ListTasksRequest(
+                limit=2, page_token=token))
+            assert len(page.tasks) <= 2
+            seen += [task.task_id for task in page.tasks]
+            token = page.next_page_token
+            if not token:
+                break
+        assert seen == ids[::-1]
+        listed = client.list(limit=1)[0]
+        assert listed.task_id == ids[-1] and sum(map(len, listed.args)) < 1100
+        assert list(client.status(ids[-1]).args) == long_args  # whole in the status
+        assert [t.task_id for t in client.list(limit=3)] == ids[::-1][:3]
+        assert [t.task_id for t in client.list()] == ids[::-1]

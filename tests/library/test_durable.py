@@ -169,3 +169,19 @@ def test_output_cap_is_reported_in_the_status(state_dir):
         assert b"".join(mgr.stream("alice", task.id)).endswith(b"the rest is dropped]\n")
     finally:
         mgr.shutdown()
+
+
+def test_listing_continues_after_a_task(state_dir):
+    from taskman.errors import InvalidArgument
+
+    mgr = make(state_dir)
+    try:
+        ids = [mgr.start("alice", "true").id for _ in range(5)]
+        newest_first = ids[::-1]
+        assert [t.id for t in mgr.tasks("alice", limit=2)] == newest_first[:2]
+        assert [t.id for t in mgr.tasks("alice", limit=2, after=newest_first[1])] == newest_first[2:4]
+        assert [t.id for t in mgr.tasks("alice", after=newest_first[3])] == newest_first[4:]
+        with pytest.raises(InvalidArgument):
+            mgr.tasks("alice", after="00000000-0000-4000-8000-000000000000")
+    finally:
+        mgr.shutdown()

@@ -1,0 +1,54 @@
+"""The audit trail: one JSON line per record, bounded fields, a full disk tolerated."""
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from taskman.audit import MAX_COMMAND_CHARS, AuditLog
+from taskman.task import Task
+
+
+def records(path):
+    with open(path, encoding="utf-8") as file:
+        return [json.loads(line) for line in file]
+
+
+def test_records_are_json_lines_without_empty_fields(tmp_path):
+    audit = AuditLog(str(tmp_path / "audit.log"))
+    audit.call("client001", "GetTaskStatus", "NOT_FOUND", task_id="t", peer="ipv4:127.0.0.1:1")
+    audit.task_event("started", Task(id="t", owner="client001", command="ls", args=["-l"], pid=7))
+    first, second = records(tmp_path / "audit.log")
+    assert first["event"] == "call" and first["code"] == "NOT_FOUND" and "detail" not in first
+    assert (second["event"], second["command"], second["args"], second["pid"]) == \
+        ("task.started", "ls", ["-l"], 7)
+    assert oct(os.stat(tmp_path / "audit.log").st_mode & 0o777) == "0o600"
+
+
+def test_huge_command_lines_and_ids_are_cut_with_their_size(tmp_path):
+    audit = AuditLog(str(tmp_path / "audit.log"))
+    args = ["a" * 10_000, "b" * 10_000, "c"]
+    audit.task_event("started", Task(id="t", owner="u", command="echo", args=args))
+    audit.call("u", "StopTask", "INVALID_ARGUMENT", task_id="z" * 100_000)
+    started, call = records(tmp_path / "audit.log")
+    assert started["args"] == ["a" * 10_000] and started["args_omitted"] == 2
+    assert started["command_line_chars"] == 4 + 20_001
+    assert len(json.dumps(started)) < MAX_COMMAND_CHARS + 1000
+    assert len(call["task_id"]) < 1100 and call["task_id"].endswith("(100000 characters)")
+
+
+def test_a_full_disk_loses_records_but_never_raises(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(mount)], check=True)
+    try:
+        audit = AuditLog(str(mount / "audit.log"))
+        for _ in range(200):
+            audit.call("u", "GetTaskStatus", "OK", detail="x" * 500)
+        assert audit.failures > 0
+        assert all(record["event"] == "call" for record in records(mount / "audit.log"))
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
