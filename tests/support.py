@@ -1,11 +1,16 @@
-"""Helpers for tests: bounded polling (every wait in a test ends)."""
+"""Helpers for tests: bounded polling (every wait in a test ends), processes,
+small file systems."""
 
+import contextlib
+import os
+import subprocess
 import time
 
 import gevent
+import pytest
 
 
-def poll_for(predicate, timeout=10.0, interval=0.01, message="condition"):
+def poll_for(predicate, timeout=10.0, message="condition", interval=0.01):
     """Return predicate()'s first truthy value; fail the test after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
@@ -15,3 +20,26 @@ def poll_for(predicate, timeout=10.0, interval=0.01, message="condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {message}")
         gevent.sleep(interval)
+
+
+def process_running(pid):
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def small_tmpfs(path, size):
+    """Mount a tmpfs of ``size`` (e.g. "64k") at ``path`` for the block: a real
+    disk that fills up. Skips the test without root."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
+from support import poll_for
+
 REPO = Path(__file__).resolve().parents[2]
 RFD = REPO.parent / "shared" / "RFD.md"
 DRIVER = os.environ.get("TASKMAN_TEST_CGROUP_DRIVER", "auto")
@@ -165,11 +167,4 @@ def parse_status_table(text: str) -> dict:
 
 
 def wait_for(predicate, timeout: float = 10.0, message: str = "condition", interval=0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
-        time.sleep(interval)
+    return poll_for(predicate, timeout, message, interval)

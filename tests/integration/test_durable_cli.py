@@ -9,6 +9,8 @@ import time
 
 from server_harness import Cli, Server, parse_status_table, wait_for
 
+from support import process_running
+
 
 def restarted(first: Server, *options: str) -> Server:
     """A new server on the first one's state directory and cgroup root."""
@@ -24,14 +26,6 @@ def cgroup_dirs(task_id: str) -> list:
     for depth in range(1, 6):
         found += glob.glob("/sys/fs/cgroup/" + "*/" * depth + task_id)
     return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(") ", 1)[1][0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_finished_tasks_answer_the_same_after_a_clean_restart(start_server):
@@ -67,7 +61,7 @@ def test_crash_restart_reports_running_tasks_ended_by_the_server(start_server):
     assert cgroup_dirs(task) or os.environ.get("TASKMAN_TEST_CGROUP_DRIVER") == "none"
     first.process.send_signal(signal.SIGKILL)
     first.process.wait(10)
-    assert alive(pid)  # nobody ended it: the server just vanished
+    assert process_running(pid)  # nobody ended it: the server just vanished
 
     second = restarted(first)
     try:
@@ -76,7 +70,7 @@ def test_crash_restart_reports_running_tasks_ended_by_the_server(start_server):
         assert (row["STATUS"], row["SIGNAL"], row["SOURCE"]) == \
             ("JOB_STATUS_SIGNALED", "SIGKILL", "server")
         assert row["END TIME"] != "-"
-        wait_for(lambda: not alive(pid), message="the task's process to be killed")
+        wait_for(lambda: not process_running(pid), message="the task's process to be killed")
         wait_for(lambda: not cgroup_dirs(task), message="the task's cgroups to be removed")
         assert cli.run("stream", task).stdout == b"up\n"
     finally:

@@ -2,10 +2,8 @@
 
 import json
 import os
-import subprocess
 
-import pytest
-
+from support import small_tmpfs
 from taskman.audit import MAX_COMMAND_CHARS, AuditLog
 from taskman.task import Task
 
@@ -39,16 +37,9 @@ def test_huge_command_lines_and_ids_are_cut_with_their_size(tmp_path):
 
 
 def test_a_full_disk_loses_records_but_never_raises(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a small tmpfs")
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(mount)], check=True)
-    try:
+    with small_tmpfs(tmp_path / "tiny", "8k") as mount:
         audit = AuditLog(str(mount / "audit.log"))
         for _ in range(200):
             audit.call("u", "GetTaskStatus", "OK", detail="x" * 500)
         assert audit.failures > 0
         assert all(record["event"] == "call" for record in records(mount / "audit.log"))
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -17,7 +17,7 @@ import uuid
 import gevent
 import pytest
 
-from support import poll_for
+from support import poll_for, small_tmpfs
 from taskman import cgroups
 from taskman.cgroups import Limits, cgroupfs, detect, v2
 from taskman.errors import CgroupError
@@ -359,17 +359,10 @@ def test_describe_names_driver_place_and_limits():
 
 
 def test_io_limits_fall_back_to_the_host_disks_when_paths_are_on_no_block_device(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a tmpfs")
-    mount = tmp_path / "tmpfs"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
-    try:
+    with small_tmpfs(tmp_path / "tmpfs", "1m") as mount:
         disks = detect.host_disks()
         assert disks, "this host has a disk (lsblk)"
         assert detect.backing_devices([str(mount)]) == tuple(disks)
         # A path that has a disk wins over the fallback.
         assert detect.backing_devices([str(mount), "/"]) == (detect.whole_disk(
             "%d:%d" % (os.major(os.stat("/").st_dev), os.minor(os.stat("/").st_dev))),)
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)

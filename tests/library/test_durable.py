@@ -9,7 +9,7 @@ import textwrap
 import gevent
 import pytest
 
-from support import poll_for
+from support import poll_for, process_running
 from taskman import cgroups
 from taskman.errors import NotFound
 from taskman.manager import TaskManager
@@ -71,7 +71,7 @@ def test_crash_restart_ends_what_was_running(state_dir):
         os.kill(server.pid, signal.SIGKILL)
         server.wait(timeout=10)
         os.kill(int(gone_pid), signal.SIGKILL)  # died while nobody watched
-        poll_for(lambda: not is_running(int(gone_pid)), message="the unwatched task to die")
+        poll_for(lambda: not process_running(int(gone_pid)), message="the unwatched task to die")
         mgr = make(state_dir)
     finally:
         server.kill()
@@ -83,20 +83,12 @@ def test_crash_restart_ends_what_was_running(state_dir):
             (JobStatus.SIGNALED, "SIGKILL", Source.SERVER)
         assert killed.end_time is not None
         assert b"".join(mgr.stream("alice", running_id)) == b"started\n"
-        poll_for(lambda: not is_running(int(running_pid)),
+        poll_for(lambda: not process_running(int(running_pid)),
                  message="the orphaned task process to die")
         lost = mgr.status("alice", gone_id)
         assert (lost.status, lost.exit_code, lost.source) == (JobStatus.UNKNOWN, None, Source.SERVER)
     finally:
         mgr.shutdown()
-
-
-def is_running(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(") ", 1)[1][0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_listing_is_per_user_newest_first_and_filtered(state_dir):

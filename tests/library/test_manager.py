@@ -14,7 +14,7 @@ import gevent
 import gevent.event
 import pytest
 
-from support import poll_for
+from support import poll_for, process_running
 from taskman import cgroups
 from taskman.errors import CommandNotFound, InvalidArgument, NotExecutable, NotFound, Unavailable
 from taskman.manager import TaskManager
@@ -49,15 +49,6 @@ def wait_ended(mgr, task_id, owner="alice", timeout=10):
 def output_of(mgr, task_id, owner="alice"):
     with gevent.Timeout(30):
         return b"".join(mgr.stream(owner, task_id))
-
-
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as stat:  # a zombie is not alive
-        return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
 # -- lifecycle and status
@@ -231,9 +222,9 @@ def test_stop_kills_the_whole_tree(manager):
     stream = manager.stream("alice", task.id)
     with gevent.Timeout(5):
         child = int(next(stream))
-    assert alive(child)
+    assert process_running(child)
     manager.stop("alice", task.id)
-    poll_for(lambda: not alive(child), timeout=5, message="children to die")
+    poll_for(lambda: not process_running(child), timeout=5, message="children to die")
 
 
 def test_stop_right_after_start_is_not_lost(manager):
@@ -266,7 +257,7 @@ def test_shutdown_ends_running_tasks_with_source_server(state_dir):
     mgr.shutdown()
     done = mgr.status("alice", task.id)
     assert (done.status, done.source) == (JobStatus.SIGNALED, Source.SERVER)
-    assert not alive(task.pid)
+    assert not process_running(task.pid)
     with pytest.raises(Unavailable):
         mgr.start("alice", "true")
 

@@ -1,13 +1,12 @@
 """OutputLog: appends, followers, wake-ups, descriptors, caps and a full disk."""
 
 import os
-import subprocess
 
 import gevent
 import gevent.event
 import pytest
 
-from support import poll_for
+from support import poll_for, small_tmpfs
 from taskman.output import OutputLog
 
 
@@ -96,13 +95,8 @@ def test_cancel_wakes_a_waiting_follower(tmp_path):
 
 @pytest.fixture
 def tiny_disk(tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a small tmpfs")
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], check=True)
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    with small_tmpfs(tmp_path / "tiny", "64k") as mount:
+        yield mount
 
 
 def test_full_disk_drops_output_but_keeps_going(tiny_disk):

@@ -10,7 +10,6 @@ children of the server in state Z.
 
 import os
 import re
-import time
 import uuid
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -18,6 +17,7 @@ from typing import Dict, List, Optional
 import grpc
 from server_harness import Server
 
+from support import poll_for
 from taskman import tls
 from taskman.api import task_manager_pb2, task_manager_pb2_grpc
 
@@ -174,15 +174,7 @@ def raw_call(channel: grpc.Channel, method: str, payload: bytes, timeout: float 
 
 
 def wait_for(predicate, timeout: float = 30.0, message: str = "condition", interval=0.05):
-    """Bounded poll that yields to gevent (time.sleep is patched)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
-        time.sleep(interval)
+    return poll_for(predicate, timeout, message, interval)
 
 
 def wait_ended(stub, task_id: str, timeout: float = 30.0):

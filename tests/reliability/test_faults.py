@@ -16,6 +16,7 @@ import pytest
 from reliability_support import ReliableServer, wait_ended, wait_for
 from server_harness import program, program_env
 
+from support import process_running
 from taskman.api import task_manager_pb2 as pb
 
 pytestmark = pytest.mark.timeout(240)
@@ -316,14 +317,6 @@ def test_a_cgroup_write_the_kernel_refuses_fails_the_start_cleanly(start_server)
 # -- the server killed
 
 
-def _alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def test_server_killed_then_restarted_cleans_up_and_reports_source_server(start_server, tmp_path):
     first = start_server()
     channel, stub = first.stub()
@@ -343,11 +336,11 @@ def test_server_killed_then_restarted_cleans_up_and_reports_source_server(start_
     channel.close()
     first.process.send_signal(signal.SIGKILL)
     first.process.wait(10)
-    assert all(_alive(pid) for pid in pids)  # orphaned, still running
+    assert all(process_running(pid) for pid in pids)  # orphaned, still running
 
     second = start_server(state_dir=first.state_dir, cgroup_root=first.cgroup_root)
     channel, stub = second.stub()
-    wait_for(lambda: not any(_alive(pid) for pid in pids), 10, "the earlier life's processes killed")
+    wait_for(lambda: not any(process_running(pid) for pid in pids), 10, "the earlier life's processes killed")
     assert second.task_groups() == []
     for task_id in (lone, tree):
         final = status(stub, task_id)
