@@ -8,7 +8,7 @@ FIXES is a comma-separated subset of:
   pump    yield to the hub after each chunk the output pump appends
   thread  write the output file from gevent's native pool, not the loop
   slots   at most 64 streams hold a chunk in flight at once
-  empty   answer TreeDriver.is_empty from the unified group alone (tried: no gain)
+  empty   answer TreeDriver.is_empty from the unified group alone
 The patches replace library functions at start-up; nothing on disk changes.
 """
 
