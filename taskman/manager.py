@@ -281,7 +281,7 @@ class TaskManager:
         finally:
             proc.close_output()
             entry.log.finish()
-            self._discard_group(entry.group)
+            self._discard_group(entry.group, emptied=task.end_time is not None)
             self._persist(self._snapshot(entry))
             entry.ended.set()
             self._notify("ended", entry.task.snapshot())
@@ -296,6 +296,10 @@ class TaskManager:
             if not data:
                 return
             output.append(data)
+            # A pipe that always has data never makes read() wait: without
+            # this, a fast writer kept every other call waiting for seconds
+            # (bench: GetTaskStatus p99 3.3 s during a 10 GiB write).
+            gevent.sleep(0)
 
     def _request_stop(self, entry: _Entry, source: Source) -> None:
         if entry.ended.is_set() or entry.stop_source is not None:
@@ -326,9 +330,11 @@ class TaskManager:
         log.error("task %s: processes survived SIGKILL for %ss", group.task_id,
                   GROUP_EMPTY_TIMEOUT)
 
-    def _discard_group(self, group: Group) -> None:
+    def _discard_group(self, group: Group, emptied: bool = False) -> None:
+        """Remove the task's groups, first emptying them unless ``emptied``."""
         try:
-            self._kill_group(group)
+            if not emptied:
+                self._kill_group(group)
             self.driver.remove(group)
         except CgroupError as error:
             log.error("task %s: %s", group.task_id, error)

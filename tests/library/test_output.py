@@ -108,3 +108,22 @@ def test_full_disk_drops_output_but_keeps_going(tiny_disk):
     assert log.size + log.dropped == 40 * 4096
     assert 0 < log.size <= 64 * 1024
     assert b"".join(log.follow()) == b"z" * log.size
+
+
+def test_finish_waits_for_a_write_left_running_by_a_killed_writer(tmp_path, monkeypatch):
+    import taskman.output as output_module
+
+    log = OutputLog(str(tmp_path / "a.log"))
+    real_write = os.write
+
+    def slow_write(fd, data):
+        import time
+        time.sleep(0.3)  # in the pool's thread: a write throttled by the kernel
+        return real_write(fd, data)
+
+    monkeypatch.setattr(output_module.os, "write", slow_write)
+    writer = gevent.spawn(log.append, b"late bytes")
+    gevent.sleep(0.05)
+    writer.kill()  # as the supervisor does to a pump that outlived EOF_TIMEOUT
+    log.finish()  # must not close the descriptor under the running write
+    assert (tmp_path / "a.log").read_bytes() == b"late bytes"
