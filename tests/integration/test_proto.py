@@ -122,3 +122,10 @@ def test_generated_modules_are_fresh(tmp_path):
         committed = (REPO / "taskman" / "api" / name).read_text()
         assert fresh == committed, (f"taskman/api/{name} is stale: regenerate it (README, "
                                     "'To regenerate')")
+
+
+def test_the_rfd_copy_in_docs_is_the_shared_one():
+    shared = REPO.parent / "shared" / "RFD.md"
+    if not shared.exists():
+        pytest.skip(f"no shared RFD at {shared} to compare docs/RFD.md with")
+    assert (REPO / "docs" / "RFD.md").read_bytes() == shared.read_bytes()
