@@ -38,6 +38,9 @@ ADMIN = "admin"
 # with the ``none`` driver) could hold it open forever: stop waiting then.
 EOF_TIMEOUT = 5.0
 GROUP_EMPTY_TIMEOUT = 10.0
+# A stop request returns after this long even if the task is still in its
+# grace period: well inside clients' deadlines (the CLI's is 60 s).
+STOP_WAIT_MAX = 30.0
 
 RETENTION_AGE = 7 * 24 * 3600.0
 RETENTION_BYTES = 10 * 1024 ** 3
@@ -154,13 +157,14 @@ class TaskManager:
         """Stop a running task (all its processes); a finished one is left as is.
 
         Sends SIGTERM, then SIGKILL after ``stop_grace``. Waits up to ``wait``
-        seconds (default: the grace plus a margin) for the task to end, so the
-        returned status is final in all but pathological cases.
+        seconds (default: the grace plus a margin, at most STOP_WAIT_MAX) for
+        the task to end, so the returned status is final unless the grace is
+        long; the stop goes on regardless.
         """
         entry = self._lookup(requester, task_id)
         self._request_stop(entry, Source.USER)
         if wait is None:
-            wait = self.stop_grace + EOF_TIMEOUT
+            wait = min(self.stop_grace + EOF_TIMEOUT, STOP_WAIT_MAX)
         entry.ended.wait(wait)
         return self._snapshot(entry)
 
@@ -240,14 +244,25 @@ class TaskManager:
         return len(doomed)
 
     def shutdown(self, timeout: Optional[float] = None) -> None:
-        """Refuse new tasks, end the running ones (source ``server``), wait for them."""
+        """Refuse new tasks, end the running ones (source ``server``), wait for them.
+
+        Tasks get the stop grace (``timeout``, by default the grace plus a
+        margin) to end; whatever is still running then, such as a task in the
+        long grace of a user's stop, is SIGKILLed: no task outlives the server.
+        """
         self._closing = True
         running = [entry for entry in self._tasks.values() if not entry.ended.is_set()]
         for entry in running:
             self._request_stop(entry, Source.SERVER)
         if timeout is None:
-            timeout = self.stop_grace + EOF_TIMEOUT + GROUP_EMPTY_TIMEOUT
+            timeout = self.stop_grace + EOF_TIMEOUT
         gevent.wait([entry.ended for entry in running], timeout=timeout)
+        for entry in running:
+            if not entry.ended.is_set():
+                entry.sent_signal = signal.SIGKILL
+                self._safely(self.driver.kill, entry.group)
+        gevent.wait([entry.ended for entry in running],
+                    timeout=GROUP_EMPTY_TIMEOUT + EOF_TIMEOUT)
         self._pruner.kill()
         self.driver.close()
         self.store.close()

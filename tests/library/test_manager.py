@@ -351,3 +351,27 @@ def test_listeners_hear_start_stop_and_end(manager):
     assert heard == [("started", JobStatus.STARTED, Source.NONE),
                      ("stopping", JobStatus.STARTED, Source.USER),
                      ("ended", JobStatus.SIGNALED, Source.USER)]
+
+
+def test_stop_returns_within_its_bound_when_the_grace_is_long(state_dir, monkeypatch):
+    import taskman.manager as manager_module
+
+    monkeypatch.setattr(manager_module, "STOP_WAIT_MAX", 0.5)
+    mgr = TaskManager(state_dir, driver=cgroups.select_driver("none"), stop_grace=60)
+    try:
+        task = mgr.start("alice", "sh", ["-c", "trap '' TERM; echo ready; sleep 300"])
+        next(mgr.stream("alice", task.id))
+        started = time.monotonic()
+        assert mgr.stop("alice", task.id).running  # still in its grace period
+        assert time.monotonic() - started < 2
+        assert mgr.status("alice", task.id).running
+        # Shutting down does not wait out the user's stop: past its own bound
+        # it kills what is left, so no task outlives the server.
+        started = time.monotonic()
+        mgr.shutdown(timeout=0.5)
+        assert time.monotonic() - started < 5
+        done = mgr.status("alice", task.id)
+        assert (done.status, done.signal, done.source) == (JobStatus.SIGNALED, "SIGKILL", Source.USER)
+        assert not process_running(task.pid)
+    finally:
+        mgr.shutdown(timeout=0)
