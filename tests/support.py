@@ -31,6 +31,24 @@ def process_running(pid):
         return False
 
 
+def processes_of(task_id):
+    """Live processes whose environment marks them as the task's (setsid or not)."""
+    found = []
+    marker = f"TASKMAN_TASK_ID={task_id}".encode()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as environ:
+                if marker not in environ.read().split(b"\0"):
+                    continue
+        except OSError:
+            continue
+        if process_running(int(name)):
+            found.append(int(name))
+    return found
+
+
 @contextlib.contextmanager
 def small_tmpfs(path, size):
     """Mount a tmpfs of ``size`` (e.g. "64k") at ``path`` for the block: a real

@@ -22,7 +22,7 @@ import gevent
 import guest
 import pytest
 
-from support import poll_for
+from support import poll_for, processes_of
 
 guest.require_pure_v2(__name__)
 
@@ -80,26 +80,6 @@ def output_so_far(manager, task_id):
     with open(manager._tasks[task_id].log.path, "rb") as output:
         text = output.read().decode()
     return text.strip() if text.endswith("\n") else ""
-
-
-def processes_of(task_id):
-    """Live processes whose environment marks them as the task's (setsid or not)."""
-    found = []
-    marker = f"TASKMAN_TASK_ID={task_id}".encode()
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/environ", "rb") as environ:
-                if marker not in environ.read().split(b"\0"):
-                    continue
-            with open(f"/proc/{name}/stat") as stat:
-                if stat.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    continue
-        except OSError:
-            continue
-        found.append(int(name))
-    return found
 
 
 def session_of(pid):

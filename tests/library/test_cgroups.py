@@ -19,7 +19,7 @@ import uuid
 import gevent
 import pytest
 
-from support import poll_for, small_tmpfs
+from support import poll_for, processes_of, small_tmpfs
 from taskman import cgroups
 from taskman.cgroups import Limits, cgroupfs, detect, v2
 from taskman.errors import CgroupError
@@ -86,26 +86,6 @@ def wait_ended(manager, task_id, timeout=20):
 def output_of(manager, task_id):
     with gevent.Timeout(30):
         return b"".join(manager.stream("alice", task_id)).decode()
-
-
-def processes_of(task_id):
-    """Live processes whose environment marks them as the task's (setsid or not)."""
-    found = []
-    marker = f"TASKMAN_TASK_ID={task_id}".encode()
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/environ", "rb") as environ:
-                if marker not in environ.read().split(b"\0"):
-                    continue
-            with open(f"/proc/{name}/stat") as stat:
-                if stat.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    continue
-        except OSError:
-            continue
-        found.append(int(name))
-    return found
 
 
 # -- limits
