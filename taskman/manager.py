@@ -69,7 +69,6 @@ class _Entry:
         self.stop_source: Optional[Source] = None
         self.sent_signal = 0
         self.ended = gevent.event.Event()  # outcome recorded, tree gone
-        self.stopper: Optional[gevent.Greenlet] = None
         if proc is None:
             self.ended.set()
 
@@ -320,7 +319,7 @@ class TaskManager:
         if entry.ended.is_set() or entry.stop_source is not None:
             return
         entry.stop_source = source
-        entry.stopper = gevent.spawn(self._terminate, entry)
+        gevent.spawn(self._terminate, entry)
         stopping = entry.task.snapshot()
         stopping.source = source
         self._notify("stopping", stopping)

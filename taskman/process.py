@@ -156,14 +156,6 @@ class Process:
             return False  # reaped: the pid may belong to someone else by now
         return send(self.pid, number)
 
-    def signal_group(self, number: int) -> bool:
-        """Send a signal to the task's process group (the task leads a session)."""
-        try:
-            os.killpg(self.pid, number)
-        except ProcessLookupError:
-            return False
-        return True
-
     def read(self) -> bytes:
         """Wait for output; return up to READ_CHUNK bytes, or b"" at end of file."""
         while True:
