@@ -295,7 +295,11 @@ def serve(settings: Settings) -> int:
 
     log.info("listening on %s:%d (mTLS, TLS 1.3 only; self-test: %s)",
              settings.host, port, refusal)
-    log.info("cgroup driver: %s", driver.describe())
+    if driver.name == "none":
+        # Asked for explicitly, but never quietly: tasks run with no limits.
+        log.warning("cgroup driver: %s", driver.describe())
+    else:
+        log.info("cgroup driver: %s", driver.describe())
     log.info("limits: %s", settings.limits)
     log.info("state directory %s; stop grace %gs; at most %d streams, %d workers",
              manager.state_dir, settings.stop_grace, settings.max_streams,
