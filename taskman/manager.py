@@ -297,6 +297,9 @@ class TaskManager:
             entry.log.finish()
             self._discard_group(entry.group, emptied=task.end_time is not None)
             self._persist(self._snapshot(entry))
+            # A finished task keeps only its record and log: the process
+            # and group objects (and libev's watchers behind them) go now.
+            entry.process = entry.group = None
             entry.ended.set()
             self._notify("ended", entry.task.snapshot())
             self._finished_bytes += entry.log.size
