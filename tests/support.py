@@ -49,6 +49,30 @@ def processes_of(task_id):
     return found
 
 
+def timed_direct_io(manager, directory, size_mib, timeout):
+    """Time two tasks: dd reading a ``size_mib`` MiB file in ``directory``
+    with O_DIRECT, and dd writing as much there with O_DIRECT (the page cache
+    would hide any IO limit). The file is written first, by the test itself,
+    so no limit applies to it. Return {"read": (task, ended, seconds),
+    "write": ...}, seconds counted from the start of both to each one's end.
+    """
+    source = os.path.join(directory, "source.bin")
+    with open(source, "wb") as file:
+        file.write(os.urandom(1 << 20) * size_mib)
+        os.fsync(file.fileno())
+    started = time.monotonic()
+    tasks = {"read": manager.start("alice", "dd", [f"if={source}", "of=/dev/null", "bs=1M",
+                                                   "iflag=direct"]),
+             "write": manager.start("alice", "dd", ["if=/dev/zero", f"of={directory}/sink.bin",
+                                                    "bs=1M", f"count={size_mib}", "oflag=direct"])}
+    results = {}
+    for name, task in tasks.items():
+        ended = poll_for(lambda task=task: (lambda t: None if t.running else t)(
+            manager.status("alice", task.id)), timeout=timeout, message=f"dd {name} to end")
+        results[name] = (task, ended, time.monotonic() - started)
+    return results
+
+
 @contextlib.contextmanager
 def small_tmpfs(path, size):
     """Mount a tmpfs of ``size`` (e.g. "64k") at ``path`` for the block: a real

@@ -22,7 +22,7 @@ import gevent
 import guest
 import pytest
 
-from support import poll_for, processes_of
+from support import poll_for, processes_of, timed_direct_io
 
 guest.require_pure_v2(__name__)
 
@@ -194,26 +194,16 @@ def test_io_max_throttles_direct_io_on_the_state_disk(run, state_dir, monkeypatc
 
     monkeypatch.setattr(driver, "remove", spy)
     size = 3
-    source = os.path.join(state_dir, "source.bin")
-    with open(source, "wb") as file:  # written by pytest: no limit here
-        file.write(os.urandom(MiB) * size)
-        os.fsync(file.fileno())
-    started = time.monotonic()
-    reader = manager.start("alice", "dd", [f"if={source}", "of=/dev/null", "bs=1M",
-                                           "iflag=direct"])
-    writer = manager.start("alice", "dd", ["if=/dev/zero", f"of={state_dir}/sink.bin",
-                                           "bs=1M", f"count={size}", "oflag=direct"])
-    durations = {}
-    for name, task in (("read", reader), ("write", writer)):
-        ended = wait_ended(manager, task.id, timeout=60)
-        durations[name] = time.monotonic() - started
+    durations, tasks = {}, {}
+    for name, (task, ended, seconds) in timed_direct_io(manager, state_dir, size, 60).items():
+        durations[name], tasks[name] = seconds, task
         assert ended.status == JobStatus.EXITED_OK, output_of(manager, task.id)
         print(f"direct {name} of {size} MiB at 1 MiB/s on {driver.devices[0]}: "
               f"{durations[name]:.2f}s; dd: {output_of(manager, task.id).splitlines()[-1]}; "
               f"io.stat: {stats.get(task.id, '').strip()}")
     device = driver.devices[0]
-    read_stat = dict(f.split("=") for f in stats[reader.id].split(device, 1)[1].split()[:4])
-    write_stat = dict(f.split("=") for f in stats[writer.id].split(device, 1)[1].split()[:4])
+    read_stat = dict(f.split("=") for f in stats[tasks["read"].id].split(device, 1)[1].split()[:4])
+    write_stat = dict(f.split("=") for f in stats[tasks["write"].id].split(device, 1)[1].split()[:4])
     assert int(read_stat["rbytes"]) >= size * MiB
     assert int(write_stat["wbytes"]) >= size * MiB
     # 3 MiB at 1 MiB/s: about 2-3 s each (unthrottled: a few ms).

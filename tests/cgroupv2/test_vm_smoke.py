@@ -26,80 +26,37 @@ import time
 import guest
 import pytest
 
-CG_ROOT = "/sys/fs/cgroup"
-NEEDED = ("cpu", "io", "memory", "pids")
-IN_VM = os.environ.get("TASKMAN_IN_VM") == "1"
-
-
-def _read(path):
-    with open(path) as f:
-        return f.read()
-
-
-def _write(path, text):
-    with open(path, "w") as f:
-        f.write(text)
-
-
 # Skips (printing why) unless this is a pure cgroup v2 host we may rearrange;
 # fails instead under TASKMAN_CGROUPV2_REQUIRED=1 (see guest.py).
 guest.require_pure_v2(__name__)
 
 
-def _own_cgroup():
-    for line in _read("/proc/self/cgroup").splitlines():
-        if line.startswith("0::"):
-            return CG_ROOT + line[3:].rstrip("/")
-    raise RuntimeError("no cgroup v2 line in /proc/self/cgroup")
-
-
-def _procs(cg):
-    return [int(p) for p in _read(f"{cg}/cgroup.procs").split()]
-
-
 def _into(cg):
     """preexec_fn: move the child into cgroup ``cg`` before exec."""
     def move():
-        _write(f"{cg}/cgroup.procs", "0")
+        guest.write(f"{cg}/cgroup.procs", "0")
     return move
-
-
-def _rmtree(cg):
-    """Kill everything below ``cg`` and remove the groups, leaves first."""
-    if not os.path.isdir(cg):
-        return
-    if os.path.exists(f"{cg}/cgroup.kill"):
-        _write(f"{cg}/cgroup.kill", "1")
-    for dirpath, _dirnames, _ in sorted(os.walk(cg), key=lambda t: -len(t[0])):
-        for _ in range(100):
-            try:
-                os.rmdir(dirpath)
-                break
-            except OSError:
-                time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
 def base():
-    own = _own_cgroup()
+    own = guest.own_cgroup()
     leaf = f"{own}/pytest"
-    if own != CG_ROOT:
+    if own != guest.CG_ROOT:
         # "no internal processes": empty our group into a leaf before
         # enabling controllers for its children.
         os.makedirs(leaf, exist_ok=True)
-        for pid in _procs(own):
+        for pid in guest.procs(own):
             try:
-                _write(f"{leaf}/cgroup.procs", str(pid))
+                guest.write(f"{leaf}/cgroup.procs", str(pid))
             except OSError:
                 pass  # exited meanwhile
-    for c in NEEDED:
-        _write(f"{own}/cgroup.subtree_control", f"+{c}")
+    guest.enable_controllers(own)
     top = f"{own}/smoke-{os.getpid()}"
     os.mkdir(top)
-    for c in NEEDED:
-        _write(f"{top}/cgroup.subtree_control", f"+{c}")
+    guest.enable_controllers(top)
     yield top
-    _rmtree(top)
+    guest.remove_tree(top)
 
 
 def _child(base, name):
@@ -109,25 +66,25 @@ def _child(base, name):
 
 
 def test_pure_v2_root_has_controllers():
-    have = _read(f"{CG_ROOT}/cgroup.controllers").split()
+    have = guest.read(f"{guest.CG_ROOT}/cgroup.controllers").split()
     print("root cgroup.controllers:", " ".join(have))
-    for c in NEEDED:
+    for c in guest.NEEDED:
         assert c in have
-    if IN_VM:
-        assert "cgroup_no_v1=all" in _read("/proc/cmdline")
+    if guest.IN_VM:
+        assert "cgroup_no_v1=all" in guest.read("/proc/cmdline")
         # the VM's PID 1 sits in a leaf, like systemd's init.scope
-        assert _read("/proc/1/cgroup").strip() == "0::/init.scope"
+        assert guest.read("/proc/1/cgroup").strip() == "0::/init.scope"
 
 
 def test_child_group_gets_controllers(base):
     cg = _child(base, "limits")
-    assert set(NEEDED) <= set(_read(f"{cg}/cgroup.controllers").split())
-    _write(f"{cg}/cpu.max", "50000 100000")
-    _write(f"{cg}/memory.max", str(128 << 20))
-    _write(f"{cg}/pids.max", "16")
-    assert _read(f"{cg}/cpu.max").split() == ["50000", "100000"]
-    assert int(_read(f"{cg}/memory.max")) == 128 << 20
-    assert _read(f"{cg}/pids.max").strip() == "16"
+    assert set(guest.NEEDED) <= set(guest.read(f"{cg}/cgroup.controllers").split())
+    guest.write(f"{cg}/cpu.max", "50000 100000")
+    guest.write(f"{cg}/memory.max", str(128 << 20))
+    guest.write(f"{cg}/pids.max", "16")
+    assert guest.read(f"{cg}/cpu.max").split() == ["50000", "100000"]
+    assert int(guest.read(f"{cg}/memory.max")) == 128 << 20
+    assert guest.read(f"{cg}/pids.max").strip() == "16"
     assert os.path.exists(f"{cg}/io.max")
     assert os.path.exists(f"{cg}/cgroup.kill")
     p = subprocess.run(["sleep", "0"], preexec_fn=_into(cg), timeout=30)
@@ -139,30 +96,30 @@ def test_cgroup_kill_empties_tree(base):
     sub = _child(cg, "nested")
     procs = [subprocess.Popen(["sleep", "1000"], preexec_fn=_into(g))
              for g in (cg, cg, sub, sub, sub)]
-    assert len(_procs(cg)) == 2 and len(_procs(sub)) == 3
-    assert "populated 1" in _read(f"{cg}/cgroup.events")
-    _write(f"{cg}/cgroup.kill", "1")
+    assert len(guest.procs(cg)) == 2 and len(guest.procs(sub)) == 3
+    assert "populated 1" in guest.read(f"{cg}/cgroup.events")
+    guest.write(f"{cg}/cgroup.kill", "1")
     for p in procs:
         assert p.wait(timeout=30) == -signal.SIGKILL
     deadline = time.monotonic() + 10
-    while "populated 1" in _read(f"{cg}/cgroup.events"):
+    while "populated 1" in guest.read(f"{cg}/cgroup.events"):
         assert time.monotonic() < deadline, "tree still populated after cgroup.kill"
         time.sleep(0.05)
-    assert _procs(cg) == [] and _procs(sub) == []
+    assert guest.procs(cg) == [] and guest.procs(sub) == []
 
 
 def test_memory_max_oom_kills(base):
     cg = _child(base, "oom")
-    _write(f"{cg}/memory.max", str(32 << 20))
+    guest.write(f"{cg}/memory.max", str(32 << 20))
     if os.path.exists(f"{cg}/memory.swap.max"):
-        _write(f"{cg}/memory.swap.max", "0")
+        guest.write(f"{cg}/memory.swap.max", "0")
     hog = ("import mmap\n"
            "m = mmap.mmap(-1, 256 << 20)\n"
            "for i in range(0, len(m), 4096): m[i] = 1\n"
            "print('survived')\n")
     p = subprocess.run([sys.executable, "-c", hog], preexec_fn=_into(cg),
                        capture_output=True, text=True, timeout=300)
-    events = dict(line.split() for line in _read(f"{cg}/memory.events").splitlines())
+    events = dict(line.split() for line in guest.read(f"{cg}/memory.events").splitlines())
     print("memory.events:", events)
     assert p.returncode == -signal.SIGKILL, (p.returncode, p.stdout, p.stderr)
     assert "survived" not in p.stdout
@@ -171,7 +128,7 @@ def test_memory_max_oom_kills(base):
 
 def test_pids_max_limits_forks(base):
     cg = _child(base, "pids")
-    _write(f"{cg}/pids.max", "4")
+    guest.write(f"{cg}/pids.max", "4")
     forker = ("import os, time\n"
               "ok = fail = 0\n"
               "for _ in range(8):\n"
@@ -185,9 +142,9 @@ def test_pids_max_limits_forks(base):
     p = subprocess.run([sys.executable, "-c", forker], preexec_fn=_into(cg),
                        capture_output=True, text=True, timeout=120)
     ok, fail = map(int, p.stdout.split())
-    _write(f"{cg}/cgroup.kill", "1")
+    guest.write(f"{cg}/cgroup.kill", "1")
     assert (ok, fail) == (3, 5)
-    events = dict(line.split() for line in _read(f"{cg}/pids.events").splitlines())
+    events = dict(line.split() for line in guest.read(f"{cg}/pids.events").splitlines())
     assert int(events["max"]) >= 5
 
 
@@ -200,7 +157,7 @@ def _block_device():
     for name in names:
         if name.startswith(("loop", "ram", "zram", "nbd", "dm-", "md")):
             continue
-        return name, _read(f"/sys/block/{name}/dev").strip()
+        return name, guest.read(f"/sys/block/{name}/dev").strip()
     return None, None
 
 
@@ -209,14 +166,14 @@ def test_io_max_on_block_device(base):
     assert name, "no block device in /sys/block"
     print(f"block device {name} is {majmin}")
     cg = _child(base, "io")
-    _write(f"{cg}/io.max", f"{majmin} wbps={1 << 20}")
-    assert f"{majmin} rbps=max wbps={1 << 20}" in _read(f"{cg}/io.max")
-    if not (IN_VM and os.environ.get("TASKMAN_VM_DISK") == f"/dev/{name}"):
+    guest.write(f"{cg}/io.max", f"{majmin} wbps={1 << 20}")
+    assert f"{majmin} rbps=max wbps={1 << 20}" in guest.read(f"{cg}/io.max")
+    if not (guest.IN_VM and os.environ.get("TASKMAN_VM_DISK") == f"/dev/{name}"):
         pytest.skip("raw O_DIRECT write only on the VM's scratch disk")
     # A raw write under a mounted file system would corrupt it, and the kernel
     # turns O_DIRECT into unthrottled buffered IO when it cannot drop the
     # file system's cached blocks (measured: 0.6 s instead of 3 s).
-    mounted = [m.split()[1] for m in _read("/proc/self/mounts").splitlines()
+    mounted = [m.split()[1] for m in guest.read("/proc/self/mounts").splitlines()
                if m.split()[0] == f"/dev/{name}"]
     assert not mounted, f"/dev/{name} is mounted on {mounted}: not writing to it raw"
     # 3 MiB of O_DIRECT writes at 1 MiB/s must take well over a second.
@@ -230,7 +187,7 @@ def test_io_max_on_block_device(base):
                        preexec_fn=_into(cg), capture_output=True, text=True,
                        timeout=120)
     took = time.monotonic() - t0
-    stat = _read(f"{cg}/io.stat")
+    stat = guest.read(f"{cg}/io.stat")
     print(f"3 MiB O_DIRECT at wbps=1MiB/s took {took:.2f}s; io.stat: {stat.strip()}")
     assert p.returncode == 0, p.stderr
     assert took >= 1.5

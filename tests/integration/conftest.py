@@ -13,7 +13,7 @@ os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "0"
 import grpc  # noqa: E402
 import grpc.experimental.gevent  # noqa: E402
 import pytest  # noqa: E402
-from server_harness import Cli, Server  # noqa: E402
+from server_harness import Cli, Server, started_servers  # noqa: E402
 
 grpc.experimental.gevent.init_gevent()
 
@@ -35,18 +35,7 @@ def cli(server):
 @pytest.fixture
 def start_server(tmp_path):
     """Start extra servers with options of the test's choosing; all stopped after."""
-    started = []
-
-    def start(*options, env=None):
-        instance = Server(tmp_path / f"server{len(started)}", *options, env=env)
-        started.append(instance)
-        return instance.start()
-
-    yield start
-    for instance in started:
-        if instance.process and instance.process.poll() is None:
-            status = instance.stop()
-            assert status == 0, f"taskman-server exited with {status}:\n{instance.log()}"
+    yield from started_servers(tmp_path)
 
 
 def pytest_report_header(config):

@@ -107,6 +107,25 @@ class Server:
             self.process.wait(10)
 
 
+def started_servers(workdir: Path, kind=None):
+    """A fixture body: yields ``start(*options, **kwargs)`` that starts a
+    ``kind`` (default Server) in its own directory; afterwards every server
+    still running is stopped with SIGTERM and must exit 0."""
+    kind = kind or Server
+    started = []
+
+    def start(*options, **kwargs):
+        instance = kind(Path(workdir) / f"server{len(started)}", *options, **kwargs)
+        started.append(instance)
+        return instance.start()
+
+    yield start
+    for instance in started:
+        if instance.process and instance.process.poll() is None:
+            status = instance.stop()
+            assert status == 0, f"taskman-server exited with {status}:\n{instance.log()}"
+
+
 def taskman(*args: str, timeout: float = CLI_TIMEOUT, env: Optional[dict] = None,
             **popen) -> subprocess.CompletedProcess:
     """Run the taskman CLI; stdout/stderr are bytes."""
@@ -128,6 +147,13 @@ class Cli:
     def start(self, user: str, *command: str, **kwargs) -> subprocess.CompletedProcess:
         return taskman("start", "--user-id", user, "--server-address", self.server.address,
                        "--", *command, **kwargs)
+
+    def follow(self, task_id: str, user: str = "client001",
+               stderr=subprocess.PIPE) -> subprocess.Popen:
+        """``taskman stream`` as a running process, its output on a pipe."""
+        return subprocess.Popen([*program("taskman"), "stream", task_id, "--user-id", user,
+                                 "--server-address", self.server.address],
+                                stdout=subprocess.PIPE, stderr=stderr, env=program_env())
 
     def start_id(self, user: str, *command: str) -> str:
         result = self.start(user, *command)

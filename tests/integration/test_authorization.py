@@ -19,6 +19,12 @@ def finished_task(cli):
     return task_id
 
 
+def assert_not_found(result, task_id):
+    """The one answer for a task that is not there or not the caller's."""
+    assert result.returncode == NOT_FOUND
+    assert result.stderr.decode() == f"taskman: task {task_id} not found\n"
+
+
 @pytest.mark.parametrize("user, allowed", [("client001", True), ("admin", True),
                                            ("client002", False)])
 def test_get_status(cli, finished_task, user, allowed):
@@ -27,9 +33,8 @@ def test_get_status(cli, finished_task, user, allowed):
         assert result.returncode == 0, result.stderr
         assert finished_task in result.stdout.decode()
     else:
-        assert result.returncode == NOT_FOUND
+        assert_not_found(result, finished_task)
         assert result.stdout == b""
-        assert result.stderr.decode() == f"taskman: task {finished_task} not found\n"
 
 
 @pytest.mark.parametrize("user, allowed", [("client001", True), ("admin", True),
@@ -40,9 +45,8 @@ def test_stream(cli, finished_task, user, allowed):
         assert result.returncode == 0, result.stderr
         assert result.stdout == b"owned-by-client001\n"
     else:
-        assert result.returncode == NOT_FOUND
+        assert_not_found(result, finished_task)
         assert result.stdout == b""
-        assert result.stderr.decode() == f"taskman: task {finished_task} not found\n"
 
 
 @pytest.mark.parametrize("user, allowed", [("client001", True), ("admin", True),
@@ -56,8 +60,7 @@ def test_stop(cli, user, allowed):
             row = cli.wait_ended(task_id)
             assert row["STATUS"] == "JOB_STATUS_SIGNALED" and row["SOURCE"] == "user"
         else:
-            assert result.returncode == NOT_FOUND
-            assert result.stderr.decode() == f"taskman: task {task_id} not found\n"
+            assert_not_found(result, task_id)
             assert cli.status_row(task_id)["STATUS"] == "JOB_STATUS_STARTED"
     finally:
         cli.run("stop", task_id, user="client001")
@@ -67,8 +70,7 @@ def test_stop(cli, user, allowed):
 @pytest.mark.parametrize("user", ["client001", "client002", "admin"])
 def test_unknown_task_is_not_found_for_everyone(cli, command, user):
     result = cli.run(command, UNKNOWN, user=user)
-    assert result.returncode == NOT_FOUND
-    assert result.stderr.decode() == f"taskman: task {UNKNOWN} not found\n"
+    assert_not_found(result, UNKNOWN)
 
 
 @pytest.mark.parametrize("user", ["client001", "client002", "admin"])

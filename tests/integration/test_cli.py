@@ -7,7 +7,7 @@ import subprocess
 import time
 
 import pytest
-from server_harness import RFD, STATUS_COLUMNS, Cli, parse_status_table, program, program_env, taskman
+from server_harness import RFD, STATUS_COLUMNS, Cli, parse_status_table, taskman
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -131,10 +131,7 @@ def test_stream_of_a_finished_task_ends_at_eof(cli):
 def test_live_stream_follows_a_running_task(cli, server):
     task_id = cli.start_id("client001", "sh", "-c",
                            "echo first; sleep 2; echo second; sleep 1; echo third")
-    follower = subprocess.Popen(
-        [*program("taskman"), "stream", task_id, "--user-id", "client001",
-         "--server-address", server.address],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=program_env())
+    follower = cli.follow(task_id)
     try:
         first = follower.stdout.readline()  # arrives while the task still runs
         assert first == b"first\n"
@@ -151,10 +148,7 @@ def test_live_stream_follows_a_running_task(cli, server):
 
 def test_streams_of_a_stopped_task_end(cli, server):
     task_id = cli.start_id("client001", "sh", "-c", "echo up; exec sleep 60")
-    followers = [subprocess.Popen(
-        [*program("taskman"), "stream", task_id, "--user-id", user,
-         "--server-address", server.address],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=program_env())
+    followers = [cli.follow(task_id, user)
         for user in ("client001", "admin")]
     try:
         for follower in followers:
@@ -173,10 +167,7 @@ def test_streams_of_a_stopped_task_end(cli, server):
 
 def test_ctrl_c_during_a_stream_exits_quietly(cli, server):
     task_id = cli.start_id("client001", "sh", "-c", "echo up; exec sleep 60")
-    follower = subprocess.Popen(
-        [*program("taskman"), "stream", task_id, "--user-id", "client001",
-         "--server-address", server.address],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=program_env())
+    follower = cli.follow(task_id)
     try:
         assert follower.stdout.readline() == b"up\n"
         follower.send_signal(subprocess.signal.SIGINT)

@@ -66,10 +66,7 @@ def test_sigterm_ends_running_tasks_and_exits_0(start_server):
     server = start_server()
     cli = Cli(server)
     task_id = cli.start_id("client001", "sh", "-c", "echo up; exec sleep 300")
-    follower = subprocess.Popen(
-        [*program("taskman"), "stream", task_id, "--user-id", "client001",
-         "--server-address", server.address],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=program_env())
+    follower = cli.follow(task_id)
     try:
         assert follower.stdout.readline() == b"up\n"
         assert server.stop() == 0

@@ -19,7 +19,7 @@ import uuid
 import gevent
 import pytest
 
-from support import poll_for, processes_of, small_tmpfs
+from support import poll_for, processes_of, small_tmpfs, timed_direct_io
 from taskman import cgroups
 from taskman.cgroups import Limits, cgroupfs, detect, v2
 from taskman.errors import CgroupError
@@ -144,20 +144,10 @@ def test_direct_io_is_throttled(run, state_dir):
     if detect.backing_devices([state_dir]) != driver.devices:
         pytest.skip(f"{state_dir} is not on the throttled device {driver.devices}")
     size = 30
-    source = os.path.join(state_dir, "source.bin")
-    with open(source, "wb") as file:
-        file.write(os.urandom(MiB) * size)
-        os.fsync(file.fileno())
     manager = run(Limits(io_read_bps=10 * MiB, io_write_bps=10 * MiB))
-    started = time.monotonic()
-    reader = manager.start("alice", "dd", [f"if={source}", "of=/dev/null", "bs=1M",
-                                           "iflag=direct"])
-    writer = manager.start("alice", "dd", ["if=/dev/zero", f"of={state_dir}/sink.bin",
-                                           "bs=1M", f"count={size}", "oflag=direct"])
     durations = {}
-    for name, task in (("read", reader), ("write", writer)):
-        ended = wait_ended(manager, task.id, timeout=30)
-        durations[name] = time.monotonic() - started
+    for name, (task, ended, seconds) in timed_direct_io(manager, state_dir, size, 30).items():
+        durations[name] = seconds
         assert ended.status == JobStatus.EXITED_OK, output_of(manager, task.id)
         print(f"direct {name} of {size} MiB at 10 MiB/s: {durations[name]:.2f} s; "
               f"dd says {output_of(manager, task.id).splitlines()[-1]}")

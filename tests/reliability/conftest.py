@@ -16,6 +16,7 @@ import grpc  # noqa: E402
 import grpc.experimental.gevent  # noqa: E402
 import pytest  # noqa: E402
 from reliability_support import ReliableServer  # noqa: E402
+from server_harness import started_servers  # noqa: E402
 
 grpc.experimental.gevent.init_gevent()
 
@@ -38,15 +39,4 @@ def server(tmp_path_factory):
 @pytest.fixture
 def start_server(tmp_path):
     """Start extra servers with options of the test's choosing; all stopped after."""
-    started = []
-
-    def start(*options, **kwargs):
-        instance = ReliableServer(tmp_path / f"server{len(started)}", *options, **kwargs)
-        started.append(instance)
-        return instance.start()
-
-    yield start
-    for instance in started:
-        if instance.process and instance.process.poll() is None:
-            status = instance.stop()
-            assert status == 0, f"taskman-server exited with {status}:\n{instance.log()}"
+    yield from started_servers(tmp_path, ReliableServer)

@@ -14,7 +14,7 @@ import gevent.pool
 import grpc
 import pytest
 from reliability_support import ReliableServer, wait_ended, wait_for
-from server_harness import program, program_env
+from server_harness import Cli
 
 from support import process_running
 from taskman.api import task_manager_pb2 as pb
@@ -95,10 +95,7 @@ def test_clients_disconnecting_mid_stream_give_their_slots_back(start_server):
             other.close()  # the connection goes away with the stream on it
         disconnects += 1
     for _ in range(5):  # a real client process killed mid-stream: the socket just dies
-        follower = subprocess.Popen(
-            [*program("taskman"), "stream", task_id, "--user-id", "client001",
-             "--server-address", server.address],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=program_env())
+        follower = Cli(server).follow(task_id, stderr=subprocess.DEVNULL)
         assert follower.stdout.read(65536)
         follower.kill()
         follower.wait(10)
