@@ -2,11 +2,10 @@
 
 For before/after numbers before a fix lands in the library:
 
-    FIXES=pump,thread,slots python bench/run.py --server bench/patched_server.py ...
+    FIXES=slots,empty python bench/run.py --server bench/patched_server.py ...
 
-FIXES is a comma-separated subset of:
-  pump    yield to the hub after each chunk the output pump appends
-  thread  write the output file from gevent's native pool, not the loop
+FIXES is a comma-separated subset of the proposals not (yet) in the library
+(``pump`` and ``thread`` landed in commit 4b24a6a and were removed here):
   slots   at most 64 streams hold a chunk in flight at once
   empty   answer TreeDriver.is_empty from the unified group alone
 The patches replace library functions at start-up; nothing on disk changes.
@@ -30,34 +29,6 @@ import gevent.lock  # noqa: E402
 FIXES = [name for name in os.environ.get("FIXES", "").split(",") if name and name != "none"]
 SLOTS = 64
 SLOT_TIMEOUT = 1.0  # a send not done by then is a stalled reader: give its slot back
-
-
-def patch_pump() -> None:
-    from taskman.manager import TaskManager
-
-    def _pump(proc, output):
-        while True:
-            data = proc.read()
-            if not data:
-                return
-            output.append(data)
-            gevent.sleep(0)
-
-    TaskManager._pump = staticmethod(_pump)
-
-
-def patch_thread() -> None:
-    import taskman.output as output_module
-
-    class _OS:
-        def __getattr__(self, name):
-            return getattr(os, name)
-
-        @staticmethod
-        def write(fd, data):
-            return gevent.get_hub().threadpool.apply(os.write, (fd, data))
-
-    output_module.os = _OS()
 
 
 def patch_slots() -> None:
@@ -116,8 +87,7 @@ def patch_empty() -> None:
     TreeDriver.is_empty = is_empty
 
 
-PATCHES = {"pump": patch_pump, "thread": patch_thread, "slots": patch_slots,
-           "empty": patch_empty}
+PATCHES = {"slots": patch_slots, "empty": patch_empty}
 
 if __name__ == "__main__":
     for name in FIXES:
