@@ -46,3 +46,15 @@ class Unavailable(TaskmanError):
 
 class CgroupError(TaskmanError):
     """A cgroup could not be created, configured, joined or removed."""
+
+
+class Unauthenticated(TaskmanError):
+    """The caller's identity could not be established (no TLS 1.3, no single CN...)."""
+
+
+class ConfigError(TaskmanError):
+    """A setting, certificate or key the server was given cannot be used."""
+
+
+class StoreError(TaskmanError):
+    """The task store cannot be opened or is of an unknown format."""

@@ -8,8 +8,12 @@ import dataclasses
 import datetime
 import enum
 import os
+import shlex
 import signal
-from typing import Optional
+import uuid
+from typing import List, Optional
+
+from taskman.errors import InvalidArgument
 
 
 class JobStatus(enum.IntEnum):
@@ -89,3 +93,54 @@ class Task:
 
 def now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
+
+
+_TASK_ID_EXAMPLE = "a7da14c7-b47a-4535-a263-5bb26e503002"
+
+
+def parse_task_id(task_id: str) -> str:
+    """Return the canonical (lower-case, hyphenated) form of a task id.
+
+    Raises InvalidArgument if ``task_id`` is not a hyphenated UUID.
+    """
+    if isinstance(task_id, str) and is_task_id(task_id.lower()):
+        return task_id.lower()
+    raise InvalidArgument(f"malformed task id {task_id!r}: expected a UUID such as "
+                          f"{_TASK_ID_EXAMPLE}")
+
+
+def is_task_id(name: str) -> bool:
+    """True if ``name`` is a task id in canonical form (a cgroup or file name, say)."""
+    if not isinstance(name, str) or len(name) != 36:
+        return False
+    try:
+        return str(uuid.UUID(name)) == name
+    except ValueError:
+        return False
+
+
+def cut_args(command: str, args: List[str], limit: int) -> List[str]:
+    """The leading arguments that fit in ``limit`` characters with the command.
+
+    For display only (listings, logs, the audit trail): users may send
+    megabytes of arguments. An argument that does not fit whole is left out.
+    """
+    budget = limit - len(command)
+    kept = []
+    for argument in args:
+        if len(argument) > budget:
+            break
+        kept.append(argument)
+        budget -= len(argument)
+    return kept
+
+
+def command_line(command: str, args: List[str], limit: int = 500) -> str:
+    """The command line as a shell would read it, on one line, cut at ``limit``
+    characters with the full length said; "-" for no command."""
+    if not command:
+        return "-"
+    text = shlex.join([command, *args]).replace("\n", " ")
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"

@@ -1,0 +1,28 @@
+"""Names and defaults shared by the CLI, the server and the library.
+
+Standard library only, and nothing here imports grpc or gevent: the CLI and
+the server's option parsing read these before (or without) importing either.
+"""
+
+import os
+
+from taskman.task import JobStatus
+
+DEFAULT_ADDRESS = "localhost:50051"
+
+# Concurrent output streams per server; each holds an executor worker.
+DEFAULT_MAX_STREAMS = 256
+
+# The proto's enum names, in number order ("JOB_STATUS_UNKNOWN", ...).
+JOB_STATUS_PREFIX = "JOB_STATUS_"
+JOB_STATUS_NAMES = tuple(JOB_STATUS_PREFIX + status.name for status in JobStatus)
+
+CERTS_DIR_VARIABLE = "TASKMAN_CERTS_DIR"
+
+
+def default_state_dir() -> str:
+    """/var/lib/taskman for root; $XDG_STATE_HOME/taskman (~/.local/state) otherwise."""
+    if os.geteuid() == 0:
+        return "/var/lib/taskman"
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(base, "taskman")
