@@ -13,7 +13,7 @@ import os
 import sys
 
 # The same environment as taskman-server, set before grpc is imported
-# (taskman.tls sets these for the real server; see NOTES.md).
+# (taskman.tls sets these for the real server; see docs/design.md).
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 os.environ.setdefault("GRPC_SSL_CIPHER_SUITES", "PSK-AES128-CBC-SHA")
 

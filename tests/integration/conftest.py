@@ -2,8 +2,8 @@
 
 gRPC objects made in this process (the tests that speak gRPC directly) need
 grpc's gevent integration, since tests/conftest.py patched gevent; and gRPC's
-fork handlers off, since the tests fork the CLI (NOTES.md: with them on, a few
-percent of forked children die before exec).
+fork handlers off, since the tests fork the CLI (docs/design.md: with them on,
+a few percent of forked children die before exec).
 """
 
 import os

@@ -1,8 +1,8 @@
 """Mutual TLS 1.3 only: what the server must refuse, checked on the wire.
 
-NOTES.md warns that under TLS 1.3 `openssl s_client` reports a session even
-when the server then rejects the client: so each refusal here is checked by
-what actually fails (a call, a read after the handshake), with a positive
+docs/design.md warns that under TLS 1.3 `openssl s_client` reports a session
+even when the server then rejects the client: so each refusal here is checked
+by what actually fails (a call, a read after the handshake), with a positive
 control using the same tool.
 """
 
