@@ -17,19 +17,39 @@ class JobStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     JOB_STATUS_SIGNALED: _ClassVar[JobStatus]
     JOB_STATUS_EXITED_OK: _ClassVar[JobStatus]
     JOB_STATUS_EXITED_ERROR: _ClassVar[JobStatus]
+
+class OutputSelector(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    OUTPUT_SELECTOR_ALL: _ClassVar[OutputSelector]
+    OUTPUT_SELECTOR_STDOUT: _ClassVar[OutputSelector]
+    OUTPUT_SELECTOR_STDERR: _ClassVar[OutputSelector]
+
+class OutputStream(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    OUTPUT_STREAM_COMBINED: _ClassVar[OutputStream]
+    OUTPUT_STREAM_STDOUT: _ClassVar[OutputStream]
+    OUTPUT_STREAM_STDERR: _ClassVar[OutputStream]
 JOB_STATUS_UNKNOWN: JobStatus
 JOB_STATUS_STARTED: JobStatus
 JOB_STATUS_SIGNALED: JobStatus
 JOB_STATUS_EXITED_OK: JobStatus
 JOB_STATUS_EXITED_ERROR: JobStatus
+OUTPUT_SELECTOR_ALL: OutputSelector
+OUTPUT_SELECTOR_STDOUT: OutputSelector
+OUTPUT_SELECTOR_STDERR: OutputSelector
+OUTPUT_STREAM_COMBINED: OutputStream
+OUTPUT_STREAM_STDOUT: OutputStream
+OUTPUT_STREAM_STDERR: OutputStream
 
 class StartTaskRequest(_message.Message):
-    __slots__ = ("command", "args")
+    __slots__ = ("command", "args", "separate_streams")
     COMMAND_FIELD_NUMBER: _ClassVar[int]
     ARGS_FIELD_NUMBER: _ClassVar[int]
+    SEPARATE_STREAMS_FIELD_NUMBER: _ClassVar[int]
     command: str
     args: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ...) -> None: ...
+    separate_streams: bool
+    def __init__(self, command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., separate_streams: _Optional[bool] = ...) -> None: ...
 
 class StartTaskResponse(_message.Message):
     __slots__ = ("task_id",)
@@ -86,10 +106,22 @@ class TaskStatusResponse(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., exit_code: _Optional[int] = ..., process_id: _Optional[int] = ..., status: _Optional[_Union[JobStatus, str]] = ..., termination_signal: _Optional[str] = ..., termination_source: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., owner: _Optional[str] = ..., command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., output_bytes: _Optional[int] = ..., output_dropped_bytes: _Optional[int] = ..., output_note: _Optional[str] = ...) -> None: ...
 
 class StreamTaskOutputRequest(_message.Message):
-    __slots__ = ("task_id",)
+    __slots__ = ("task_id", "offset", "selector", "tail_bytes", "tail_lines", "since", "no_follow")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    TAIL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TAIL_LINES_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    NO_FOLLOW_FIELD_NUMBER: _ClassVar[int]
     task_id: str
-    def __init__(self, task_id: _Optional[str] = ...) -> None: ...
+    offset: int
+    selector: OutputSelector
+    tail_bytes: int
+    tail_lines: int
+    since: _timestamp_pb2.Timestamp
+    no_follow: bool
+    def __init__(self, task_id: _Optional[str] = ..., offset: _Optional[int] = ..., selector: _Optional[_Union[OutputSelector, str]] = ..., tail_bytes: _Optional[int] = ..., tail_lines: _Optional[int] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., no_follow: _Optional[bool] = ...) -> None: ...
 
 class ListTasksRequest(_message.Message):
     __slots__ = ("statuses", "owner", "limit", "page_token")
@@ -112,7 +144,13 @@ class ListTasksResponse(_message.Message):
     def __init__(self, tasks: _Optional[_Iterable[_Union[TaskStatusResponse, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class StreamTaskOutputResponse(_message.Message):
-    __slots__ = ("output",)
+    __slots__ = ("output", "offset", "stream", "time")
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    STREAM_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
     output: bytes
-    def __init__(self, output: _Optional[bytes] = ...) -> None: ...
+    offset: int
+    stream: OutputStream
+    time: _timestamp_pb2.Timestamp
+    def __init__(self, output: _Optional[bytes] = ..., offset: _Optional[int] = ..., stream: _Optional[_Union[OutputStream, str]] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
