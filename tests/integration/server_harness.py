@@ -19,10 +19,8 @@ from typing import List, Optional
 from support import poll_for
 
 REPO = Path(__file__).resolve().parents[2]
-# The contract: the shared design document beside the checkout when there is
-# one, else the copy kept in docs/ (a clone on its own still checks against it).
-RFD = next((path for path in (REPO.parent / "shared" / "RFD.md", REPO / "docs" / "RFD.md")
-            if path.exists()), REPO / "docs" / "RFD.md")
+# The contract: the design document kept in docs/.
+RFD = REPO / "docs" / "RFD.md"
 DRIVER = os.environ.get("TASKMAN_TEST_CGROUP_DRIVER", "auto")
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 60.0
