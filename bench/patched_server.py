@@ -7,7 +7,7 @@ For before/after numbers before a fix lands in the library:
 FIXES is a comma-separated subset of the proposals not (yet) in the library
 (``pump`` and ``thread`` landed in commit 4b24a6a and were removed here):
   slots   at most 64 streams hold a chunk in flight at once
-  empty   answer TreeDriver.is_empty from the unified group alone
+  empty   answer HierarchyDriver.is_empty from the unified group alone
 The patches replace library functions at start-up; nothing on disk changes.
 """
 
@@ -72,9 +72,9 @@ def patch_slots() -> None:
 
 def patch_empty() -> None:
     from taskman.cgroups import cgroupfs
-    from taskman.cgroups.tree import TreeDriver
+    from taskman.cgroups.hierarchy import HierarchyDriver
 
-    original = TreeDriver.is_empty
+    original = HierarchyDriver.is_empty
 
     def is_empty(self, group):
         for hierarchy, directory in self._pairs(group):
@@ -84,7 +84,7 @@ def patch_empty() -> None:
                     return not cgroupfs.keyed(events).get("populated", 0)
         return original(self, group)
 
-    TreeDriver.is_empty = is_empty
+    HierarchyDriver.is_empty = is_empty
 
 
 PATCHES = {"slots": patch_slots, "empty": patch_empty}

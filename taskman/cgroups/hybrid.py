@@ -22,13 +22,13 @@ from typing import Dict, List, Optional, Tuple
 
 from taskman.cgroups import Limits
 from taskman.cgroups.detect import Host
-from taskman.cgroups.tree import Hierarchy, Setting, TreeDriver
+from taskman.cgroups.hierarchy import Hierarchy, HierarchyDriver, Setting
 
 # The v1 controllers the driver needs, in the order groups are made.
 CONTROLLERS = ("cpu", "memory", "blkio", "pids", "freezer")
 
 
-class HybridDriver(TreeDriver):
+class HybridDriver(HierarchyDriver):
     name = "hybrid"
 
     def __init__(self, host: Host, limits: Limits, root: str, devices: Tuple[str, ...] = ()):

@@ -31,7 +31,7 @@ import os
 from typing import List, Optional, Tuple
 
 from taskman.cgroups import Limits, cgroupfs
-from taskman.cgroups.tree import Hierarchy, Setting, TreeDriver
+from taskman.cgroups.hierarchy import Hierarchy, HierarchyDriver, Setting
 from taskman.errors import CgroupError
 
 CONTROLLERS = ("cpu", "memory", "io", "pids")
@@ -39,7 +39,7 @@ SERVER_LEAF = "server"
 MOUNT = "/sys/fs/cgroup"
 
 
-class V2Driver(TreeDriver):
+class V2Driver(HierarchyDriver):
     name = "v2"
 
     def __init__(self, limits: Optional[Limits], root: str, devices: Tuple[str, ...] = (),

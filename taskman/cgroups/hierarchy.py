@@ -1,5 +1,6 @@
-"""What the v2 and hybrid drivers share: a task is one directory, named
-after its id, in each of a few cgroup hierarchies.
+"""Hierarchies of per-task directories, what the v2 and hybrid drivers
+share: a task is one directory, named after its id, in each of a few cgroup
+hierarchies.
 
 A driver is a list of ``Hierarchy`` objects (where task groups live, which
 limit files to write into each new group). Creating, placing, signalling,
@@ -13,11 +14,11 @@ import logging
 import os
 import signal
 import time
-import uuid
 from typing import Dict, List, Optional, Tuple
 
 from taskman.cgroups import Driver, Group, Limits, cgroupfs
 from taskman.errors import CgroupError
+from taskman.task import is_task_id
 
 log = logging.getLogger("taskman.cgroups")
 
@@ -59,7 +60,7 @@ class CgroupGroup(Group):
         self.directories = directories
 
 
-class TreeDriver(Driver):
+class HierarchyDriver(Driver):
     """The Driver operations over ``self.hierarchies``; see the module docstring."""
 
     def __init__(self, hierarchies: List[Hierarchy], limits: Optional[Limits],
@@ -95,7 +96,7 @@ class TreeDriver(Driver):
         stale = set()
         for hierarchy in self.hierarchies:
             for name in cgroupfs.subgroups(hierarchy.base):
-                if _is_task_id(name):
+                if is_task_id(name):
                     stale.add(name)
                 elif not self._is_own_leaf(hierarchy, name):
                     log.warning("leaving %s alone: not a task group",
@@ -123,7 +124,7 @@ class TreeDriver(Driver):
     # -- a task's life
 
     def create(self, task_id: str) -> Group:
-        if not _is_task_id(task_id):
+        if not is_task_id(task_id):
             raise CgroupError(f"refusing to create a group named {task_id!r}: not a task id")
         group = self._group(task_id)
         made: List[str] = []
@@ -274,10 +275,3 @@ def _mib(value: int) -> str:
     if not value:
         return "unlimited"
     return f"{value / 1048576:g} MiB" if value % 1048576 == 0 else f"{value} B"
-
-
-def _is_task_id(name: str) -> bool:
-    try:
-        return str(uuid.UUID(name)) == name
-    except ValueError:
-        return False
