@@ -16,7 +16,8 @@ import signal
 import time
 from typing import Dict, List, Optional, Tuple
 
-from taskman.cgroups import Driver, Group, Limits, cgroupfs
+from taskman.cgroups import cgroupfs
+from taskman.cgroups.driver import Driver, Group, Limits
 from taskman.errors import CgroupError
 from taskman.task import is_task_id
 

@@ -20,8 +20,8 @@ inner groups, and the unified hierarchy enables no controllers.
 import os
 from typing import Dict, List, Optional, Tuple
 
-from taskman.cgroups import Limits
 from taskman.cgroups.detect import Host
+from taskman.cgroups.driver import Limits
 from taskman.cgroups.hierarchy import Hierarchy, HierarchyDriver, Setting
 
 # The v1 controllers the driver needs, in the order groups are made.

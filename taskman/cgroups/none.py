@@ -7,7 +7,7 @@ descendant starts a new session of its own, which this driver cannot follow.
 
 import os
 
-from taskman.cgroups import Driver, Group
+from taskman.cgroups.driver import Driver, Group
 
 
 class ProcessGroupDriver(Driver):

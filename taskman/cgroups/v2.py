@@ -30,7 +30,8 @@ hosts) offers.
 import os
 from typing import List, Optional, Tuple
 
-from taskman.cgroups import Limits, cgroupfs
+from taskman.cgroups import cgroupfs
+from taskman.cgroups.driver import Limits
 from taskman.cgroups.hierarchy import Hierarchy, HierarchyDriver, Setting
 from taskman.errors import CgroupError
 
