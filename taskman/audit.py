@@ -15,7 +15,7 @@ import os
 import threading
 from typing import Optional
 
-from taskman.task import Task
+from taskman.task import Task, cut_args
 
 log = logging.getLogger("taskman.audit")
 
@@ -99,13 +99,7 @@ def _bounded(value):
 
 def _command_fields(task: Task) -> dict:
     """command and args, cut to MAX_COMMAND_CHARS in all, with the full size."""
-    budget = MAX_COMMAND_CHARS - len(task.command)
-    kept = []
-    for argument in task.args:
-        if len(argument) > budget:
-            break
-        kept.append(argument)
-        budget -= len(argument)
+    kept = cut_args(task.command, task.args, MAX_COMMAND_CHARS)
     fields = {"command": task.command[:MAX_COMMAND_CHARS], "args": kept}
     if len(kept) < len(task.args) or len(task.command) > MAX_COMMAND_CHARS:
         fields["args_omitted"] = len(task.args) - len(kept)

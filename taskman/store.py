@@ -13,6 +13,7 @@ import os
 import sqlite3
 from typing import Iterable, List, Optional
 
+from taskman.errors import StoreError
 from taskman.task import JobStatus, Source, Task
 
 SCHEMA_VERSION = 1
@@ -46,6 +47,10 @@ class TaskStore:
     """Reads and writes task records; one connection, used from the hub only."""
 
     def __init__(self, path: str):
+        """Open the database at ``path``, created if missing.
+
+        Raises StoreError if a newer taskman wrote it (its schema is unknown).
+        """
         self.path = path
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         os.chmod(path, 0o600)
@@ -53,7 +58,8 @@ class TaskStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
-            raise RuntimeError(f"{path} was written by a newer taskman (schema {version})")
+            self._db.close()
+            raise StoreError(f"{path} was written by a newer taskman (schema {version})")
         self._db.executescript(_SCHEMA)
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
