@@ -4,6 +4,9 @@ The output lives on disk, not in the server's memory, so a task that writes
 gigabytes costs page cache, not RSS. One writer (the task's pump greenlet)
 appends; any number of readers follow from their own offsets with ``pread``
 on one shared descriptor, each waking on a gevent Event when caught up.
+
+Also owns the output directory's layout: one ``<task id>.log`` per task,
+created here (``create_log``, ``reopen_log``) and named in ``log_path`` only.
 """
 
 import errno
@@ -14,10 +17,10 @@ import gevent
 import gevent.event
 import gevent.threadpool
 
-from taskman.errors import TaskmanError
+from taskman.errors import ResourceExhausted, TaskmanError
 
-# Large reads keep the per-message overhead of a stream low (NOTES.md: about
-# 60 us per message under gevent, so 64 KiB messages reach ~250 MB/s).
+# Large reads keep the per-message overhead of a stream low (docs/design.md:
+# about 60 us per message under gevent, so 64 KiB messages reach ~250 MB/s).
 CHUNK_SIZE = 64 * 1024
 
 # Where output is written to disk. Once the kernel throttles writers of dirty
@@ -194,6 +197,38 @@ class OutputLog:
                 self._writing.wait()
             os.close(self._fd)
             self._fd = -1
+
+
+def log_path(directory: str, task_id: str) -> str:
+    """Where the output of task ``task_id`` is kept in ``directory``."""
+    return os.path.join(directory, task_id + ".log")
+
+
+def create_log(directory: str, task_id: str, max_bytes: int = 0) -> OutputLog:
+    """Create the output log of a new task (the file must not exist yet).
+
+    Raises ResourceExhausted when the disk or quota is full, TaskmanError
+    for any other failure to create the file.
+    """
+    try:
+        return OutputLog(log_path(directory, task_id), max_bytes=max_bytes)
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ResourceExhausted("no space left for task output on the server") from None
+        raise TaskmanError(f"cannot create the task's output file: "
+                           f"{os.strerror(error.errno)}") from None
+
+
+def reopen_log(directory: str, task_id: str) -> OutputLog:
+    """The finished output log of a task from an earlier life of the server.
+
+    A file that went missing is created empty, so the task's record stays
+    readable (with no output) rather than failing every stream of it.
+    """
+    path = log_path(directory, task_id)
+    if not os.path.exists(path):
+        open(path, "ab").close()
+    return OutputLog(path, existing=True)
 
 
 def ensure_directory(path: str) -> str:

@@ -1,8 +1,10 @@
-"""Spawning, signalling and reaping task processes: the library's OS seam.
+"""Spawning, signalling and reaping task processes: the OS seam for tasks.
+
+(``taskman.host`` holds the server's other dealings with the kernel.)
 
 Why posix_spawn and a shell gate, not fork or ``preexec_fn``: with gRPC
 loaded, ``fork()`` runs gRPC's fork handlers and a few percent of children die
-before exec (see NOTES.md); ``posix_spawn`` (vfork + exec) does not run them.
+before exec (see docs/design.md); ``posix_spawn`` (vfork + exec) does not run them.
 But posix_spawn has no hook between fork and exec, and a task must never run
 outside its cgroups, not even for an instant. So the child is first a tiny
 ``/bin/sh`` that blocks reading a gate pipe; the server writes the child's pid
@@ -22,7 +24,7 @@ import gevent
 import gevent.event
 from gevent.hub import get_hub
 
-from taskman.errors import CommandNotFound, InvalidArgument, NotExecutable
+from taskman.errors import CommandNotFound, InvalidArgument, NotExecutable, ResourceExhausted, TaskmanError
 
 SHELL = "/bin/sh"
 
@@ -227,6 +229,19 @@ def spawn(executable: str, args: list, env: dict, cwd: str = "/",
     os.close(gate_write)
     os.set_blocking(out_read, False)
     return process
+
+
+def spawn_error(error: OSError) -> TaskmanError:
+    """The library's error for an OSError raised while spawning a task.
+
+    E2BIG is the request's fault (InvalidArgument); a full process or file
+    table is the server's limit (ResourceExhausted, may work later).
+    """
+    if error.errno == errno.E2BIG:
+        return InvalidArgument("the command line is too long for exec (E2BIG)")
+    if error.errno in (errno.EAGAIN, errno.ENOMEM, errno.EMFILE, errno.ENFILE):
+        return ResourceExhausted(f"cannot start the task now: {os.strerror(error.errno)}")
+    return TaskmanError(f"cannot start the task: {os.strerror(error.errno)}")
 
 
 def _above(fd: int, lowest: int) -> int:
