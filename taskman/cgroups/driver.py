@@ -10,13 +10,16 @@ import dataclasses
 import signal
 from typing import Optional, Tuple
 
+from taskman.errors import InvalidArgument
+
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
     """What each task may use. Defaults are the RFD's, plus a pids cap.
 
     A value of 0 means "no limit" for that resource. ``io_devices`` empty
-    means the disks backing the host (see ``select_driver``).
+    means the disks backing the host (see ``select_driver``). Checked when
+    made (``validate``), so a Limits that exists is one the kernel takes.
     """
 
     cpu_quota_us: int = 200_000  # per period: 20% of one CPU
@@ -26,6 +29,43 @@ class Limits:
     io_write_bps: int = 268_435_456
     io_devices: Tuple[str, ...] = ()  # "MAJ:MIN"; empty: the devices backing the host
     pids_max: int = 1024
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise InvalidArgument for a value the kernel would refuse for every
+        task, naming the option (``--cpu-period-us``...) and what it accepts.
+
+        The kernel's rules for CFS bandwidth (v1 and v2 alike): a period of
+        1000-1000000 us, a quota of at least 1000 us. Limits it refuses only
+        on some hosts (a pids.max above the host's pid_max, say) surface as a
+        CgroupError when a group is made.
+        """
+        for name in _AMOUNTS:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise InvalidArgument(f"{_option(name)} must be an integer, not {value!r}")
+        if not _PERIOD_MIN <= self.cpu_period_us <= _PERIOD_MAX:
+            raise InvalidArgument(f"{_option('cpu_period_us')} must be {_PERIOD_MIN} to "
+                                  f"{_PERIOD_MAX} (microseconds), not {self.cpu_period_us}")
+        if self.cpu_quota_us and self.cpu_quota_us < _QUOTA_MIN:
+            raise InvalidArgument(f"{_option('cpu_quota_us')} must be 0 (no limit) or at least "
+                                  f"{_QUOTA_MIN} (microseconds), not {self.cpu_quota_us}")
+        for name in ("memory_max", "io_read_bps", "io_write_bps", "pids_max"):
+            if getattr(self, name) < 0:
+                raise InvalidArgument(f"{_option(name)} must be 0 (no limit) or more, "
+                                      f"not {getattr(self, name)}")
+
+
+_AMOUNTS = ("cpu_quota_us", "cpu_period_us", "memory_max", "io_read_bps", "io_write_bps",
+            "pids_max")
+_PERIOD_MIN, _PERIOD_MAX, _QUOTA_MIN = 1_000, 1_000_000, 1_000
+
+
+def _option(field: str) -> str:
+    """The server option that sets ``field``: messages reach the operator who typed it."""
+    return "--" + field.replace("_", "-")
 
 
 class Group:

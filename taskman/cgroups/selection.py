@@ -30,18 +30,19 @@ def select_driver(kind: str = "auto", limits: Optional[Limits] = None,
     ``io_paths`` (pass the state directory too). The driver is not yet set
     up: the manager calls ``setup()``.
 
-    Raises CgroupError when the host cannot enforce the limits, or a
-    configured IO device does not exist.
+    Raises InvalidArgument for limits no kernel takes (``Limits.validate``),
+    CgroupError when this host cannot enforce them, or a configured IO device
+    does not exist.
     """
     if kind not in KINDS:
         raise CgroupError(f"unknown cgroup driver {kind!r}: choose one of {', '.join(KINDS)}")
     if kind == "none":
         return ProcessGroupDriver()
     limits = limits or Limits()
+    limits.validate()  # made valid, but a caller may have forced a field since
     root = root or DEFAULT_ROOT
     if root in (".", "..") or "/" in root or "\0" in root:
         raise CgroupError(f"cgroup root name {root!r} must be a single directory name")
-    _check_limits(limits)
     if limits.io_devices:
         detect.check_devices(limits.io_devices)
         devices = tuple(limits.io_devices)
@@ -81,14 +82,3 @@ def select_driver(kind: str = "auto", limits: Optional[Limits] = None,
             raise CgroupError(_FAIL_CLOSED.format(
                 reason=f"no permission to create groups in {directory} (uid {os.geteuid()})"))
     return driver
-
-
-def _check_limits(limits: Limits) -> None:
-    """CgroupError for values the kernel would refuse for every task."""
-    if not 1_000 <= limits.cpu_period_us <= 1_000_000:
-        raise CgroupError(f"cpu period {limits.cpu_period_us} us is outside 1000-1000000")
-    if limits.cpu_quota_us and limits.cpu_quota_us < 1_000:
-        raise CgroupError(f"cpu quota {limits.cpu_quota_us} us is below 1000 (0: no limit)")
-    for name in ("memory_max", "io_read_bps", "io_write_bps", "pids_max", "cpu_quota_us"):
-        if getattr(limits, name) < 0:
-            raise CgroupError(f"limit {name} is negative (0: no limit)")

@@ -21,7 +21,7 @@ from support import poll_for
 from taskman import cgroups
 from taskman.cgroups import Limits, cgroupfs, detect
 from taskman.cgroups.v2 import SERVER_LEAF, V2Driver
-from taskman.errors import CgroupError
+from taskman.errors import CgroupError, InvalidArgument
 from taskman.manager import TaskManager
 from taskman.task import JobStatus, Source
 
@@ -284,3 +284,33 @@ def test_detect_reads_this_hosts_layout():
           f"own v1: {host.v1_own}")
     for controller, mount in host.v1_mounts.items():
         assert os.path.isdir(mount), controller
+
+
+# -- limits the kernel refuses for every task
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("cpu_period_us", 999, "--cpu-period-us must be 1000 to 1000000"),
+    ("cpu_period_us", 1_000_001, "--cpu-period-us must be 1000 to 1000000"),
+    ("cpu_quota_us", 999, r"--cpu-quota-us must be 0 \(no limit\) or at least 1000"),
+    ("cpu_quota_us", -1, "--cpu-quota-us must be 0"),
+    ("memory_max", -1, r"--memory-max must be 0 \(no limit\) or more"),
+    ("io_read_bps", -1, "--io-read-bps must be 0"),
+    ("io_write_bps", -1, "--io-write-bps must be 0"),
+    ("pids_max", -1, "--pids-max must be 0"),
+    ("pids_max", "20", "--pids-max must be an integer"),
+])
+def test_limits_the_kernel_refuses_are_invalid_arguments(field, value, message):
+    with pytest.raises(InvalidArgument, match=message):
+        Limits(**{field: value})
+    # select_driver checks again: a caller may have forced a field after making it.
+    limits = Limits()
+    object.__setattr__(limits, field, value)
+    with pytest.raises(InvalidArgument, match=message):
+        cgroups.select_driver("auto", limits)
+
+
+def test_limits_at_the_kernels_bounds_are_accepted():
+    Limits(cpu_period_us=1_000, cpu_quota_us=1_000)
+    Limits(cpu_period_us=1_000_000, cpu_quota_us=0, memory_max=0, io_read_bps=0,
+           io_write_bps=0, pids_max=0)
