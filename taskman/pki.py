@@ -37,7 +37,7 @@ from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequenc
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from taskman.errors import ConfigError, InvalidArgument, Unauthenticated
@@ -259,9 +259,15 @@ def load_certificate(path: str, what: str = "certificate") -> x509.Certificate:
 def load_key(path: str, what: str = "key"):
     """Parse an unencrypted PEM private key file; ConfigError if impossible."""
     try:
-        return serialization.load_pem_private_key(_read(path, what), password=None)
+        return _load_key_pem(_read(path, what))
     except (ValueError, TypeError):
         raise ConfigError(f"the {what} {path} is not an unencrypted PEM private key") from None
+
+
+def _load_key_pem(data: bytes):
+    # cryptography's own RSA check of a key costs about a second for 4096
+    # bits, on the gevent hub; check_pair proves the key by signing instead.
+    return serialization.load_pem_private_key(data, password=None, unsafe_skip_rsa_key_validation=True)
 
 
 def _same_key(certificate: x509.Certificate, key) -> bool:
@@ -280,10 +286,10 @@ def check_pair(cert_pem: bytes, key_pem: bytes, ca_pem: Optional[bytes] = None,
     """
     try:
         certificate = x509.load_pem_x509_certificate(cert_pem)
-        key = serialization.load_pem_private_key(key_pem, password=None)
+        key = _load_key_pem(key_pem)
     except (ValueError, TypeError) as error:
         raise ConfigError(f"the {what} certificate or key does not parse: {error}") from None
-    if not _same_key(certificate, key):
+    if not _same_key(certificate, key) or not _signs_for(certificate, key):
         raise ConfigError(f"the {what} key does not match its certificate")
     if ca_pem is not None:
         try:
@@ -291,6 +297,19 @@ def check_pair(cert_pem: bytes, key_pem: bytes, ca_pem: Optional[bytes] = None,
             certificate.verify_directly_issued_by(authority)
         except (ValueError, TypeError, InvalidSignature):
             raise ConfigError(f"the {what} certificate is not signed by the CA") from None
+
+
+def _signs_for(certificate: x509.Certificate, key) -> bool:
+    """True if a signature by ``key`` verifies with the certificate's public key."""
+    if not isinstance(key, rsa.RSAPrivateKey):
+        return True
+    message = b"taskman key check"
+    try:
+        signature = key.sign(message, padding.PKCS1v15(), hashes.SHA256())
+        certificate.public_key().verify(signature, message, padding.PKCS1v15(), hashes.SHA256())
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def _pem(certificate: x509.Certificate) -> bytes:
@@ -377,7 +396,7 @@ class Authority:
                 raise ConfigError(f"the CA key {self.path(CA_KEY)} is absent: "
                                   "certificates cannot be issued or renewed here")
             key = load_key(self.path(CA_KEY), "CA key")
-            if not _same_key(self.certificate, key):
+            if not (_same_key(self.certificate, key) and _signs_for(self.certificate, key)):
                 raise ConfigError(f"the CA key {self.path(CA_KEY)} does not match {self.path(CA_CERT)}")
             self._key = key
         return self._key
@@ -419,7 +438,7 @@ class Authority:
         """
         certificate = load_certificate(cert_path, "CA certificate")
         key = load_key(key_path, "CA key")
-        if not _same_key(certificate, key):
+        if not (_same_key(certificate, key) and _signs_for(certificate, key)):
             raise ConfigError(f"the CA key {key_path} does not match the CA certificate {cert_path}")
         _check_is_ca(certificate, cert_path)
         _make_directory(directory)
