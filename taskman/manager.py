@@ -5,15 +5,17 @@ client certificates) and raises ``taskman.errors``; it knows nothing of gRPC.
 Everything runs as greenlets in one gevent hub: per task, a pump copies the
 output pipe into the task's OutputLog and a supervisor waits for the exit,
 ends what the task left behind and records the outcome.
+
+This module owns the API and that supervision (start, stop, the end of a
+task, access). It leans on neighbours for the rest: ``process`` (spawn,
+reap) and ``host`` (the server's own OS calls), ``output`` (the logs and
+their files), ``store`` (records on disk), ``retention`` (what to forget
+when) and ``recovery`` (the records of an earlier life).
 """
 
-import ctypes
-import errno
 import itertools
 import logging
 import os
-import pwd
-import shlex
 import signal
 import uuid
 from typing import Dict, Iterable, Iterator, Optional
@@ -21,13 +23,14 @@ from typing import Dict, Iterable, Iterator, Optional
 import gevent
 import gevent.event
 
-from taskman import process
+from taskman import host, process, recovery, retention
 from taskman.cgroups import Driver, Group
 from taskman.cgroups.none import ProcessGroupDriver
-from taskman.errors import CgroupError, InvalidArgument, NotFound, ResourceExhausted, TaskmanError, Unavailable
-from taskman.output import OutputLog, ensure_directory
+from taskman.defaults import default_state_dir
+from taskman.errors import CgroupError, InvalidArgument, NotFound, Unavailable
+from taskman.output import OutputLog, create_log, ensure_directory
 from taskman.store import TaskStore
-from taskman.task import JobStatus, Source, Task, now
+from taskman.task import JobStatus, Source, Task, command_line, now, parse_task_id
 
 log = logging.getLogger("taskman.manager")
 
@@ -41,20 +44,6 @@ GROUP_EMPTY_TIMEOUT = 10.0
 # A stop request returns after this long even if the task is still in its
 # grace period: well inside clients' deadlines (the CLI's is 60 s).
 STOP_WAIT_MAX = 30.0
-
-RETENTION_AGE = 7 * 24 * 3600.0
-RETENTION_BYTES = 10 * 1024 ** 3
-RETENTION_INTERVAL = 60.0
-
-_PR_SET_CHILD_SUBREAPER = 36
-
-
-def default_state_dir() -> str:
-    """/var/lib/taskman for root; $XDG_STATE_HOME/taskman (~/.local/state) otherwise."""
-    if os.geteuid() == 0:
-        return "/var/lib/taskman"
-    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
-    return os.path.join(base, "taskman")
 
 
 class _Entry:
@@ -87,7 +76,8 @@ class TaskManager:
     def __init__(self, state_dir: Optional[str] = None, driver: Optional[Driver] = None,
                  stop_grace: float = 10.0, admins: Iterable[str] = (ADMIN,),
                  search_path: str = process.DEFAULT_PATH, output_max_bytes: int = 0,
-                 retention_age: float = RETENTION_AGE, retention_bytes: int = RETENTION_BYTES):
+                 retention_age: float = retention.DEFAULT_AGE,
+                 retention_bytes: int = retention.DEFAULT_BUDGET):
         self.state_dir = ensure_directory(state_dir or default_state_dir())
         self.output_dir = ensure_directory(os.path.join(self.state_dir, "output"))
         self.driver = driver or ProcessGroupDriver()
@@ -104,12 +94,12 @@ class TaskManager:
         # the audit trail and metrics hang here, the library knows neither.
         self.listeners: list = []
         process.seal_inherited_fds()
-        _become_subreaper()
+        host.become_subreaper()
         self.store = TaskStore(os.path.join(self.state_dir, "tasks.db"))
         self._recover()  # before setup(): it looks for the earlier life's processes
         self.driver.setup()
         self.prune()
-        self._pruner = gevent.spawn(self._prune_periodically)
+        self._pruner = gevent.spawn(retention.sweep_periodically, self.prune, self.retention_age)
 
     # -- the API
 
@@ -128,7 +118,7 @@ class TaskManager:
         for argument in args:
             process.validate_argument(argument, "argument")
         task_id = str(uuid.uuid4())
-        output = self._create_log(task_id)
+        output = create_log(self.output_dir, task_id, self.output_max_bytes)
         group = None
         try:
             group = self.driver.create(task_id)
@@ -139,7 +129,7 @@ class TaskManager:
             if group is not None:
                 self._discard_group(group)
             if isinstance(error, OSError):
-                raise _spawn_error(error) from None
+                raise process.spawn_error(error) from None
             raise
         task = Task(id=task_id, owner=owner, command=command, args=args,
                     pid=proc.pid, start_time=now())
@@ -149,7 +139,7 @@ class TaskManager:
         gevent.spawn(self._supervise, entry)
         self._notify("started", task.snapshot())
         log.info("task %s started for %s: pid %d, %s", task_id, owner, proc.pid,
-                 _command_line(command, args))
+                 command_line(command, args))
         return task.snapshot()
 
     def stop(self, requester: str, task_id: str, wait: Optional[float] = None) -> Task:
@@ -215,24 +205,11 @@ class TaskManager:
     def prune(self) -> int:
         """Forget finished tasks past the retention age or the disk budget.
 
-        Oldest first. Returns how many were removed; they are NOT_FOUND after.
+        Oldest first (see ``taskman.retention``). Returns how many were
+        removed; they are NOT_FOUND after.
         """
-        finished = sorted((entry for entry in self._tasks.values()
-                           if entry.ended.is_set() and not entry.log.in_use),
-                          key=lambda entry: entry.task.end_time or entry.task.start_time)
-        doomed = []
-        if self.retention_age:
-            horizon = now().timestamp() - self.retention_age
-            doomed = [entry for entry in finished
-                      if (entry.task.end_time or entry.task.start_time).timestamp() < horizon]
-        if self.retention_bytes:
-            total = self._finished_bytes - sum(entry.log.size for entry in doomed)
-            for entry in finished:
-                if total <= self.retention_bytes:
-                    break
-                if entry not in doomed:
-                    total -= entry.log.size
-                    doomed.append(entry)
+        doomed = retention.select(self._tasks.values(), self.retention_age,
+                                  self.retention_bytes, self._finished_bytes)
         for entry in doomed:
             del self._tasks[entry.task.id]
             self._finished_bytes -= entry.log.size
@@ -392,49 +369,12 @@ class TaskManager:
             log.error("task store: %s failed: %s", method.__name__, error)
 
     def _recover(self) -> None:
-        """Load the records of an earlier life; end the tasks it left running.
-
-        A task still STARTED in the store was running when the server died.
-        Its main process, if alive (told apart from a reused pid by the
-        TASKMAN_TASK_ID in its environment), is killed with its process group
-        (the cgroup driver's setup() then kills whatever else is in its
-        groups): SIGNALED by SIGKILL, source ``server``. If it is already gone
-        its exit status is lost: UNKNOWN, source ``server``.
-        """
-        for task in self.store.load_all():
-            path = os.path.join(self.output_dir, task.id + ".log")
-            if not os.path.exists(path):
-                open(path, "ab").close()
-            if task.running:
-                if _is_process_of(task.pid, task.id):
-                    _kill_process_group(task.pid)
-                    task.status, task.exit_code = JobStatus.SIGNALED, 128 + signal.SIGKILL
-                    task.signal = "SIGKILL"
-                else:
-                    task.status, task.exit_code, task.signal = JobStatus.UNKNOWN, None, ""
-                task.source, task.end_time = Source.SERVER, now()
-                log.warning("task %s was running when the server stopped: recorded as %s",
-                            task.id, task.status.name)
-                self._persist(task)
-            output = OutputLog(path, existing=True)
-            output.dropped, output.write_error = task.output_dropped, task.output_note or None
+        """Load the records of an earlier life, ending the tasks it left running."""
+        for task, output in recovery.recover(self.store.load_all(), self.output_dir, self._persist):
             self._tasks[task.id] = _Entry(task, output)
             self._finished_bytes += output.size
         if self._tasks:
             log.info("loaded %d task record(s) from %s", len(self._tasks), self.store.path)
-
-    def _prune_periodically(self) -> None:
-        # Often enough that nothing outlives its retention by more than a
-        # quarter of it (the disk budget is checked as each task ends).
-        interval = RETENTION_INTERVAL
-        if self.retention_age:
-            interval = max(0.25, min(interval, self.retention_age / 4))
-        while True:
-            gevent.sleep(interval)
-            try:
-                self.prune()
-            except Exception:  # noqa: BLE001 - never let retention kill the server
-                log.exception("retention pass failed")
 
     # -- helpers
 
@@ -447,86 +387,13 @@ class TaskManager:
             raise NotFound(f"task {task_id} not found")
         return entry
 
-    def _create_log(self, task_id: str) -> OutputLog:
-        path = os.path.join(self.output_dir, task_id + ".log")
-        try:
-            return OutputLog(path, max_bytes=self.output_max_bytes)
-        except OSError as error:
-            if error.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise ResourceExhausted("no space left for task output on the server") from None
-            raise TaskmanError(f"cannot create the task's output file: "
-                               f"{os.strerror(error.errno)}") from None
-
     def _environment(self, task_id: str, owner: str) -> dict:
         """A small, predictable environment: never the server's own (it holds
         settings and possibly secrets of the server)."""
-        env = {"PATH": self.search_path, "HOME": _home(), "TASKMAN_TASK_ID": task_id,
-               "TASKMAN_USER": owner}
+        env = {"PATH": self.search_path, "HOME": host.home_directory(),
+               "TASKMAN_TASK_ID": task_id, "TASKMAN_USER": owner}
         for name in ("LANG", "LC_ALL", "TZ"):
             if name in os.environ:
                 env[name] = os.environ[name]
         return env
 
-
-def parse_task_id(task_id: str) -> str:
-    """Return the canonical (lower-case, hyphenated) form; InvalidArgument if malformed."""
-    if not isinstance(task_id, str) or len(task_id) != 36:
-        raise InvalidArgument(f"malformed task id {task_id!r}: expected a UUID "
-                              "such as a7da14c7-b47a-4535-a263-5bb26e503002")
-    try:
-        canonical = str(uuid.UUID(task_id))
-    except ValueError:
-        canonical = ""
-    if canonical != task_id.lower():
-        raise InvalidArgument(f"malformed task id {task_id!r}: expected a UUID "
-                              "such as a7da14c7-b47a-4535-a263-5bb26e503002")
-    return canonical
-
-
-def _spawn_error(error: OSError) -> TaskmanError:
-    if error.errno == errno.E2BIG:
-        return InvalidArgument("the command line is too long for exec (E2BIG)")
-    if error.errno in (errno.EAGAIN, errno.ENOMEM, errno.EMFILE, errno.ENFILE):
-        return ResourceExhausted(f"cannot start the task now: {os.strerror(error.errno)}")
-    return TaskmanError(f"cannot start the task: {os.strerror(error.errno)}")
-
-
-def _command_line(command: str, args: list, limit: int = 500) -> str:
-    """The command line for the log, cut at ``limit`` characters (users may
-    send megabytes of arguments; the audit trail keeps more)."""
-    text = shlex.join([command, *args])
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
-
-
-def _home() -> str:
-    try:
-        return pwd.getpwuid(os.geteuid()).pw_dir
-    except KeyError:
-        return "/"
-
-
-def _is_process_of(pid: int, task_id: str) -> bool:
-    """True if ``pid`` runs now and carries the task's id in its environment."""
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as environ:
-            return b"TASKMAN_TASK_ID=" + task_id.encode() in environ.read().split(b"\0")
-    except OSError:
-        return False
-
-
-def _kill_process_group(pid: int) -> None:
-    for kill in (os.killpg, os.kill):
-        try:
-            kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-
-
-def _become_subreaper() -> None:
-    """Adopt orphaned descendants of tasks, so they are reaped here (libev's
-    SIGCHLD handler reaps every child) instead of escaping to init."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
