@@ -1,5 +1,5 @@
 """Helpers for tests: bounded polling (every wait in a test ends), processes,
-small file systems."""
+small file systems, and which skips mean "this host lacks root or cgroups"."""
 
 import contextlib
 import os
@@ -8,6 +8,23 @@ import time
 
 import gevent
 import pytest
+
+# Skip reasons, as the suites word them, that mean the host lacks root or a
+# working cgroup driver. Under TASKMAN_REQUIRE_CGROUPS=1 (which .ci/run sets)
+# tests/conftest.py turns such a skip into a failure. A new skip of that kind
+# must start with one of these, e.g. through skip_needs_root().
+NEEDS_ROOT_OR_CGROUPS = ("needs root", "no cgroup driver", "no cgroup2 mount",
+                         "cannot mount a tmpfs")
+
+
+def needs_root_or_cgroups(reason):
+    """True if a skip ``reason`` says the host lacks root or cgroups."""
+    return reason.removeprefix("Skipped: ").startswith(NEEDS_ROOT_OR_CGROUPS)
+
+
+def skip_needs_root(why):
+    """Skip for want of root, in words that TASKMAN_REQUIRE_CGROUPS=1 fails."""
+    pytest.skip(f"needs root: {why} (uid {os.geteuid()})")
 
 
 def poll_for(predicate, timeout=10.0, message="condition", interval=0.01):
@@ -78,7 +95,7 @@ def small_tmpfs(path, size):
     """Mount a tmpfs of ``size`` (e.g. "64k") at ``path`` for the block: a real
     disk that fills up. Skips the test without root."""
     if os.geteuid() != 0:
-        pytest.skip("needs root to mount a tmpfs")
+        skip_needs_root("to mount a tmpfs")
     path.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
     try:
