@@ -7,6 +7,7 @@ shared by the whole host, and the default root belongs to a real server.
 """
 
 import itertools
+import logging
 import os
 import shutil
 import signal
@@ -194,7 +195,8 @@ def test_leftovers_die_with_the_main_process_and_groups_go(run):
     poll_for(lambda: not _groups_left(manager.driver), message="the groups to be removed")
 
 
-def test_stale_groups_of_an_earlier_run_are_removed_at_setup(run):
+def test_stale_groups_of_an_earlier_run_are_removed_at_setup(run, caplog):
+    caplog.set_level(logging.INFO, logger="taskman.cgroups")
     root = _root_name()
     driver = _select(root=root)
     stale_id = str(uuid.uuid4())
@@ -209,12 +211,14 @@ def test_stale_groups_of_an_earlier_run_are_removed_at_setup(run):
             cgroupfs.write(os.path.join(directory, "cgroup.procs"), str(stray.pid))
         foreign = os.path.join(driver.hierarchies[0].base, "not-a-task")
         os.mkdir(foreign)
-        manager = run(root=root)  # its setup() cleans up
+        run(root=root)  # its setup() cleans up
         assert stray.wait(timeout=5) == -signal.SIGKILL
         assert not [directory for directory in made if os.path.exists(directory)]
         assert os.path.isdir(foreign)  # not ours: left alone
         os.rmdir(foreign)
-        assert manager.driver.describe()
+        # The operator is told what was removed and what was left alone.
+        assert f"removed task group {stale_id} left by an earlier run" in caplog.text
+        assert f"leaving {foreign} alone: not a task group" in caplog.text
     finally:
         if stray.poll() is None:
             stray.kill()
@@ -222,6 +226,68 @@ def test_stale_groups_of_an_earlier_run_are_removed_at_setup(run):
         for directory in made:
             if os.path.exists(directory):
                 cgroupfs.remove_directory(directory)
+
+
+def test_forced_freezer_kill_ends_a_whole_tree_including_setsid(monkeypatch):
+    """The kill of kernels without cgroup.kill (before 5.14) for real: freeze
+    the group, SIGKILL every process it lists in one pass, thaw."""
+    driver = _select()
+    driver.use_cgroup_kill = False
+    freezers = [hierarchy for hierarchy in driver.hierarchies if hierarchy.freezer_file]
+    if not freezers:
+        pytest.skip(f"the {driver.name} driver has no freezer")
+    freezer = freezers[0]
+    driver.setup()
+    task_id = str(uuid.uuid4())
+    group = driver.create(task_id)
+    tree = None
+    try:
+        tree = subprocess.Popen(
+            ["sh", "-c", "trap '' TERM; sleep 1000 & sleep 1000 & setsid sleep 1000 & wait"],
+            env=dict(os.environ, TASKMAN_TASK_ID=task_id),
+            preexec_fn=lambda: driver.place(group, os.getpid()))
+        poll_for(lambda: len(processes_of(task_id)) == 4, message="the tree to start")
+        writes, sweeps = [], []
+        write, signal_listed = cgroupfs.write, cgroupfs.signal_listed
+
+        def recording_write(path, value):
+            writes.append((os.path.basename(path), value))
+            write(path, value)
+
+        def recording_signal_listed(directories, number):
+            frozen = _is_frozen(freezer, group.directories[freezer.name])
+            sent = signal_listed(directories, number)
+            sweeps.append((number, frozen, sent))
+            return sent
+
+        monkeypatch.setattr(cgroupfs, "write", recording_write)
+        monkeypatch.setattr(cgroupfs, "signal_listed", recording_signal_listed)
+        driver.kill(group)
+        monkeypatch.undo()
+
+        assert tree.wait(timeout=5) == -signal.SIGKILL
+        poll_for(lambda: driver.is_empty(group), message="the group to empty")
+        assert not processes_of(task_id)
+        frozen, thawed = ("FROZEN", "THAWED") if freezer.version == 1 else ("1", "0")
+        assert writes == [(freezer.freezer_file, frozen), (freezer.freezer_file, thawed)]
+        # One sweep, while frozen, reached all four: none could fork or hide.
+        assert sweeps == [(signal.SIGKILL, True, 4)]
+    finally:
+        driver.use_cgroup_kill = True
+        if tree is not None and tree.poll() is None:
+            driver.kill(group)
+            tree.wait(timeout=5)
+        poll_for(lambda: driver.is_empty(group), message="the group to empty")
+        driver.remove(group)
+        driver.close()
+    assert not [hierarchy.base for hierarchy in driver.hierarchies
+                if os.path.exists(hierarchy.base)]
+
+
+def _is_frozen(hierarchy, directory):
+    if hierarchy.version == 1:
+        return cgroupfs.read(os.path.join(directory, "freezer.state")).strip() == "FROZEN"
+    return cgroupfs.keyed(os.path.join(directory, "cgroup.events")).get("frozen") == 1
 
 
 def test_a_second_server_on_the_same_root_is_refused(run, state_dir):
