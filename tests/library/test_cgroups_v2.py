@@ -233,17 +233,53 @@ def test_fake_v2_limit_files_and_operations(fake):
     assert not directory.exists()
 
 
-def test_fake_v2_without_cgroup_kill_freezes_then_kills(fake):
+def test_fake_v2_without_cgroup_kill_freezes_then_kills(fake, monkeypatch):
     driver = V2Driver(Limits(), "taskman", ("254:0",), mount=str(fake), own="/")
     driver.setup()
     group = driver.create(str(uuid.uuid4()))
     directory = group.directories["unified"]
     os.unlink(os.path.join(directory, "cgroup.kill"))  # a kernel before 5.14
+    freeze, events = (os.path.join(directory, name) for name in ("cgroup.freeze", "cgroup.events"))
     victim = subprocess.Popen(["sleep", "1000"])
+    # The "kernel": "1" in cgroup.freeze stops the victim and reports
+    # "frozen 1" only on the third look at cgroup.events (a real freezer
+    # takes a moment to settle); "0" resumes it. Each SIGKILL sweep notes
+    # whether the group was frozen then.
+    kernel = {"freezing": False, "looks": 0}
+    write, read, signal_listed = cgroupfs.write, cgroupfs.read, cgroupfs.signal_listed
+    frozen_at_sweeps = []
+
+    def set_frozen(frozen):
+        with open(events, "w") as events_file:
+            events_file.write(f"populated 1\nfrozen {int(frozen)}\n")
+        os.kill(victim.pid, signal.SIGSTOP if frozen else signal.SIGCONT)
+
+    def kernel_write(path, value):
+        write(path, value)
+        if path == freeze:
+            kernel.update(freezing=value == "1", looks=0)
+            if value == "0":
+                set_frozen(False)
+
+    def kernel_read(path):
+        if path == events and kernel["freezing"]:
+            kernel["looks"] += 1
+            if kernel["looks"] == 3:
+                set_frozen(True)
+        return read(path)
+
+    def sweep(directories, number):
+        frozen_at_sweeps.append(cgroupfs.keyed(events)["frozen"])
+        return signal_listed(directories, number)
+
+    monkeypatch.setattr(cgroupfs, "write", kernel_write)
+    monkeypatch.setattr(cgroupfs, "read", kernel_read)
+    monkeypatch.setattr(cgroupfs, "signal_listed", sweep)
     try:
         open(os.path.join(directory, "cgroup.procs"), "w").write(f"{victim.pid}\n")
         driver.kill(group)
-        assert _text(os.path.join(directory, "cgroup.freeze")) == "10"  # frozen, then thawed
+        assert _text(freeze) == "10"  # frozen, then thawed
+        assert frozen_at_sweeps == [1]  # killed once the group was frozen, not before
         assert victim.wait(timeout=5) == -signal.SIGKILL
     finally:
         if victim.poll() is None:
@@ -282,8 +318,32 @@ def test_detect_reads_this_hosts_layout():
     host = detect.host()
     print(f"cgroup2 at {host.v2_mount} (own {host.v2_own}); v1: {host.v1_mounts}; "
           f"own v1: {host.v1_own}")
+    types = _mount_types()
+    cgroup2 = [mount for mount, kind in types.items() if kind == "cgroup2"]
+    if not cgroup2 and "cgroup" not in types.values():
+        pytest.skip("no cgroup hierarchy is mounted on this host")
+    # Each hierarchy found is one the mount table has, of the right version.
+    assert host.v2_mount in cgroup2 if cgroup2 else host.v2_mount is None
     for controller, mount in host.v1_mounts.items():
-        assert os.path.isdir(mount), controller
+        assert types.get(mount) == "cgroup", controller
+    # The kernel lists this very process in the group detect says is its
+    # own, in every hierarchy found, v2 and v1 alike.
+    own = {"cgroup2": os.path.join(host.v2_mount, host.v2_own.lstrip("/"))} if cgroup2 else {}
+    for controller, mount in host.v1_mounts.items():
+        own[controller] = os.path.join(mount, host.v1_own.get(controller, "/").lstrip("/"))
+    for name, directory in own.items():
+        assert os.getpid() in cgroupfs.pids([directory]), (name, directory)
+
+
+def _mount_types():
+    """Mount point -> file system type, from /proc/self/mountinfo (not the
+    /proc/self/mounts that detect reads)."""
+    types = {}
+    with open("/proc/self/mountinfo") as mountinfo:
+        for line in mountinfo:
+            before, after = line.split(" - ", 1)
+            types[before.split()[4].replace("\\040", " ")] = after.split()[0]
+    return types
 
 
 # -- limits the kernel refuses for every task
