@@ -9,15 +9,26 @@ Also owns the output directory's layout: one ``<task id>.log`` per task,
 created here (``create_log``, ``reopen_log``) and named in ``log_path`` only.
 """
 
+import enum
 import errno
 import os
 from typing import Iterator, Optional
 
 import gevent
 import gevent.event
+import gevent.lock
 import gevent.threadpool
 
 from taskman.errors import ResourceExhausted, TaskmanError
+
+
+class Stream(enum.IntEnum):
+    """Which of a task's streams some output came from (the proto's OutputStream)."""
+
+    COMBINED = 0  # stdout and stderr on one shared pipe: the task's exact order
+    STDOUT = 1
+    STDERR = 2
+
 
 # Large reads keep the per-message overhead of a stream low (docs/design.md:
 # about 60 us per message under gevent, so 64 KiB messages reach ~250 MB/s).
@@ -55,6 +66,8 @@ class OutputLog:
         self._readers = 0
         self._fd = -1
         self._writing = None  # the write in the pool, if any
+        # Two pumps (stdout, stderr) may append at once: one write at a time.
+        self._appending = gevent.lock.Semaphore()
         if existing:
             self.size = os.stat(path).st_size
             self.finished = True
@@ -66,7 +79,7 @@ class OutputLog:
 
     # -- the writer's side
 
-    def append(self, data: bytes) -> None:
+    def append(self, data: bytes, stream: Stream = Stream.COMBINED) -> None:
         """Append to the file and wake every follower; never raises on disk errors.
 
         A full or failing disk must not stop the task or corrupt its status,
@@ -75,6 +88,12 @@ class OutputLog:
         reader sees where output was cut.
         """
         if not data or self.finished:
+            return
+        with self._appending:
+            self._append(data, stream)
+
+    def _append(self, data: bytes, stream: Stream) -> None:
+        if self.finished:
             return
         if self.max_bytes and self.size + len(data) > self.max_bytes - len(self._marker()):
             if self.capped:

@@ -15,16 +15,18 @@ ever runs the command.
 
 import errno
 import fcntl
+import itertools
 import os
 import signal
 import stat
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import gevent
 import gevent.event
 from gevent.hub import get_hub
 
 from taskman.errors import CommandNotFound, InvalidArgument, NotExecutable, ResourceExhausted, TaskmanError
+from taskman.output import Stream
 
 SHELL = "/bin/sh"
 
@@ -123,16 +125,47 @@ def seal_inherited_fds() -> int:
     return changed
 
 
-class Process:
-    """A spawned task's main process: its pid, output pipe and exit watcher."""
+class OutputPipe:
+    """The read end of one of a task's output pipes, and the stream it carries."""
 
-    def __init__(self, pid: int, output_fd: int, child_watcher):
+    def __init__(self, stream: Stream, fd: int):
+        self.stream = stream
+        self.fd = fd
+        self._readable = None
+
+    def read(self) -> bytes:
+        """Wait for output; return up to READ_CHUNK bytes, or b"" at end of file."""
+        while True:
+            try:
+                return os.read(self.fd, READ_CHUNK)
+            except BlockingIOError:
+                if self._readable is None:
+                    self._readable = get_hub().loop.io(self.fd, 1)
+                get_hub().wait(self._readable)
+
+    def close(self) -> None:
+        """Close the read end (any writer left gets EPIPE)."""
+        if self._readable is not None:
+            self._readable.close()
+            self._readable = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Process:
+    """A spawned task's main process: its pid, output pipes and exit watcher.
+
+    ``outputs`` holds one pipe tagged COMBINED (stdout and stderr share it),
+    or two tagged STDOUT and STDERR.
+    """
+
+    def __init__(self, pid: int, outputs: List[OutputPipe], child_watcher):
         self.pid = pid
-        self.output_fd = output_fd
+        self.outputs = outputs
         self.wait_status: Optional[int] = None
         self._exited = gevent.event.Event()
         self._child_watcher = child_watcher
-        self._readable = None
         child_watcher.start(self._on_exit)
 
     def _on_exit(self) -> None:
@@ -158,49 +191,49 @@ class Process:
             return False  # reaped: the pid may belong to someone else by now
         return send(self.pid, number)
 
-    def read(self) -> bytes:
-        """Wait for output; return up to READ_CHUNK bytes, or b"" at end of file."""
-        while True:
-            try:
-                return os.read(self.output_fd, READ_CHUNK)
-            except BlockingIOError:
-                if self._readable is None:
-                    self._readable = get_hub().loop.io(self.output_fd, 1)
-                get_hub().wait(self._readable)
-
     def close_output(self) -> None:
-        """Close the read end of the output pipe (any writer left gets EPIPE)."""
-        if self._readable is not None:
-            self._readable.close()
-            self._readable = None
-        if self.output_fd >= 0:
-            os.close(self.output_fd)
-            self.output_fd = -1
+        """Close the read end of every output pipe."""
+        for pipe in self.outputs:
+            pipe.close()
 
 
 def spawn(executable: str, args: list, env: dict, cwd: str = "/",
-          place: Optional[Callable[[int], None]] = None) -> Process:
+          place: Optional[Callable[[int], None]] = None,
+          separate_streams: bool = False) -> Process:
     """Start ``executable args...`` with stdout and stderr on one new pipe.
 
+    With ``separate_streams``, stdout and stderr get a pipe each: a reader
+    can tell them apart but no longer knows their exact interleaving.
     ``place(pid)`` runs after the child exists and before it can run the
     command (it writes the pid into the task's cgroups). If it raises, the
     child is killed and reaped and the exception propagates.
     The child gets stdin from /dev/null, its own session and process group,
     default signal actions and only descriptors 0, 1 and 2.
     """
-    out_read, out_write = os.pipe2(os.O_CLOEXEC)
-    gate_read, gate_write = os.pipe2(os.O_CLOEXEC)
+    streams = (Stream.STDOUT, Stream.STDERR) if separate_streams else (Stream.COMBINED,)
+    pipes = []
     try:
-        fcntl.fcntl(out_read, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-    except OSError:
-        pass  # above /proc/sys/fs/pipe-max-size for an unprivileged server
+        for _ in streams:
+            pipes.append(os.pipe2(os.O_CLOEXEC))
+        gate_read, gate_write = os.pipe2(os.O_CLOEXEC)
+    except BaseException:
+        for fd in itertools.chain.from_iterable(pipes):
+            os.close(fd)
+        raise
+    readers = [read_end for read_end, _ in pipes]
+    for read_end in readers:
+        try:
+            fcntl.fcntl(read_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:
+            pass  # above /proc/sys/fs/pipe-max-size for an unprivileged server
     # posix_spawn's dup2(fd, fd) would keep close-on-exec set: keep our ends
     # above the descriptors the child receives.
-    out_write, gate_read = (_above(fd, 3) for fd in (out_write, gate_read))
+    writers = [_above(write_end, 3) for _, write_end in pipes]
+    gate_read = _above(gate_read, 3)
     file_actions = [
         (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-        (os.POSIX_SPAWN_DUP2, out_write, 1),
-        (os.POSIX_SPAWN_DUP2, out_write, 2),
+        (os.POSIX_SPAWN_DUP2, writers[0], 1),
+        (os.POSIX_SPAWN_DUP2, writers[-1], 2),  # the same pipe unless separate
         (os.POSIX_SPAWN_DUP2, gate_read, 3),
     ]
     argv = [SHELL, "-c", GATE, cwd, executable, *args]
@@ -208,14 +241,15 @@ def spawn(executable: str, args: list, env: dict, cwd: str = "/",
         pid = os.posix_spawn(SHELL, argv, env, file_actions=file_actions, setsid=True,
                              setsigdef=_DEFAULT_SIGNALS, setsigmask=())
     except BaseException:
-        for fd in (out_read, out_write, gate_read, gate_write):
+        for fd in (*readers, *writers, gate_read, gate_write):
             os.close(fd)
         raise
     # Watch before anything can yield to the loop: libev reaps every child on
     # SIGCHLD and drops the status of a pid nobody watches.
-    process = Process(pid, out_read, get_hub().loop.child(pid, False))
-    os.close(out_write)
-    os.close(gate_read)
+    outputs = [OutputPipe(stream, read_end) for stream, read_end in zip(streams, readers, strict=True)]
+    process = Process(pid, outputs, get_hub().loop.child(pid, False))
+    for fd in (*writers, gate_read):
+        os.close(fd)
     try:
         if place is not None:
             place(pid)
@@ -227,7 +261,8 @@ def spawn(executable: str, args: list, env: dict, cwd: str = "/",
         process.close_output()
         raise
     os.close(gate_write)
-    os.set_blocking(out_read, False)
+    for read_end in readers:
+        os.set_blocking(read_end, False)
     return process
 
 

@@ -1,0 +1,35 @@
+"""Copying a task's output pipes into its output log, each chunk tagged.
+
+One greenlet per pipe (one for a task's shared pipe, two when stdout and
+stderr are apart): each waits on its own descriptor, so a quiet stream never
+holds up a busy one. The log serialises their appends.
+"""
+
+import gevent
+
+from taskman.output import OutputLog
+from taskman.process import OutputPipe, Process
+
+
+def pump(proc: Process, output: OutputLog) -> None:
+    """Copy every output pipe of ``proc`` into ``output`` until all reach end of file.
+
+    Killing this greenlet kills the copies too.
+    """
+    copies = [gevent.spawn(_copy, pipe, output) for pipe in proc.outputs]
+    try:
+        gevent.joinall(copies)
+    finally:
+        gevent.killall(copies)
+
+
+def _copy(pipe: OutputPipe, output: OutputLog) -> None:
+    while True:
+        data = pipe.read()
+        if not data:
+            return
+        output.append(data, pipe.stream)
+        # A pipe that always has data never makes read() wait: without
+        # this, a fast writer kept every other call waiting for seconds
+        # (bench: GetTaskStatus p99 3.3 s during a 10 GiB write).
+        gevent.sleep(0)
