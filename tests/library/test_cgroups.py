@@ -9,20 +9,18 @@ shared by the whole host, and the default root belongs to a real server.
 import itertools
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 
 import gevent
 import pytest
 
-from support import poll_for, processes_of, small_tmpfs, timed_direct_io
+from support import poll_for, processes_of, timed_direct_io
 from taskman import cgroups
-from taskman.cgroups import Limits, cgroupfs, detect, v2
+from taskman.cgroups import Limits, cgroupfs, detect
 from taskman.errors import CgroupError
 from taskman.manager import TaskManager
 from taskman.task import JobStatus, Source
@@ -34,15 +32,15 @@ _names = itertools.count()
 pytestmark = pytest.mark.timeout(60)
 
 
-def _root_name():
+def root_name():
     return f"taskman-test-{os.getpid()}-{next(_names)}"
 
 
-def _select(limits=None, root=None, **keywords):
+def select_or_skip(limits=None, root=None, **keywords):
     if os.geteuid() != 0:
         pytest.skip(f"needs root: cgroups are managed by root (uid {os.geteuid()})")
     try:
-        return cgroups.select_driver("auto", limits or Limits(), root=root or _root_name(),
+        return cgroups.select_driver("auto", limits or Limits(), root=root or root_name(),
                                      **keywords)
     except CgroupError as error:
         pytest.skip(f"no cgroup driver on this host: {error}")
@@ -60,7 +58,7 @@ def run(state_dir):
     made = []
 
     def make(limits=None, stop_grace=1.0, root=None):
-        driver = _select(limits, root, io_paths=(state_dir,))
+        driver = select_or_skip(limits, root, io_paths=(state_dir,))
         manager = TaskManager(os.path.join(state_dir, str(len(made))), driver=driver,
                               stop_grace=stop_grace)
         made.append(manager)
@@ -141,7 +139,7 @@ def output_of_so_far(manager, task_id):
 
 
 def test_direct_io_is_throttled(run, state_dir):
-    driver = _select(Limits(), io_paths=(state_dir,))
+    driver = select_or_skip(Limits(), io_paths=(state_dir,))
     if detect.backing_devices([state_dir]) != driver.devices:
         pytest.skip(f"{state_dir} is not on the throttled device {driver.devices}")
     size = 30
@@ -197,8 +195,8 @@ def test_leftovers_die_with_the_main_process_and_groups_go(run):
 
 def test_stale_groups_of_an_earlier_run_are_removed_at_setup(run, caplog):
     caplog.set_level(logging.INFO, logger="taskman.cgroups")
-    root = _root_name()
-    driver = _select(root=root)
+    root = root_name()
+    driver = select_or_skip(root=root)
     stale_id = str(uuid.uuid4())
     stray = subprocess.Popen(["sleep", "1000"])
     made = []
@@ -231,7 +229,7 @@ def test_stale_groups_of_an_earlier_run_are_removed_at_setup(run, caplog):
 def test_forced_freezer_kill_ends_a_whole_tree_including_setsid(monkeypatch):
     """The kill of kernels without cgroup.kill (before 5.14) for real: freeze
     the group, SIGKILL every process it lists in one pass, thaw."""
-    driver = _select()
+    driver = select_or_skip()
     driver.use_cgroup_kill = False
     freezers = [hierarchy for hierarchy in driver.hierarchies if hierarchy.freezer_file]
     if not freezers:
@@ -291,10 +289,10 @@ def _is_frozen(hierarchy, directory):
 
 
 def test_a_second_server_on_the_same_root_is_refused(run, state_dir):
-    root = _root_name()
+    root = root_name()
     run(root=root)
     with pytest.raises(CgroupError, match="in use by another taskman server"):
-        TaskManager(os.path.join(state_dir, "second"), driver=_select(root=root))
+        TaskManager(os.path.join(state_dir, "second"), driver=select_or_skip(root=root))
 
 
 # place() failing in the second hierarchy; create() failing in the middle
@@ -344,89 +342,3 @@ def _command(pid):
             return cmdline.read().replace(b"\0", b" ").decode()
     except OSError:
         return ""
-
-
-# -- start-up errors
-
-
-def test_a_nonexistent_io_device_is_a_start_up_error():
-    _select()  # skips where there is no driver at all
-    with pytest.raises(CgroupError, match="8:0 does not exist"):
-        cgroups.select_driver("auto", Limits(io_devices=("8:0",)), root=_root_name())
-    with pytest.raises(CgroupError, match="MAJ:MIN"):
-        cgroups.select_driver("auto", Limits(io_devices=("sda",)), root=_root_name())
-
-
-def test_the_io_device_defaults_to_the_disk_holding_the_state(state_dir):
-    driver = _select(io_paths=(state_dir,))
-    number = os.stat(state_dir).st_dev
-    assert driver.devices == (detect.whole_disk(f"{os.major(number)}:{os.minor(number)}"),)
-    assert os.path.exists(f"/sys/dev/block/{driver.devices[0]}")
-
-
-def test_an_unavailable_driver_fails_closed_naming_the_way_out():
-    _select()
-    available = detect.host().v2_controllers()
-    if all(name in available for name in v2.CONTROLLERS):
-        pytest.skip("this host has the v2 controllers: v2 is available")
-    with pytest.raises(CgroupError, match="--cgroup-driver none"):
-        cgroups.select_driver("v2", Limits(), root=_root_name())
-    with pytest.raises(CgroupError, match="unknown cgroup driver"):
-        cgroups.select_driver("v3")
-
-
-def test_without_root_the_driver_fails_closed():
-    _select()
-    # As nobody: a python and a copy of the package that nobody can read (the
-    # test's own python may live under /root, which nobody cannot enter).
-    python = next((path for path in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3")
-                   if _usable_by_nobody(path)), None)
-    if python is None:
-        pytest.skip("no python executable that the user nobody can run")
-    copy = tempfile.mkdtemp(prefix="taskman-nobody-", dir="/tmp")
-    try:
-        os.chmod(copy, 0o755)
-        package = os.path.dirname(os.path.dirname(os.path.abspath(cgroups.__file__)))
-        shutil.copytree(package, os.path.join(copy, "taskman"))
-        program = ("import sys; sys.path.insert(0, %r)\nfrom taskman import cgroups\n"
-                   "try:\n    cgroups.select_driver('auto', root='taskman-test-nobody')\n"
-                   "except cgroups.CgroupError as error:\n    print(error)\n") % copy
-        result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-                                 python, "-c", program], capture_output=True, text=True, timeout=20)
-    finally:
-        shutil.rmtree(copy)
-    assert result.returncode == 0, result.stderr
-    assert "--cgroup-driver none" in result.stdout
-    assert "no permission" in result.stdout
-
-
-def _usable_by_nobody(path):
-    """True if every directory on the way to ``path`` (links resolved) lets others in."""
-    real = os.path.realpath(path)
-    if not os.path.exists(real):
-        return False
-    directory = os.path.dirname(real)
-    while True:
-        if not os.stat(directory).st_mode & 0o001:
-            return False
-        if directory == "/":
-            return bool(os.stat(real).st_mode & 0o001)
-        directory = os.path.dirname(directory)
-
-
-def test_describe_names_driver_place_and_limits():
-    driver = _select(Limits(memory_max=64 * MiB, pids_max=20))
-    line = driver.describe()
-    print(line)
-    assert driver.name in line and "64 MiB" in line and "pids 20" in line
-    assert "20% of a CPU" in line and driver.hierarchies[0].base in line
-
-
-def test_io_limits_fall_back_to_the_host_disks_when_paths_are_on_no_block_device(tmp_path):
-    with small_tmpfs(tmp_path / "tmpfs", "1m") as mount:
-        disks = detect.host_disks()
-        assert disks, "this host has a disk (lsblk)"
-        assert detect.backing_devices([str(mount)]) == tuple(disks)
-        # A path that has a disk wins over the fallback.
-        assert detect.backing_devices([str(mount), "/"]) == (detect.whole_disk(
-            "%d:%d" % (os.major(os.stat("/").st_dev), os.minor(os.stat("/").st_dev))),)
