@@ -182,10 +182,24 @@ def test_ctrl_c_during_a_stream_exits_quietly(cli, server):
 
 
 def test_times_are_local_and_close_to_now(cli):
+    """Under a zone 5 h 45 min from UTC, the CLI prints that zone's time, not UTC."""
+    import zoneinfo
+
+    zone = "Asia/Kathmandu"
+    try:
+        local = zoneinfo.ZoneInfo(zone)
+    except zoneinfo.ZoneInfoNotFoundError:
+        pytest.skip(f"no time zone data for {zone}")
     task_id = cli.start_id("client001", "true")
-    row = cli.wait_ended(task_id)
-    started = datetime.datetime.strptime(row["START TIME"], "%Y-%m-%d %H:%M:%S")
-    assert abs((datetime.datetime.now() - started).total_seconds()) < 60
+    cli.wait_ended(task_id)
+    result = cli.run("get-status", task_id, env={"TZ": zone})
+    assert result.returncode == 0, result.stderr
+    row = parse_status_table(result.stdout.decode())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    for column in ("START TIME", "END TIME"):
+        printed = datetime.datetime.strptime(row[column], "%Y-%m-%d %H:%M:%S")
+        assert abs((now.astimezone(local).replace(tzinfo=None) - printed).total_seconds()) < 60
+        assert abs((now.replace(tzinfo=None) - printed).total_seconds()) > 5 * 3600  # not UTC
 
 
 # -- errors: one sentence on stderr, a distinct exit code per class
