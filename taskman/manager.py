@@ -13,6 +13,7 @@ their files), ``store`` (records on disk), ``retention`` (what to forget
 when) and ``recovery`` (the records of an earlier life).
 """
 
+import datetime
 import itertools
 import logging
 import os
@@ -28,7 +29,7 @@ from taskman.cgroups import Driver, Group
 from taskman.cgroups.none import ProcessGroupDriver
 from taskman.defaults import default_state_dir
 from taskman.errors import CgroupError, InvalidArgument, NotFound, Unavailable
-from taskman.output import OutputLog, create_log, ensure_directory
+from taskman.output import Chunk, OutputLog, Selector, create_log, ensure_directory
 from taskman.store import TaskStore
 from taskman.task import JobStatus, Source, Task, command_line, now, parse_task_id
 
@@ -167,15 +168,18 @@ class TaskManager:
         return self._snapshot(self._lookup(requester, task_id))
 
     def stream(self, requester: str, task_id: str,
-               cancelled: Optional[gevent.event.Event] = None) -> Iterator[bytes]:
-        """Return an iterator over the task's output from its first byte.
+               cancelled: Optional[gevent.event.Event] = None, offset: int = 0,
+               selector: Selector = Selector.ALL, tail_bytes: int = 0, tail_lines: int = 0,
+               since: Optional[datetime.datetime] = None, follow: bool = True) -> Iterator[Chunk]:
+        """Return an iterator over the task's output Chunks (see OutputLog.follow).
 
         Checks access now (raising NotFound), not on first iteration. The
-        iterator ends once the task has ended and all output was yielded, or
-        when ``cancelled`` is set.
+        iterator ends once the task has ended and all output was yielded, at
+        the output there is now if not ``follow``, or when ``cancelled`` is set.
         """
         entry = self._lookup(requester, task_id)
-        return entry.log.follow(0, cancelled)
+        return entry.log.follow(offset, Selector(selector), tail_bytes, tail_lines, since,
+                                follow, cancelled)
 
     def tasks(self, requester: str, owner: Optional[str] = None,
               statuses: Iterable[JobStatus] = (), limit: int = 0,
@@ -364,6 +368,7 @@ class TaskManager:
     def _recover(self) -> None:
         """Load the records of an earlier life, ending the tasks it left running."""
         for task, output in recovery.recover(self.store.load_all(), self.output_dir, self._persist):
+            output.date_unindexed(task.start_time)
             self._tasks[task.id] = _Entry(task, output)
             self._finished_bytes += output.size
         if self._tasks:

@@ -1,17 +1,22 @@
-"""A task's combined output: an append-only file plus a wake-up for followers.
+"""A task's output: an append-only file plus a wake-up for followers.
 
 The output lives on disk, not in the server's memory, so a task that writes
-gigabytes costs page cache, not RSS. One writer (the task's pump greenlet)
-appends; any number of readers follow from their own offsets with ``pread``
-on one shared descriptor, each waking on a gevent Event when caught up.
+gigabytes costs page cache, not RSS. One writer (the task's pump) appends;
+any number of readers follow from their own offsets with ``pread`` on one
+shared descriptor, each waking on a gevent Event when caught up. Each
+appended chunk also gets a record in the log's index (``output_index``):
+its stream and the time it was read, so a reader can select a stream, start
+at a time, or tail by bytes or lines.
 
 Also owns the output directory's layout: one ``<task id>.log`` per task,
-created here (``create_log``, ``reopen_log``) and named in ``log_path`` only.
+its index in a sibling directory (``output_index.index_path``), created here
+(``create_log``, ``reopen_log``) and named in ``log_path`` only.
 """
 
-import enum
+import datetime
 import errno
 import os
+import time
 from typing import Iterator, Optional
 
 import gevent
@@ -20,19 +25,26 @@ import gevent.lock
 import gevent.threadpool
 
 from taskman.errors import ResourceExhausted, TaskmanError
+from taskman.output_index import (
+    RECORD,
+    IndexReader,
+    Selector,
+    Stream,
+    index_directory,
+    index_path,
+    read_record,
+    write_chunk,
+)
 
-
-class Stream(enum.IntEnum):
-    """Which of a task's streams some output came from (the proto's OutputStream)."""
-
-    COMBINED = 0  # stdout and stderr on one shared pipe: the task's exact order
-    STDOUT = 1
-    STDERR = 2
-
+__all__ = ["Chunk", "OutputLog", "Selector", "Stream", "create_log", "ensure_directory",
+           "log_path", "reopen_log"]
 
 # Large reads keep the per-message overhead of a stream low (docs/design.md:
 # about 60 us per message under gevent, so 64 KiB messages reach ~250 MB/s).
 CHUNK_SIZE = 64 * 1024
+
+# Non-matching records a follower skips before letting other greenlets run.
+_SKIPS_PER_YIELD = 4096
 
 # Where output is written to disk. Once the kernel throttles writers of dirty
 # pages, a write blocks for tens to hundreds of ms: off the event loop it
@@ -48,16 +60,39 @@ def _writers() -> gevent.threadpool.ThreadPool:
     return _WRITERS
 
 
+class Chunk(bytes):
+    """Output bytes that know where they came from.
+
+    A ``bytes`` (so callers that only want the output can join chunks) with
+    ``offset`` (of its first byte in the task's combined output), ``stream``
+    (a Stream) and ``time_ns`` (when the server read its first byte, ns since
+    the epoch). A chunk never mixes two streams.
+    """
+
+    def __new__(cls, data: bytes, offset: int, stream: Stream, time_ns: int):
+        chunk = super().__new__(cls, data)
+        chunk.offset, chunk.stream, chunk.time_ns = offset, stream, time_ns
+        return chunk
+
+
+_STREAMS = tuple(Stream)
+
+
 class OutputLog:
-    """The output file of one task.
+    """The output file of one task and its index.
 
     ``append`` and ``finish`` belong to the writer; ``follow`` and ``read``
     to readers. The log is *finished* once the writer has seen end of file:
-    a follower then stops after reading everything.
+    a follower then stops after reading everything. In memory it keeps only
+    counters: the size, the number of index records and the bytes they cover.
     """
 
-    def __init__(self, path: str, *, existing: bool = False, max_bytes: int = 0):
+    def __init__(self, path: str, *, existing: bool = False, max_bytes: int = 0,
+                 index_path: Optional[str] = None):
+        """``index_path``: where the log's index is (None: no index, all output
+        is one COMBINED record)."""
         self.path = path
+        self.index_path = index_path
         self.max_bytes = max_bytes  # 0: no cap
         self.write_error: Optional[str] = None
         self.dropped = 0  # bytes not kept (cap reached or write failure)
@@ -65,22 +100,65 @@ class OutputLog:
         self._changed = gevent.event.Event()
         self._readers = 0
         self._fd = -1
+        self.index_fd = -1
         self._writing = None  # the write in the pool, if any
         # Two pumps (stdout, stderr) may append at once: one write at a time.
         self._appending = gevent.lock.Semaphore()
+        self._last_time_ns = 0
         if existing:
             self.size = os.stat(path).st_size
             self.finished = True
+            self._load_index()
         else:
-            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND
-                               | os.O_CLOEXEC, 0o600)
+            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+            self._fd = os.open(path, flags | os.O_APPEND, 0o600)
+            try:
+                if index_path is not None:
+                    self.index_fd = os.open(index_path, flags, 0o600)
+            except BaseException:
+                os.close(self._fd)
+                os.unlink(path)
+                raise
             self.size = 0
             self.finished = False
+            self.index_records = 0  # records in the index file
+            self.indexed_bytes = 0  # bytes of the log they describe: all of an indexed live log
+            self.unindexed_time_ns = time.time_ns()
+
+    def _load_index(self) -> None:
+        """Count the records of a finished log's index (none if it has no index)."""
+        self.index_records = self.indexed_bytes = 0
+        self.unindexed_time_ns = int(os.stat(self.path).st_mtime * 1e9)
+        if self.index_path is None:
+            return
+        try:
+            fd = os.open(self.index_path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return  # written before logs had an index
+        try:
+            count = os.fstat(fd).st_size // RECORD.size  # a torn last record is ignored
+            while count:
+                last = read_record(fd, count - 1)
+                if last.end <= self.size:
+                    self.indexed_bytes = last.end
+                    self._last_time_ns = last.time_ns
+                    break
+                count -= 1  # describes bytes the log lost
+            self.index_records = count
+            self.unindexed_time_ns = max(self.unindexed_time_ns, self._last_time_ns)
+        finally:
+            os.close(fd)
+
+    def date_unindexed(self, time: datetime.datetime) -> None:
+        """Date the output of a log that has no index at all (e.g. the task's
+        start time), instead of the file's modification time."""
+        if self.index_records == 0 and time is not None:
+            self.unindexed_time_ns = int(time.timestamp() * 1e9)
 
     # -- the writer's side
 
     def append(self, data: bytes, stream: Stream = Stream.COMBINED) -> None:
-        """Append to the file and wake every follower; never raises on disk errors.
+        """Append to the file, index it and wake every follower; never raises on disk errors.
 
         A full or failing disk must not stop the task or corrupt its status,
         so the bytes are dropped and counted and the error is remembered.
@@ -103,15 +181,18 @@ class OutputLog:
             self.dropped += len(data) - room
             data = data[:room] + self._marker()
             self.capped = True
-        view = memoryview(data)
-        try:
-            while view:
-                self._writing = _writers().spawn(os.write, self._fd, view)
-                written = self._writing.get()
-                self.size += written
-                view = view[written:]
-        except OSError as error:
-            self.dropped += len(view)
+        # Never backwards, so readers can search the index by time.
+        time_ns = self._last_time_ns = max(time.time_ns(), self._last_time_ns)
+        self._writing = _writers().spawn(write_chunk, self._fd, data, self.index_fd,
+                                         self.index_records, self.size, time_ns, stream)
+        written, error = self._writing.get()
+        if written:
+            self.size += written
+            if self.index_fd >= 0:
+                self.indexed_bytes = self.size
+                self.index_records += 1
+        if error is not None:
+            self.dropped += len(data) - written
             if self.write_error is None:
                 self.write_error = f"output not saved: {os.strerror(error.errno)}"
         self._wake()
@@ -137,12 +218,15 @@ class OutputLog:
         self._release_fd_if_idle()
 
     def remove(self) -> None:
-        """Delete the file (the task record is being forgotten)."""
+        """Delete the log and its index (the task record is being forgotten)."""
         self.finish()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        for path in (self.path, self.index_path):
+            if path is None:
+                continue
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
     def _wake(self) -> None:
         # Swap in a fresh Event before setting the old one: every follower
@@ -166,26 +250,65 @@ class OutputLog:
         finally:
             self._release()
 
-    def follow(self, offset: int = 0, cancelled: Optional[gevent.event.Event] = None,
-               chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
-        """Yield the output from ``offset`` on, waiting for more until finished.
+    def follow(self, offset: int = 0, selector: Selector = Selector.ALL, tail_bytes: int = 0,
+               tail_lines: int = 0, since: Optional[datetime.datetime] = None,
+               follow: bool = True, cancelled: Optional[gevent.event.Event] = None,
+               chunk_size: int = CHUNK_SIZE) -> Iterator[Chunk]:
+        """Yield the output from ``offset`` on as Chunks, waiting for more until finished.
 
-        Stops when the log is finished and fully read, or as soon as
-        ``cancelled`` is set (the client went away), so no greenlet is left
-        waiting for output nobody will read.
+        ``selector`` keeps only some streams (offsets still count all of
+        them). ``tail_bytes``, ``tail_lines`` (of the selected streams) and
+        ``since`` (output read at or after that time) start later, never
+        before ``offset``. A chunk holds one stream's consecutive records,
+        at most ``chunk_size`` bytes, dated by its first record.
+        Stops when the log is finished and fully read, at the output present
+        at the call if not ``follow``, or as soon as ``cancelled`` is set
+        (the client went away), so no greenlet is left waiting for output
+        nobody will read.
         """
+        selector = Selector(selector)
         self._acquire()
         try:
+            index = IndexReader(self)
+            end = None if follow else self.size
+            if tail_bytes or tail_lines or since is not None:
+                since_ns = int(since.timestamp() * 1e9) if since is not None else None
+                read = lambda start, size: os.pread(self._fd, size, start)  # noqa: E731
+                offset = max(offset, index.view_start(selector, tail_bytes, tail_lines,
+                                                      since_ns, read, chunk_size))
+            number = index.locate(offset)
+            skipped = 0
             while True:
                 changed = self._changed
-                if offset < self.size:
-                    data = os.pread(self._fd, min(chunk_size, self.size - offset), offset)
+                limit = self.size if end is None else end
+                if offset < limit:
+                    record = index.record(number)
+                    if not selector.wants(record.stream):
+                        offset, number = record.end, number + 1
+                        skipped += 1
+                        if skipped % _SKIPS_PER_YIELD == 0:
+                            gevent.sleep(0)  # a long run of the other stream
+                        continue
+                    stop = min(record.end, offset + chunk_size, limit)
+                    following = number
+                    while stop == index.record(following).end and stop - offset < chunk_size:
+                        if following + 1 >= index.count():
+                            break
+                        after = index.record(following + 1)
+                        if after.stream != record.stream:
+                            break
+                        following += 1
+                        stop = min(after.end, offset + chunk_size, limit)
+                    data = os.pread(self._fd, stop - offset, offset)
                     if not data:  # truncated under us: nothing more to give
                         return
+                    chunk = Chunk(data, offset, _STREAMS[record.stream], record.time_ns)
                     offset += len(data)
-                    yield data
+                    number = following + 1 if offset >= index.record(following).end else following
+                    yield chunk
                     continue
-                if self.finished or (cancelled is not None and cancelled.is_set()):
+                if (self.finished or end is not None
+                        or (cancelled is not None and cancelled.is_set())):
                     return
                 if cancelled is None:
                     changed.wait()
@@ -198,7 +321,12 @@ class OutputLog:
         if self._fd < 0:
             try:
                 self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+                if self.index_records:
+                    self.index_fd = os.open(self.index_path, os.O_RDONLY | os.O_CLOEXEC)
             except OSError as error:
+                if self._fd >= 0:
+                    os.close(self._fd)
+                    self._fd = -1
                 raise TaskmanError(f"output unavailable: {os.strerror(error.errno)}") from None
         self._readers += 1
 
@@ -212,10 +340,13 @@ class OutputLog:
         if self.finished and self._readers == 0 and self._fd >= 0:
             if self._writing is not None:
                 # A pump killed mid-write leaves its write running in the
-                # pool: never close (and let the kernel reuse) its descriptor.
+                # pool: never close (and let the kernel reuse) its descriptors.
                 self._writing.wait()
             os.close(self._fd)
             self._fd = -1
+            if self.index_fd >= 0:
+                os.close(self.index_fd)
+                self.index_fd = -1
 
 
 def log_path(directory: str, task_id: str) -> str:
@@ -224,13 +355,15 @@ def log_path(directory: str, task_id: str) -> str:
 
 
 def create_log(directory: str, task_id: str, max_bytes: int = 0) -> OutputLog:
-    """Create the output log of a new task (the file must not exist yet).
+    """Create the output log of a new task and its index (neither may exist yet).
 
     Raises ResourceExhausted when the disk or quota is full, TaskmanError
-    for any other failure to create the file.
+    for any other failure to create the files.
     """
     try:
-        return OutputLog(log_path(directory, task_id), max_bytes=max_bytes)
+        os.makedirs(index_directory(directory), mode=0o700, exist_ok=True)
+        return OutputLog(log_path(directory, task_id), max_bytes=max_bytes,
+                         index_path=index_path(directory, task_id))
     except OSError as error:
         if error.errno in (errno.ENOSPC, errno.EDQUOT):
             raise ResourceExhausted("no space left for task output on the server") from None
@@ -242,12 +375,14 @@ def reopen_log(directory: str, task_id: str) -> OutputLog:
     """The finished output log of a task from an earlier life of the server.
 
     A file that went missing is created empty, so the task's record stays
-    readable (with no output) rather than failing every stream of it.
+    readable (with no output) rather than failing every stream of it. A log
+    with no index (written before indexes existed) reads as one COMBINED
+    record.
     """
     path = log_path(directory, task_id)
     if not os.path.exists(path):
         open(path, "ab").close()
-    return OutputLog(path, existing=True)
+    return OutputLog(path, existing=True, index_path=index_path(directory, task_id))
 
 
 def ensure_directory(path: str) -> str:
