@@ -370,9 +370,19 @@ def test_200_random_tls_hellos(server, stub):
 # -- nothing half-made
 
 
-def test_nothing_half_made_is_left_behind(server, stub):
+def test_nothing_half_made_is_left_behind(server, channel, stub):
     """Runs last in this module: every output file and cgroup belongs to an
-    accepted task, and every accepted task has ended and kept its file."""
+    accepted task, and every accepted task has ended and kept its file.
+
+    Starts its own accepted task and its own refusals first, among them one
+    that fails only at exec (E2BIG, after the output file and the groups were
+    made), so it checks something when it runs alone too."""
+    code, details, kept = start(channel, "sh", ["-c", "echo kept"])
+    assert code is OK and kept, details
+    for command, args in (("no-such-command-anywhere", []), ("printf", ["a\0b"]),
+                          ("true", ["x" * 200_000])):  # one argument over MAX_ARG_STRLEN
+        code, details, refused = start(channel, command, args)
+        assert code is not OK and not refused, (command, code, details)
     for task_id in STARTED:
         wait_ended(stub, task_id)
     assert server.alive()
