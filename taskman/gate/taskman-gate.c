@@ -13,9 +13,9 @@
  * In order:
  *   1. block reading descriptor 3 until the server has put this process into
  *      the task's cgroups and writes a byte (end of file: the server gave up);
- *   2. with -t: a private mount and IPC namespace, a fresh tmpfs of TMP_BYTES
- *      on /tmp and /var/tmp (gone with the task's last process);
- *      with -p: a proc instance with hidepid=invisible on /proc, so the task
+ *   2. with -t or -p: a private mount and IPC namespace; with -t, a fresh
+ *      tmpfs of TMP_BYTES on each of /tmp and /var/tmp (gone with the task's
+ *      last process); with -p, a proc instance with hidepid=invisible on /proc, so the task
  *      sees only its own user's processes;
  *   3. with -u/-g: every capability out of the bounding and ambient sets,
  *      no_new_privs (setuid binaries cannot regain root), no supplementary
