@@ -13,8 +13,8 @@ import grpc
 
 from taskman import tls
 from taskman.api import task_manager_pb2, task_manager_pb2_grpc
+from taskman.defaults import DEFAULT_ADDRESS
 
-DEFAULT_ADDRESS = "localhost:50051"
 # Unary calls end well within this; a stop waits for the task's grace period.
 DEFAULT_TIMEOUT = 60.0
 

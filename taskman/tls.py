@@ -19,6 +19,9 @@ import ssl
 import sys
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
+from taskman.defaults import CERTS_DIR_VARIABLE
+from taskman.errors import ConfigError, Unauthenticated  # tls.Unauthenticated is the library's
+
 # A TLS 1.2 PSK suite: never offered by certificate-based clients, so no
 # TLS 1.2 handshake can agree on a cipher. TLS 1.3 suites are not affected.
 TLS12_CIPHER_BLOCKER = "PSK-AES128-CBC-SHA"
@@ -27,11 +30,10 @@ TLS13 = b"TLSv1.3"
 CA_CERT = "ca.crt"
 SERVER_CERT = "server.crt"
 SERVER_KEY = "server.key"
-CERTS_DIR_VARIABLE = "TASKMAN_CERTS_DIR"
 _NOT_USERS = ("ca", "server")
 
 
-class TLSConfigError(Exception):
+class TLSConfigError(ConfigError):
     """A certificate or key is missing, unreadable or does not fit."""
 
 
@@ -160,10 +162,6 @@ def channel_credentials(ca: str, cert: str, key: str):
 
 # -- identity
 
-class Unauthenticated(Exception):
-    """The call did not come over mutual TLS 1.3 with a usable certificate."""
-
-
 def caller(context) -> Identity:
     """Return who made the call, from the verified client certificate.
 
@@ -191,7 +189,7 @@ def caller(context) -> Identity:
 
 # -- the start-up self-test
 
-class TLS12Accepted(Exception):
+class TLS12Accepted(ConfigError):
     """The server negotiated TLS 1.2: the TLS 1.3-only restriction is not in effect."""
 
 
