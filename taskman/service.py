@@ -17,8 +17,16 @@ import grpc
 
 from taskman import tls
 from taskman.api import task_manager_pb2, task_manager_pb2_grpc
-from taskman.errors import CgroupError, InvalidArgument, NotFound, ResourceExhausted, TaskmanError, Unavailable
-from taskman.manager import TaskManager
+from taskman.defaults import DEFAULT_MAX_STREAMS
+from taskman.errors import (
+    CgroupError,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    TaskmanError,
+    Unauthenticated,
+    Unavailable,
+)
 from taskman.task import JobStatus, Task
 
 log = logging.getLogger("taskman.service")
@@ -30,11 +38,11 @@ STATUS_FOR = (
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),  # CommandNotFound, NotExecutable
     (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (CgroupError, grpc.StatusCode.INTERNAL),
     (TaskmanError, grpc.StatusCode.INTERNAL),
 )
 
-DEFAULT_MAX_STREAMS = 256
 # Executor workers kept for unary calls on top of one per stream: a stream
 # holds its worker for its whole life (NOTES.md), and a StopTask may hold one
 # for the stop grace period.
@@ -85,6 +93,8 @@ def status_response(task: Task, args_chars: int = 0) -> task_manager_pb2.TaskSta
 
 
 def _cut(args: list, chars: int) -> list:
+    """The arguments cut to about ``chars`` characters, the last cut one ending
+    in "..." (``taskman.task.cut_args`` leaves such an argument out instead)."""
     if not chars or sum(map(len, args)) <= chars:
         return args
     kept = []
@@ -97,33 +107,33 @@ def _cut(args: list, chars: int) -> list:
     return kept
 
 
-class _Call:
-    """What the per-call log line reports."""
+class Call:
+    """One call as the log line, the audit trail and the metrics report it."""
 
-    def __init__(self, method: str, task_id: str):
+    def __init__(self, method: str, task_id: str, peer: str, streaming: bool, audited: bool):
         self.method = method
         self.task_id = task_id
+        self.peer = peer
+        self.streaming = streaming
+        self.audited = audited  # False: audit only if refused (health probes)
         self.user = "-"
         self.code = grpc.StatusCode.CANCELLED  # until it is known to be otherwise
         self.sent = None  # bytes, for streams
-        self.peer = ""
         self.answered: Optional[float] = None  # monotonic time a stream was accepted
-        self.audited = True  # False: audit only if refused (health probes)
-        self.streaming = False
 
 
-class TaskManagerServicer(task_manager_pb2_grpc.TaskManagerServicer):
-    """Serves ``manager`` to mutually authenticated TLS 1.3 clients.
+class CallGuard:
+    """What every call to the server goes through, whatever its service.
 
-    ``max_streams``: open StreamTaskOutput calls beyond which new ones get
-    RESOURCE_EXHAUSTED. Size the server's executor with ``executor_workers``.
-    ``audit`` (a taskman.audit.AuditLog) and ``metrics`` (a
-    taskman.metrics.Metrics) are told of every call when given.
+    ``call`` authenticates the caller, maps the body's error to a status and
+    reports the outcome once (log line, audit record, metrics);
+    ``admit_stream`` holds a stream's place among the ``max_streams`` open
+    ones, since each holds an executor worker for its whole life. The
+    TaskManager servicer and ``GuardInterceptor`` (for health checking and
+    reflection) share one guard, hence one stream limit.
     """
 
-    def __init__(self, manager: TaskManager, max_streams: int = DEFAULT_MAX_STREAMS,
-                 audit=None, metrics=None):
-        self.manager = manager
+    def __init__(self, max_streams: int = DEFAULT_MAX_STREAMS, audit=None, metrics=None):
         self.max_streams = max_streams
         self.open_streams = 0
         self.audit = audit
@@ -131,75 +141,12 @@ class TaskManagerServicer(task_manager_pb2_grpc.TaskManagerServicer):
         if metrics is not None:
             metrics.streams_active.set_function(lambda: self.open_streams)
 
-    @staticmethod
-    def executor_workers(max_streams: int) -> int:
-        return max_streams + UNARY_WORKERS
-
-    def StartTask(self, request, context):
-        with self._call(context, "StartTask", "") as call:
-            task = self.manager.start(call.user, request.command, list(request.args))
-            call.task_id = task.id
-            return task_manager_pb2.StartTaskResponse(task_id=task.id)
-
-    def StopTask(self, request, context):
-        with self._call(context, "StopTask", request.task_id) as call:
-            self.manager.stop(call.user, request.task_id)
-            return task_manager_pb2.StopTaskResponse()
-
-    def GetTaskStatus(self, request, context):
-        with self._call(context, "GetTaskStatus", request.task_id) as call:
-            return status_response(self.manager.status(call.user, request.task_id))
-
-    def ListTasks(self, request, context):
-        with self._call(context, "ListTasks", "") as call:
-            statuses = [JobStatus(value) for value in request.statuses
-                        if value in JobStatus._value2member_map_]
-            if len(statuses) != len(request.statuses):
-                raise InvalidArgument("unknown job status in the filter")
-            page_size = min(request.limit or LIST_PAGE_SIZE, LIST_PAGE_MAX)
-            # One more than the page tells whether another page follows.
-            tasks = self.manager.tasks(call.user, owner=request.owner or None,
-                                       statuses=statuses, limit=page_size + 1,
-                                       after=request.page_token or None)
-            response = task_manager_pb2.ListTasksResponse(
-                tasks=[status_response(task, LIST_ARGS_CHARS) for task in tasks[:page_size]])
-            if len(tasks) > page_size:
-                response.next_page_token = tasks[page_size - 1].id
-            return response
-
-    def StreamTaskOutput(self, request, context) -> Iterator:
-        with self._call(context, "StreamTaskOutput", request.task_id, streaming=True) as call:
-            if self.open_streams >= self.max_streams:
-                raise ResourceExhausted(f"too many open output streams (limit "
-                                        f"{self.max_streams}); try again later")
-            # Woken when the client goes away, so the follower never waits
-            # for output nobody will read (and its worker is given back).
-            cancelled = gevent.event.Event()
-            if not context.add_callback(cancelled.set):
-                cancelled.set()
-            # No greenlet switch between the check above and this increment.
-            chunks = self.manager.stream(call.user, request.task_id, cancelled)
-            self.open_streams += 1
-            call.sent = 0
-            call.answered = time.monotonic()
-            sent_bytes = self.metrics.stream_bytes if self.metrics is not None else None
-            try:
-                for chunk in chunks:
-                    call.sent += len(chunk)
-                    if sent_bytes is not None:
-                        sent_bytes.inc(len(chunk))  # live, so a long stream shows as it goes
-                    yield task_manager_pb2.StreamTaskOutputResponse(output=chunk)
-            finally:
-                self.open_streams -= 1
-                chunks.close()
-
     @contextlib.contextmanager
-    def _call(self, context, method: str, task_id: str, streaming: bool = False):
-        """Authenticate, run the body, map its error to a status, log one line
-        (and an audit record and the call's metrics, when configured)."""
-        call = _Call(method, task_id)
-        call.peer = context.peer()
-        call.streaming = streaming
+    def call(self, context, method: str, task_id: str = "", *, streaming: bool = False,
+             audited: bool = True) -> Iterator[Call]:
+        """Run the body as ``method``'s call; on an error, abort the call with
+        the status and message STATUS_FOR gives it."""
+        call = Call(method, task_id, context.peer(), streaming, audited)
         started = time.monotonic()
         failure: Optional[str] = None
         try:
@@ -209,8 +156,6 @@ class TaskManagerServicer(task_manager_pb2_grpc.TaskManagerServicer):
                 # A handler may set a code without raising (grpc_health's
                 # Check sets NOT_FOUND for an unknown service).
                 call.code = _code_set(context) or grpc.StatusCode.OK
-        except tls.Unauthenticated as error:
-            call.code, failure = grpc.StatusCode.UNAUTHENTICATED, str(error)
         except TaskmanError as error:
             call.code, failure = status_for(error), message_for(error)
         except Exception:
@@ -221,7 +166,21 @@ class TaskManagerServicer(task_manager_pb2_grpc.TaskManagerServicer):
         if failure is not None:
             context.abort(call.code, failure)
 
-    def _observe(self, call: _Call, started: float, failure: Optional[str]) -> None:
+    @contextlib.contextmanager
+    def admit_stream(self, kind: str = "streams"):
+        """Count a stream as open for the body's duration; ResourceExhausted
+        (naming ``kind``) when ``max_streams`` are open already."""
+        # No greenlet switch between the check and the increment.
+        if self.open_streams >= self.max_streams:
+            raise ResourceExhausted(f"too many open {kind} (limit {self.max_streams}); "
+                                    "try again later")
+        self.open_streams += 1
+        try:
+            yield
+        finally:
+            self.open_streams -= 1
+
+    def _observe(self, call: Call, started: float, failure: Optional[str]) -> None:
         """The log line, the audit record and the metrics of one finished call."""
         ended = time.monotonic()
         _log_call(call, ended - started)
@@ -238,7 +197,7 @@ class TaskManagerServicer(task_manager_pb2_grpc.TaskManagerServicer):
                 self.metrics.streams_refused.inc()
 
 
-def _log_call(call: _Call, elapsed: float) -> None:
+def _log_call(call: Call, elapsed: float) -> None:
     sent = "" if call.sent is None else f" sent={call.sent}"
     # The task id is the client's text until validated: never let it flood the log.
     task_id = repr(call.task_id[:40]) + "..." if len(call.task_id) > 40 else call.task_id
@@ -254,6 +213,87 @@ def _code_set(context) -> Optional[grpc.StatusCode]:
         return None
 
 
+class TaskManagerServicer(task_manager_pb2_grpc.TaskManagerServicer):
+    """Serves ``manager`` to mutually authenticated TLS 1.3 clients.
+
+    Every call goes through ``guard`` (a CallGuard; by default one made of
+    ``max_streams``, ``audit`` and ``metrics``): beyond its stream limit new
+    StreamTaskOutput calls get RESOURCE_EXHAUSTED. ``audit`` is a
+    taskman.audit.AuditLog, ``metrics`` a taskman.metrics.Metrics. Size the
+    server's executor with ``executor_workers``.
+    """
+
+    def __init__(self, manager, max_streams: int = DEFAULT_MAX_STREAMS, audit=None,
+                 metrics=None, guard: Optional[CallGuard] = None):
+        self.manager = manager
+        self.guard = guard or CallGuard(max_streams, audit=audit, metrics=metrics)
+
+    @staticmethod
+    def executor_workers(max_streams: int) -> int:
+        return max_streams + UNARY_WORKERS
+
+    # The guard's hooks, so a servicer can stand for its guard (GuardInterceptor).
+    def call(self, context, method: str, task_id: str = "", **options):
+        return self.guard.call(context, method, task_id, **options)
+
+    def admit_stream(self, kind: str = "streams"):
+        return self.guard.admit_stream(kind)
+
+    def StartTask(self, request, context):
+        with self.call(context, "StartTask") as call:
+            task = self.manager.start(call.user, request.command, list(request.args))
+            call.task_id = task.id
+            return task_manager_pb2.StartTaskResponse(task_id=task.id)
+
+    def StopTask(self, request, context):
+        with self.call(context, "StopTask", request.task_id) as call:
+            self.manager.stop(call.user, request.task_id)
+            return task_manager_pb2.StopTaskResponse()
+
+    def GetTaskStatus(self, request, context):
+        with self.call(context, "GetTaskStatus", request.task_id) as call:
+            return status_response(self.manager.status(call.user, request.task_id))
+
+    def ListTasks(self, request, context):
+        with self.call(context, "ListTasks") as call:
+            statuses = [JobStatus(value) for value in request.statuses
+                        if value in JobStatus._value2member_map_]
+            if len(statuses) != len(request.statuses):
+                raise InvalidArgument("unknown job status in the filter")
+            page_size = min(request.limit or LIST_PAGE_SIZE, LIST_PAGE_MAX)
+            # One more than the page tells whether another page follows.
+            tasks = self.manager.tasks(call.user, owner=request.owner or None,
+                                       statuses=statuses, limit=page_size + 1,
+                                       after=request.page_token or None)
+            response = task_manager_pb2.ListTasksResponse(
+                tasks=[status_response(task, LIST_ARGS_CHARS) for task in tasks[:page_size]])
+            if len(tasks) > page_size:
+                response.next_page_token = tasks[page_size - 1].id
+            return response
+
+    def StreamTaskOutput(self, request, context) -> Iterator:
+        with self.call(context, "StreamTaskOutput", request.task_id, streaming=True) as call, \
+                self.admit_stream("output streams"):
+            # Woken when the client goes away, so the follower never waits
+            # for output nobody will read (and its worker is given back).
+            cancelled = gevent.event.Event()
+            if not context.add_callback(cancelled.set):
+                cancelled.set()
+            chunks = self.manager.stream(call.user, request.task_id, cancelled)
+            call.sent = 0
+            call.answered = time.monotonic()
+            metrics = self.guard.metrics
+            sent_bytes = metrics.stream_bytes if metrics is not None else None
+            try:
+                for chunk in chunks:
+                    call.sent += len(chunk)
+                    if sent_bytes is not None:
+                        sent_bytes.inc(len(chunk))  # live, so a long stream shows as it goes
+                    yield task_manager_pb2.StreamTaskOutputResponse(output=chunk)
+            finally:
+                chunks.close()
+
+
 # -- the server's other services (health checking, reflection)
 
 OWN_METHODS = "/" + task_manager_pb2.DESCRIPTOR.services_by_name["TaskManager"].full_name + "/"
@@ -261,52 +301,45 @@ HEALTH_METHODS = "grpc.health.v1.Health/"
 
 
 class GuardInterceptor(grpc.ServerInterceptor):
-    """Puts every call to the server's other services through ``servicer._call``.
+    """Puts every call to the server's other services through ``guard``.
 
-    Health checking and reflection carry no task data, but they share the
-    mTLS port, so they get the same identity and TLS 1.3 guard, log line,
-    audit record and metrics as TaskManager's own methods (which call
-    ``_call`` themselves and pass through untouched). Their streams (Health
+    ``guard``: a CallGuard, or a TaskManagerServicer (which stands for its
+    own). Health checking and reflection carry no task data, but they share
+    the mTLS port, so they get the same identity and TLS 1.3 check, log line,
+    audit record and metrics as TaskManager's own methods (which go through
+    the guard themselves and pass here untouched). Their streams (Health
     Watch, ServerReflectionInfo) each hold an executor worker, so they count
-    against the servicer's stream limit. Successful health calls are not
-    audited: probes every few seconds would bury the trail; refused ones are.
+    against the same stream limit. Successful health calls are not audited:
+    probes every few seconds would bury the trail; refused ones are.
     """
 
-    def __init__(self, servicer: Optional[TaskManagerServicer] = None):
-        self.servicer = servicer  # may be set later, before the server starts
+    def __init__(self, guard):
+        self.guard = guard
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         method = handler_call_details.method
         if handler is None or method.startswith(OWN_METHODS):
             return handler
-        return _guarded(handler, self.servicer, method.lstrip("/"))
+        return _guarded(handler, self.guard, method.lstrip("/"))
 
 
-def _guarded(handler, servicer: TaskManagerServicer, name: str):
-    """``handler`` with its behaviour run inside ``servicer._call``."""
+def _guarded(handler, guard, name: str):
+    """``handler`` with its behaviour run inside ``guard.call``."""
     audited = not name.startswith(HEALTH_METHODS)
     if handler.response_streaming:
         behavior = handler.stream_stream if handler.request_streaming else handler.unary_stream
 
         def serve(request, context):
-            with servicer._call(context, name, "", streaming=True) as call:
-                call.audited = audited
-                if servicer.open_streams >= servicer.max_streams:
-                    raise ResourceExhausted(f"too many open streams (limit "
-                                            f"{servicer.max_streams}); try again later")
-                servicer.open_streams += 1
+            with guard.call(context, name, streaming=True, audited=audited) as call, \
+                    guard.admit_stream():
                 call.answered = time.monotonic()
-                try:
-                    yield from behavior(request, context)
-                finally:
-                    servicer.open_streams -= 1
+                yield from behavior(request, context)
     else:
         behavior = handler.stream_unary if handler.request_streaming else handler.unary_unary
 
         def serve(request, context):
-            with servicer._call(context, name, "") as call:
-                call.audited = audited
+            with guard.call(context, name, audited=audited):
                 return behavior(request, context)
 
     wrap = {(False, False): grpc.unary_unary_rpc_method_handler,

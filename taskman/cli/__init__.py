@@ -1,2 +1,3 @@
-"""Command-line entry points: ``taskman`` (client.py) and ``taskman-server``
-(server.py), docopt mains behind the tiny scripts in bin/."""
+"""Command-line entry points: ``taskman`` (client.py, with messages.py) and
+``taskman-server`` (server.py, with settings.py and check.py), docopt mains
+behind the tiny scripts in bin/."""

@@ -15,6 +15,7 @@ import time
 from typing import Callable, List, Optional, Tuple
 
 from taskman import tls
+from taskman.defaults import default_state_dir
 from taskman.errors import TaskmanError
 
 # Below this much free space in the state directory a server soon refuses
@@ -29,11 +30,9 @@ class Failed(Exception):
 
 
 def run(settings, out=print) -> int:
-    """Run every check against ``settings`` (a cli.server.Settings); return 0 or 1."""
-    from taskman.manager import default_state_dir
-
+    """Run every check against ``settings`` (a taskman.cli.settings.Settings); return 0 or 1."""
     state_dir = os.path.abspath(settings.state_dir or default_state_dir())
-    audit_log = os.path.abspath(settings.audit_log or os.path.join(state_dir, "audit.log"))
+    audit_log = os.path.abspath(settings.audit_path(state_dir))
     checks: List[Tuple[str, Callable[[], str]]] = [
         ("certificates", lambda: check_certificates(settings)),
         ("cgroup driver", lambda: check_cgroups(settings, state_dir)),
@@ -44,7 +43,7 @@ def run(settings, out=print) -> int:
     for name, check in checks:
         try:
             out(f"OK   {name}: {check()}")
-        except (Failed, TaskmanError, tls.TLSConfigError) as error:
+        except (Failed, TaskmanError) as error:
             failures += 1
             out(f"FAIL {name}: {error}")
         except OSError as error:

@@ -1,0 +1,251 @@
+"""The composition root: build, start and stop the gRPC server.
+
+``serve`` wires the parts together in the one order that is safe: the state
+directory and the audit log, then the gRPC server (executor, mTLS
+credentials, the call guard as interceptor) bound to its port, and only
+then the cgroup driver and the TaskManager, so that a port already in use
+costs no recovery pass over another server's tasks. Then the servicer,
+health checking and reflection, metrics, the start, the TLS 1.3-only
+self-test and, on SIGTERM or SIGINT, an orderly shutdown.
+
+Expects the process prepared by taskman.cli.server (TLS restriction in the
+environment, gevent's patches, grpc's gevent integration) before it is
+imported. Failures to start are raised as ConfigError, one sentence each.
+"""
+
+import logging
+import os
+import queue
+import signal
+from concurrent import futures
+from typing import TYPE_CHECKING
+
+import gevent
+import gevent.event
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from taskman import tls
+from taskman.api import task_manager_pb2, task_manager_pb2_grpc
+from taskman.audit import AuditLog
+from taskman.cgroups import select_driver
+from taskman.defaults import default_state_dir
+from taskman.errors import ConfigError, TaskmanError
+from taskman.manager import TaskManager
+from taskman.output import ensure_directory
+from taskman.service import CallGuard, GuardInterceptor, TaskManagerServicer
+
+if TYPE_CHECKING:
+    from taskman.cli.settings import Settings
+
+SHUTDOWN_MARGIN = 30.0  # seconds in-flight calls get beyond the tasks' stop grace
+SERVICE_NAME = task_manager_pb2.DESCRIPTOR.services_by_name["TaskManager"].full_name
+
+log = logging.getLogger("taskman.server")
+
+
+def serve(settings: "Settings") -> int:
+    """Run the server until SIGTERM or SIGINT; return the exit status.
+
+    Raises ConfigError when the server cannot start.
+    """
+    ca, cert, key = tls.server_files(settings.ca_cert, settings.server_cert, settings.server_key)
+    credentials = tls.server_credentials(ca, cert, key)
+    stopping = gevent.event.Event()
+    gevent.signal_handler(signal.SIGTERM, stopping.set)
+    gevent.signal_handler(signal.SIGINT, stopping.set)
+
+    state_dir = _setting_up(lambda: ensure_directory(settings.state_dir or default_state_dir()))
+    audit, metrics = open_observers(settings, state_dir)
+    guard = CallGuard(settings.max_streams, audit=audit, metrics=metrics)
+    executor = futures.ThreadPoolExecutor(
+        max_workers=TaskManagerServicer.executor_workers(settings.max_streams),
+        thread_name_prefix="rpc")
+    server = grpc.server(executor, interceptors=[GuardInterceptor(guard)], options=[
+        # Without this a second server could bind the same port (gRPC sets
+        # SO_REUSEPORT by default) and the two would split the clients.
+        ("grpc.so_reuseport", 0),
+        # Find clients that vanished without closing, so their streams end.
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+    ])
+    port = bind(server, settings.address, credentials)
+    if not port:
+        audit.close()
+        raise ConfigError(f"cannot listen on {settings.address}: the address is in use "
+                          "or not available")
+
+    try:
+        # The IO limits default to the disks holding / and the task output.
+        driver = _setting_up(lambda: select_driver(settings.driver, settings.limits,
+                                                   settings.cgroup_root, io_paths=("/", state_dir)))
+        manager = _setting_up(lambda: TaskManager(
+            state_dir=state_dir, driver=driver, stop_grace=settings.stop_grace,
+            output_max_bytes=settings.task_output_max, retention_age=settings.retention,
+            retention_bytes=settings.output_budget))
+    except ConfigError:
+        audit.close()
+        raise
+    manager.listeners.append(audit.task_event)
+    log.info("audit log %s", audit.path)
+    try:
+        metrics_server = serve_metrics(settings, metrics, manager)
+    except ConfigError:
+        manager.shutdown(timeout=0)
+        audit.close()
+        raise
+    servicer = TaskManagerServicer(manager, guard=guard)
+    task_manager_pb2_grpc.add_TaskManagerServicer_to_server(servicer, server)
+    health_servicer = add_health_and_reflection(server)
+    server.start()
+
+    try:
+        refusal = tls.check_tls13_only(probe_host(settings.host), port)
+    except (tls.TLS12Accepted, OSError) as error:
+        audit.record("server.refused_to_start", reason=f"TLS 1.3-only self-test failed: {error}")
+        server.stop(None)
+        manager.shutdown(timeout=0)
+        raise ConfigError(f"refusing to run: the TLS 1.3-only self-test failed ({error})") \
+            from None
+
+    log.info("listening on %s:%d (mTLS, TLS 1.3 only; self-test: %s)",
+             settings.host, port, refusal)
+    if driver.name == "none":
+        # Asked for explicitly, but never quietly: tasks run with no limits.
+        log.warning("cgroup driver: %s", driver.describe())
+    else:
+        log.info("cgroup driver: %s", driver.describe())
+    log.info("limits: %s", settings.limits)
+    log.info("state directory %s; stop grace %gs; at most %d streams, %d workers",
+             manager.state_dir, settings.stop_grace, settings.max_streams,
+             TaskManagerServicer.executor_workers(settings.max_streams))
+    audit.record("server.start", pid=os.getpid(), address=f"{settings.host}:{port}",
+                 tls_self_test=refusal, cgroup_driver=driver.describe(),
+                 metrics=(f"{settings.metrics_host}:{metrics_server.server_address[1]}"
+                          if metrics_server is not None else None))
+
+    stopping.wait()
+    health_servicer.enter_graceful_shutdown()  # NOT_SERVING to Watch streams and later Checks
+    health_servicer.end_watches()
+    audit.record("server.stop", pid=os.getpid())
+    log.info("shutting down: refusing new calls, stopping running tasks")
+    stopped = server.stop(grace=settings.stop_grace + SHUTDOWN_MARGIN)
+    manager.shutdown()
+    stopped.wait(settings.stop_grace + SHUTDOWN_MARGIN + 1)
+    executor.shutdown(wait=False)
+    if metrics_server is not None:
+        metrics_server.shutdown()
+        metrics_server.server_close()
+    audit.close()
+    log.info("stopped")
+    return 0
+
+
+def _setting_up(make):
+    """``make()``, its failure as one ConfigError sentence: "cannot set up tasks: ..."."""
+    try:
+        return make()
+    except TaskmanError as error:
+        raise ConfigError(f"cannot set up tasks: {error}") from None
+    except OSError as error:
+        raise ConfigError(f"cannot set up tasks: {error.strerror} "
+                          f"({error.filename or ''})") from None
+
+
+def bind(server, address: str, credentials) -> int:
+    """Listen on ``address`` with mTLS; the port, or 0 if it cannot be had."""
+    try:
+        return server.add_secure_port(address, credentials)
+    except RuntimeError:
+        return 0
+
+
+def probe_host(host: str) -> str:
+    """Where the self-test connects to reach a server bound to ``host``."""
+    host = host.strip("[]")
+    if host in ("", "0.0.0.0", "*"):
+        return "127.0.0.1"
+    if host == "::":
+        return "::1"
+    return host
+
+
+# -- operability: audit trail, metrics, health checking, reflection
+
+def open_observers(settings: "Settings", state_dir: str):
+    """Open the audit log; make the metrics if asked for. Return (audit,
+    metrics or None); ConfigError if the audit log cannot be opened."""
+    path = settings.audit_path(state_dir)
+    try:
+        audit = AuditLog(path)
+    except OSError as error:
+        raise ConfigError(f"cannot open the audit log {path}: {error.strerror}") from None
+    if not settings.metrics_address:
+        return audit, None
+    from taskman.metrics import Metrics
+
+    return audit, Metrics()
+
+
+def serve_metrics(settings: "Settings", metrics, manager):
+    """Serve ``metrics`` over HTTP and hang them on the manager's task events;
+    the HTTP server, or None without metrics. ConfigError if it cannot listen."""
+    if metrics is None:
+        return None
+    try:
+        metrics_server = metrics.serve(settings.metrics_host.strip("[]"), settings.metrics_port)
+    except OSError as error:
+        raise ConfigError(f"cannot serve metrics on {settings.metrics_address}: "
+                          f"{error.strerror}") from None
+    manager.listeners.append(metrics.task_event)
+    log.info("metrics on http://%s:%d/metrics", settings.metrics_host,
+             metrics_server.server_address[1])
+    return metrics_server
+
+
+class HealthServicer(health.HealthServicer):
+    """grpc_health's servicer whose blocking Watch streams can be ended.
+
+    Each Watch holds an executor worker until its client leaves; at shutdown
+    ``end_watches`` ends them (after NOT_SERVING was sent) so they do not
+    hold the server for its whole grace period. Built on the public
+    ``send_response_callback`` of grpc_health's Watch.
+    """
+
+    def __init__(self):
+        # Blocking Watch: a plain generator the guard can wrap and count
+        # against --max-streams, like any stream.
+        super().__init__(experimental_non_blocking=False)
+        self._watches = set()
+
+    def Watch(self, request, context, send_response_callback=None):
+        if send_response_callback is not None:
+            return super().Watch(request, context, send_response_callback)
+        return self._watch(request, context)
+
+    def _watch(self, request, context):
+        responses = queue.Queue()
+        self._watches.add(responses)
+        try:
+            # put(None) from grpc_health (the call ended) or end_watches ends it.
+            super().Watch(request, context, send_response_callback=responses.put)
+            yield from iter(responses.get, None)
+        finally:
+            self._watches.discard(responses)
+
+    def end_watches(self) -> None:
+        for responses in list(self._watches):
+            responses.put(None)
+
+
+def add_health_and_reflection(server) -> HealthServicer:
+    """Add grpc.health.v1.Health (SERVING for the server and TaskManager) and
+    server reflection (listing both and itself); return the health servicer."""
+    servicer = HealthServicer()
+    for name in (health.OVERALL_HEALTH, SERVICE_NAME):
+        servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME,
+                                         reflection.SERVICE_NAME), server)
+    return servicer
