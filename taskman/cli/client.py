@@ -5,7 +5,9 @@ command's arguments as ``[args...]``, which docopt would read as a literal
 word, so the pattern docopt parses spells it ``[<args>...]``; ``--help`` is
 answered before docopt sees the command line, with the RFD's text.
 
-One table (``EXIT_CODES``) maps gRPC status codes to exit codes; every failure
+One table (``taskman.cli.messages``) maps gRPC status codes to messages and
+exit codes; a local error (bad command line, unusable certificate) is a
+ConfigError, exit status 2. Every failure
 is one sentence on stderr, never a traceback.
 """
 
@@ -16,7 +18,17 @@ from typing import Optional
 
 import docopt
 
-DEFAULT_ADDRESS = "localhost:50051"
+from taskman.cli.messages import (  # noqa: F401 (EXIT_CODES: the table, importable here too)
+    EXIT_CODES,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    describe_error,
+    exit_code,
+)
+from taskman.defaults import DEFAULT_ADDRESS, JOB_STATUS_NAMES, JOB_STATUS_PREFIX
+from taskman.errors import ConfigError
+from taskman.task import command_line
 
 START_HELP = """\
 Usage:
@@ -176,31 +188,15 @@ Exit status:
   130  interrupted (Ctrl-C)
 """  # noqa: E501
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
-# gRPC status code name -> exit code; anything else is EXIT_ERROR.
-EXIT_CODES = {
-    "INVALID_ARGUMENT": 3,
-    "NOT_FOUND": 4,
-    "UNAUTHENTICATED": 5,
-    "PERMISSION_DENIED": 5,
-    "RESOURCE_EXHAUSTED": 6,
-    "UNAVAILABLE": 7,
-    "DEADLINE_EXCEEDED": 8,
-}
-
-
-class UsageError(Exception):
-    pass
+class UsageError(ConfigError):
+    """The command line cannot be used; like any ConfigError, exit status 2."""
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         return _run(argv)
-    except UsageError as error:
+    except ConfigError as error:  # UsageError, tls.TLSConfigError
         print(f"taskman: {error}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
@@ -237,10 +233,7 @@ def _run(argv: list) -> int:
     from taskman import client as client_module
 
     address = options["--server-address"] or DEFAULT_ADDRESS
-    try:
-        client = client_module.TaskmanClient(address, options["--user-id"])
-    except tls.TLSConfigError as error:
-        raise UsageError(str(error)) from None
+    client = client_module.TaskmanClient(address, options["--user-id"])
     try:
         with client:
             if command == "start":
@@ -254,7 +247,7 @@ def _run(argv: list) -> int:
             return _stream(client, options["<task-id>"])
     except client_module.ClientError as error:
         print(f"taskman: {describe_error(error)}", file=sys.stderr)
-        return EXIT_CODES.get(error.code.name, EXIT_ERROR)
+        return exit_code(error)
 
 
 def _parse(help_text: str, argv: list) -> dict:
@@ -295,8 +288,6 @@ def _get_status(client, task_id: str) -> int:
 
 LIST_COLUMNS = ("TASK ID", "OWNER", "START TIME", "PID", "STATUS", "EXIT CODE", "SIGNAL",
                 "SOURCE", "END TIME", "COMMAND")
-STATUS_NAMES = ("JOB_STATUS_UNKNOWN", "JOB_STATUS_STARTED", "JOB_STATUS_SIGNALED",
-                "JOB_STATUS_EXITED_OK", "JOB_STATUS_EXITED_ERROR")
 COMMAND_WIDTH = 60
 
 
@@ -311,25 +302,24 @@ def _list(client, options: dict) -> int:
              str(task.process_id or "-"), task.status,
              "-" if task.exit_code is None else str(task.exit_code),
              task.termination_signal or "-", task.termination_source or "-",
-             format_time(task.end_time), _command_line(task)) for task in tasks]
+             format_time(task.end_time), _command_column(task)) for task in tasks]
     print(format_table(LIST_COLUMNS, rows))
     return EXIT_OK
 
 
 def _status_name(value: str) -> str:
     name = value.upper()
-    if not name.startswith("JOB_STATUS_"):
-        name = "JOB_STATUS_" + name
-    if name not in STATUS_NAMES:
+    if not name.startswith(JOB_STATUS_PREFIX):
+        name = JOB_STATUS_PREFIX + name
+    if name not in JOB_STATUS_NAMES:
         raise UsageError(f"unknown --status {value!r}: use started, signaled, exited_ok, "
                          "exited_error or unknown")
     return name
 
 
-def _command_line(task) -> str:
-    import shlex
-    text = shlex.join([task.command, *task.args]) if task.command else "-"
-    text = text.replace("\n", " ")
+def _command_column(task) -> str:
+    """The command line, cut to COMMAND_WIDTH characters ending in "..."."""
+    text = command_line(task.command, list(task.args), limit=sys.maxsize)
     return text if len(text) <= COMMAND_WIDTH else text[:COMMAND_WIDTH - 3] + "..."
 
 
@@ -369,34 +359,6 @@ def format_table(headers, rows) -> str:
 
     rule = ["-" * len(header) for header in headers]
     return "\n".join(line(cells) for cells in (headers, rule, *rows))
-
-
-def describe_error(error) -> str:
-    """One sentence for a failed call, from its status code and the server's message."""
-    code, message = error.code.name, error.message.strip()
-    if code == "UNAVAILABLE":
-        return f"cannot reach server at {error.address}: {_unavailable_reason(message)}"
-    if code == "DEADLINE_EXCEEDED":
-        return f"the server at {error.address} did not answer in time"
-    if code == "UNAUTHENTICATED":
-        return f"the server refused the credentials: {message}"
-    if code == "INTERNAL" or code == "UNKNOWN":
-        return f"the server failed: {message or 'no details'}"
-    return message or f"the call failed ({code})"
-
-
-def _unavailable_reason(message: str) -> str:
-    lowered = message.lower()
-    if "connection refused" in lowered:
-        return "connection refused (is taskman-server running there?)"
-    if "handshake" in lowered or "ssl" in lowered or "certificate" in lowered:
-        return ("the TLS handshake failed (is the certificate signed by the server's CA, "
-                "and the address one the server certificate is valid for?)")
-    if "dns" in lowered or "resolve" in lowered:
-        return "the host name cannot be resolved"
-    if "failed to connect" in lowered:
-        return "no connection could be made"
-    return message or "unavailable"
 
 
 def _silence_stdout() -> None:
