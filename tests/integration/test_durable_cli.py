@@ -5,7 +5,6 @@ import glob
 import os
 import signal
 import subprocess
-import time
 
 from server_harness import Cli, Server, parse_status_table, wait_for
 
@@ -102,10 +101,10 @@ def test_list_shows_own_tasks_newest_first_admin_sees_all(start_server):
     cli = Cli(server)
     a1 = cli.start_id("client001", "true")
     b1 = cli.start_id("client002", "false")
-    time.sleep(0.05)
-    a2 = cli.start_id("client001", "sleep", "300")
+    # a1 and b1 end before a2 starts: the order and the statuses below are settled.
     cli.wait_ended(a1)
     cli.wait_ended(b1, "client002")
+    a2 = cli.start_id("client001", "sleep", "300")
     assert list_rows(cli, "client001") == [(a2, "client001", "JOB_STATUS_STARTED"),
                                            (a1, "client001", "JOB_STATUS_EXITED_OK")]
     assert list_rows(cli, "client002") == [(b1, "client002", "JOB_STATUS_EXITED_ERROR")]

@@ -48,12 +48,15 @@ def test_clean_restart_keeps_status_output_and_owners(state_dir):
 
 CRASHING_SERVER = textwrap.dedent("""
     from gevent import monkey; monkey.patch_all()
-    import sys, gevent
+    import sys, gevent, gevent.event
     from taskman import cgroups
     from taskman.manager import TaskManager
     mgr = TaskManager(sys.argv[1], driver=cgroups.select_driver("none"))
+    ended = gevent.event.Event()  # "ended" is announced after the record is saved
+    mgr.listeners.append(lambda event, task: event == "ended" and ended.set())
     done = mgr.start("alice", "echo", ["finished before the crash"])
-    gevent.sleep(0.5)
+    if not ended.wait(10):
+        sys.exit("the first task did not end within 10 s")
     running = mgr.start("alice", "sh", ["-c", "echo started; exec sleep 300"])
     gone = mgr.start("alice", "sh", ["-c", "exec sleep 300"])
     next(mgr.stream("alice", running.id))  # "started" is on disk, not just in the pipe

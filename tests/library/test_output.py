@@ -115,15 +115,17 @@ def test_finish_waits_for_a_write_left_running_by_a_killed_writer(tmp_path, monk
 
     log = OutputLog(str(tmp_path / "a.log"))
     real_write = os.write
+    writing = []
 
     def slow_write(fd, data):
         import time
+        writing.append(fd)
         time.sleep(0.3)  # in the pool's thread: a write throttled by the kernel
         return real_write(fd, data)
 
     monkeypatch.setattr(output_module.os, "write", slow_write)
     writer = gevent.spawn(log.append, b"late bytes")
-    gevent.sleep(0.05)
+    poll_for(lambda: writing, timeout=5, interval=0.001, message="the write to start")
     writer.kill()  # as the supervisor does to a pump that outlived EOF_TIMEOUT
     log.finish()  # must not close the descriptor under the running write
     assert (tmp_path / "a.log").read_bytes() == b"late bytes"
