@@ -3,7 +3,7 @@
 Standard library and taskman's core only: parsing runs before grpc and
 gevent may be imported (see taskman.cli.server), and ``--check`` never
 imports them at all. A value that cannot be used raises ConfigError naming
-the option.
+the option (the limits' InvalidArgument comes from taskman.cgroups.Limits).
 """
 
 import logging
@@ -17,9 +17,6 @@ from taskman.errors import ConfigError
 AUDIT_LOG = "audit.log"  # in the state directory, unless --audit-log says otherwise
 DRIVERS = ("auto", "v2", "hybrid", "none")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-# The kernel's bounds for a CFS bandwidth period (cpu.max, cpu.cfs_period_us).
-CPU_PERIOD_MIN_US = 1000
-CPU_PERIOD_MAX_US = 1_000_000
 
 
 class Settings:
@@ -37,15 +34,16 @@ class Settings:
             raise ConfigError(f"unknown cgroup driver {self.driver!r}: "
                               "use auto, v2, hybrid or none")
         self.cgroup_root = options["--cgroup-root"]
+        # Limits checks the values with the kernel's rules (InvalidArgument
+        # naming the option); here they only have to be integers.
         self.limits = Limits(
-            cpu_quota_us=count(options["--cpu-quota-us"], "--cpu-quota-us"),
-            cpu_period_us=count(options["--cpu-period-us"], "--cpu-period-us",
-                                minimum=CPU_PERIOD_MIN_US, maximum=CPU_PERIOD_MAX_US),
+            cpu_quota_us=integer(options["--cpu-quota-us"], "--cpu-quota-us"),
+            cpu_period_us=integer(options["--cpu-period-us"], "--cpu-period-us"),
             memory_max=parse_size(options["--memory-max"]),
-            io_read_bps=count(options["--io-read-bps"], "--io-read-bps"),
-            io_write_bps=count(options["--io-write-bps"], "--io-write-bps"),
+            io_read_bps=integer(options["--io-read-bps"], "--io-read-bps"),
+            io_write_bps=integer(options["--io-write-bps"], "--io-write-bps"),
             io_devices=tuple(parse_device(value) for value in options["--io-device"]),
-            pids_max=count(options["--pids-max"], "--pids-max"))
+            pids_max=integer(options["--pids-max"], "--pids-max"))
         try:
             self.stop_grace = float(options["--stop-grace"])
         except ValueError:
@@ -81,15 +79,19 @@ def split_address(address: str, option: str = "--server-address"):
     return host, int(port)
 
 
-def count(value: str, option: str, minimum: int = 0, maximum: int = 0) -> int:
-    """A whole number of at least ``minimum`` (and at most ``maximum``, if given)."""
+def integer(value: str, option: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{option} must be an integer, not {value!r}") from None
+
+
+def count(value: str, option: str, minimum: int = 0) -> int:
+    """A whole number of at least ``minimum``."""
     try:
         number = int(value)
     except (TypeError, ValueError):
         number = -1
-    if maximum and not minimum <= number <= maximum:
-        raise ConfigError(f"{option} must be an integer from {minimum} to {maximum}, "
-                          f"not {value!r}")
     if number < minimum:
         raise ConfigError(f"{option} must be an integer of at least {minimum}, not {value!r}")
     return number
