@@ -79,6 +79,38 @@ class TaskStatus:
         )
 
 
+# OutputSelector names by the word the CLI uses.
+SELECTORS = {"all": "OUTPUT_SELECTOR_ALL", "stdout": "OUTPUT_SELECTOR_STDOUT",
+             "stderr": "OUTPUT_SELECTOR_STDERR"}
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputChunk:
+    """One StreamTaskOutputResponse: ``data`` and where it sits in the output.
+
+    ``offset`` counts the task's combined output whatever view was asked
+    for, so ``end`` is where a reconnecting reader continues (``offset=``).
+    ``stream`` is "stdout", "stderr" or "combined" (one shared pipe);
+    ``time`` is when the server read the bytes (None from older servers).
+    """
+
+    data: bytes
+    offset: int
+    stream: str
+    time: Optional[datetime.datetime]
+
+    @property
+    def end(self) -> int:
+        return self.offset + len(self.data)
+
+    @classmethod
+    def from_response(cls, response) -> "OutputChunk":
+        stream = task_manager_pb2.OutputStream.Name(response.stream)
+        return cls(data=response.output, offset=response.offset,
+                   stream=stream.rsplit("_", 1)[1].lower(),
+                   time=_datetime(response, "time"))
+
+
 def _datetime(response, field: str) -> Optional[datetime.datetime]:
     if not response.HasField(field):
         return None
@@ -108,9 +140,14 @@ class TaskmanClient:
         self._channel = grpc.secure_channel(address, credentials, options=list(options))
         self._stub = task_manager_pb2_grpc.TaskManagerStub(self._channel)
 
-    def start(self, command: str, args=()) -> str:
-        """Start ``command args...``; return the new task's id."""
-        request = task_manager_pb2.StartTaskRequest(command=command, args=list(args))
+    def start(self, command: str, args=(), separate_streams: bool = False) -> str:
+        """Start ``command args...``; return the new task's id.
+
+        ``separate_streams``: stdout and stderr on a pipe each, so streams
+        can tell them apart (their exact interleaving is lost).
+        """
+        request = task_manager_pb2.StartTaskRequest(command=command, args=list(args),
+                                                    separate_streams=separate_streams)
         return self._unary(self._stub.StartTask, request).task_id
 
     def stop(self, task_id: str) -> None:
@@ -143,20 +180,57 @@ class TaskmanClient:
                 return found[:limit] if limit else found
 
     def stream(self, task_id: str, timeout: Optional[float] = None) -> Iterator[bytes]:
-        """Yield the task's output from its first byte until it ends.
+        """Yield the task's output bytes from the first until the task ends.
 
         Closing the iterator (or leaving a ``for`` loop early and dropping it)
         cancels the call on the server.
         """
-        request = task_manager_pb2.StreamTaskOutputRequest(task_id=task_id)
+        chunks = self.chunks(task_id, timeout=timeout)
+        try:
+            for chunk in chunks:
+                yield chunk.data
+        finally:
+            chunks.close()
+
+    def chunks(self, task_id: str, offset: int = 0, selector: str = "all",
+               tail_bytes: int = 0, tail_lines: int = 0,
+               since: Optional[datetime.datetime] = None, follow: bool = True,
+               timeout: Optional[float] = None) -> Iterator[OutputChunk]:
+        """Yield the task's output as OutputChunks, until it ends (or, if not
+        ``follow``, up to the output present now).
+
+        ``selector``: "all", "stdout" or "stderr" (SELECTORS); ``offset``
+        continues an earlier stream (a chunk's ``end``); ``tail_bytes``,
+        ``tail_lines`` and ``since`` start later, never before ``offset``.
+        Closing the iterator cancels the call on the server.
+        """
+        request = task_manager_pb2.StreamTaskOutputRequest(
+            task_id=task_id, offset=offset,
+            selector=task_manager_pb2.OutputSelector.Value(SELECTORS[selector]),
+            tail_bytes=tail_bytes, tail_lines=tail_lines, no_follow=not follow)
+        if since is not None:
+            request.since.FromDatetime(
+                since.astimezone(datetime.timezone.utc).replace(tzinfo=None))
         call = self._stub.StreamTaskOutput(request, timeout=timeout)
         try:
             for response in call:
-                yield response.output
+                yield OutputChunk.from_response(response)
         except grpc.RpcError as error:
             raise ClientError.from_rpc_error(error, self.address) from None
         finally:
             call.cancel()  # a no-op once the call has ended
+
+    def server_version(self) -> str:
+        """The server's version from a health check's headers ("" if it sends none)."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        try:
+            _, call = stub.Check.with_call(health_pb2.HealthCheckRequest(),
+                                           timeout=self.timeout)
+        except grpc.RpcError as error:
+            raise ClientError.from_rpc_error(error, self.address) from None
+        return dict(call.initial_metadata()).get("taskman-version", "")
 
     def close(self) -> None:
         self._channel.close()

@@ -26,3 +26,16 @@ def default_state_dir() -> str:
         return "/var/lib/taskman"
     base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
     return os.path.join(base, "taskman")
+
+
+def version() -> str:
+    """The installed package's version, as the server reports it and
+    ``--version`` prints it; the source tree's when taskman is not installed."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("taskman")
+    except metadata.PackageNotFoundError:
+        from taskman import __version__
+
+        return __version__

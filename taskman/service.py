@@ -8,6 +8,7 @@ nothing else.
 """
 
 import contextlib
+import datetime
 import logging
 import time
 from typing import Iterator, Optional
@@ -17,7 +18,7 @@ import grpc
 
 from taskman import tls
 from taskman.api import task_manager_pb2, task_manager_pb2_grpc
-from taskman.defaults import DEFAULT_MAX_STREAMS
+from taskman.defaults import DEFAULT_MAX_STREAMS, version
 from taskman.errors import (
     CgroupError,
     InvalidArgument,
@@ -27,6 +28,7 @@ from taskman.errors import (
     Unauthenticated,
     Unavailable,
 )
+from taskman.output import Selector
 from taskman.task import JobStatus, Task
 
 log = logging.getLogger("taskman.service")
@@ -53,6 +55,10 @@ UNARY_WORKERS = 32
 LIST_PAGE_SIZE = 500
 LIST_PAGE_MAX = 1000
 LIST_ARGS_CHARS = 1024
+
+# Sent as initial metadata on every call: the health response has no field
+# for the server's version, and a client can read headers of any call.
+VERSION_METADATA = (("taskman-version", version()),)
 
 
 def status_for(error: TaskmanError) -> grpc.StatusCode:
@@ -147,6 +153,7 @@ class CallGuard:
         """Run the body as ``method``'s call; on an error, abort the call with
         the status and message STATUS_FOR gives it."""
         call = Call(method, task_id, context.peer(), streaming, audited)
+        _send_version(context)
         started = time.monotonic()
         failure: Optional[str] = None
         try:
@@ -205,6 +212,12 @@ def _log_call(call: Call, elapsed: float) -> None:
              task_id or "-", call.code.name, sent, elapsed * 1000)
 
 
+def _send_version(context) -> None:
+    send = getattr(context, "send_initial_metadata", None)  # absent from test doubles
+    if send is not None:
+        send(VERSION_METADATA)
+
+
 def _code_set(context) -> Optional[grpc.StatusCode]:
     """The status code a handler set with ``context.set_code``, if any."""
     try:
@@ -241,7 +254,8 @@ class TaskManagerServicer(task_manager_pb2_grpc.TaskManagerServicer):
 
     def StartTask(self, request, context):
         with self.call(context, "StartTask") as call:
-            task = self.manager.start(call.user, request.command, list(request.args))
+            task = self.manager.start(call.user, request.command, list(request.args),
+                                      separate_streams=request.separate_streams)
             call.task_id = task.id
             return task_manager_pb2.StartTaskResponse(task_id=task.id)
 
@@ -279,19 +293,38 @@ class TaskManagerServicer(task_manager_pb2_grpc.TaskManagerServicer):
             cancelled = gevent.event.Event()
             if not context.add_callback(cancelled.set):
                 cancelled.set()
-            chunks = self.manager.stream(call.user, request.task_id, cancelled)
+            chunks = self.manager.chunks(call.user, request.task_id, cancelled,
+                                         **stream_view(request))
             call.sent = 0
             call.answered = time.monotonic()
             metrics = self.guard.metrics
             sent_bytes = metrics.stream_bytes if metrics is not None else None
+            Response = task_manager_pb2.StreamTaskOutputResponse
             try:
                 for chunk in chunks:
-                    call.sent += len(chunk)
+                    call.sent += len(chunk.data)
                     if sent_bytes is not None:
-                        sent_bytes.inc(len(chunk))  # live, so a long stream shows as it goes
-                    yield task_manager_pb2.StreamTaskOutputResponse(output=chunk)
+                        sent_bytes.inc(len(chunk.data))  # live, so a long stream shows as it goes
+                    response = Response(output=chunk.data, offset=chunk.offset,
+                                        stream=int(chunk.stream))
+                    seconds, nanos = divmod(chunk.time_ns, 1_000_000_000)
+                    response.time.seconds, response.time.nanos = seconds, nanos
+                    yield response
             finally:
                 chunks.close()
+
+
+def stream_view(request) -> dict:
+    """manager.chunks's view arguments from a StreamTaskOutputRequest;
+    InvalidArgument for a selector this server does not know."""
+    if request.selector not in Selector._value2member_map_:
+        raise InvalidArgument(f"unknown output selector {request.selector}")
+    since = None
+    if request.HasField("since"):
+        since = request.since.ToDatetime(tzinfo=datetime.timezone.utc)
+    return {"offset": request.offset, "selector": Selector(request.selector),
+            "tail_bytes": request.tail_bytes, "tail_lines": request.tail_lines,
+            "since": since, "follow": not request.no_follow}
 
 
 # -- the server's other services (health checking, reflection)
