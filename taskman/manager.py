@@ -29,7 +29,7 @@ from taskman.cgroups import Driver, Group
 from taskman.cgroups.none import ProcessGroupDriver
 from taskman.defaults import default_state_dir
 from taskman.errors import CgroupError, InvalidArgument, NotFound, Unavailable
-from taskman.output import Chunk, OutputLog, Selector, create_log, ensure_directory
+from taskman.output import Chunk, OutputLog, Selector, create_log, data_only, ensure_directory
 from taskman.store import TaskStore
 from taskman.task import JobStatus, Source, Task, command_line, now, parse_task_id
 
@@ -168,17 +168,18 @@ class TaskManager:
         return self._snapshot(self._lookup(requester, task_id))
 
     def stream(self, requester: str, task_id: str,
+               cancelled: Optional[gevent.event.Event] = None, **view) -> Iterator[bytes]:
+        """``chunks`` without the labels: the output bytes alone (the RFD's stream)."""
+        return data_only(self.chunks(requester, task_id, cancelled, **view))
+
+    def chunks(self, requester: str, task_id: str,
                cancelled: Optional[gevent.event.Event] = None, offset: int = 0,
                selector: Selector = Selector.ALL, tail_bytes: int = 0, tail_lines: int = 0,
                since: Optional[datetime.datetime] = None, follow: bool = True) -> Iterator[Chunk]:
-        """Return an iterator over the task's output Chunks (see OutputLog.follow).
-
-        Checks access now (raising NotFound), not on first iteration. The
-        iterator ends once the task has ended and all output was yielded, at
-        the output there is now if not ``follow``, or when ``cancelled`` is set.
-        """
+        """The task's output as Chunks (see OutputLog.chunks for the view and
+        when it ends). Checks access now (NotFound), not on first iteration."""
         entry = self._lookup(requester, task_id)
-        return entry.log.follow(offset, Selector(selector), tail_bytes, tail_lines, since,
+        return entry.log.chunks(offset, Selector(selector), tail_bytes, tail_lines, since,
                                 follow, cancelled)
 
     def tasks(self, requester: str, owner: Optional[str] = None,

@@ -17,7 +17,7 @@ import datetime
 import errno
 import os
 import time
-from typing import Iterator, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import gevent
 import gevent.event
@@ -36,8 +36,8 @@ from taskman.output_index import (
     write_chunk,
 )
 
-__all__ = ["Chunk", "OutputLog", "Selector", "Stream", "create_log", "ensure_directory",
-           "log_path", "reopen_log"]
+__all__ = ["Chunk", "OutputLog", "Selector", "Stream", "create_log", "data_only",
+           "ensure_directory", "log_path", "reopen_log"]
 
 # Large reads keep the per-message overhead of a stream low (docs/design.md:
 # about 60 us per message under gevent, so 64 KiB messages reach ~250 MB/s).
@@ -60,19 +60,13 @@ def _writers() -> gevent.threadpool.ThreadPool:
     return _WRITERS
 
 
-class Chunk(bytes):
-    """Output bytes that know where they came from.
+class Chunk(NamedTuple):
+    """Output bytes and where they came from; a chunk never mixes two streams."""
 
-    A ``bytes`` (so callers that only want the output can join chunks) with
-    ``offset`` (of its first byte in the task's combined output), ``stream``
-    (a Stream) and ``time_ns`` (when the server read its first byte, ns since
-    the epoch). A chunk never mixes two streams.
-    """
-
-    def __new__(cls, data: bytes, offset: int, stream: Stream, time_ns: int):
-        chunk = super().__new__(cls, data)
-        chunk.offset, chunk.stream, chunk.time_ns = offset, stream, time_ns
-        return chunk
+    offset: int  # of its first byte in the task's combined output
+    stream: Stream
+    time_ns: int  # when the server read its first byte, ns since the epoch
+    data: bytes
 
 
 _STREAMS = tuple(Stream)
@@ -250,7 +244,11 @@ class OutputLog:
         finally:
             self._release()
 
-    def follow(self, offset: int = 0, selector: Selector = Selector.ALL, tail_bytes: int = 0,
+    def follow(self, *args, **view) -> Iterator[bytes]:
+        """``chunks`` (same arguments) without the labels: the output bytes alone."""
+        return data_only(self.chunks(*args, **view))
+
+    def chunks(self, offset: int = 0, selector: Selector = Selector.ALL, tail_bytes: int = 0,
                tail_lines: int = 0, since: Optional[datetime.datetime] = None,
                follow: bool = True, cancelled: Optional[gevent.event.Event] = None,
                chunk_size: int = CHUNK_SIZE) -> Iterator[Chunk]:
@@ -290,21 +288,21 @@ class OutputLog:
                             gevent.sleep(0)  # a long run of the other stream
                         continue
                     stop = min(record.end, offset + chunk_size, limit)
-                    following = number
-                    while stop == index.record(following).end and stop - offset < chunk_size:
-                        if following + 1 >= index.count():
-                            break
-                        after = index.record(following + 1)
+                    last = record  # merge the same stream's next records into the chunk
+                    while (stop == last.end and stop - offset < chunk_size
+                           and number + 1 < index.count()):
+                        after = index.record(number + 1)
                         if after.stream != record.stream:
                             break
-                        following += 1
+                        number, last = number + 1, after
                         stop = min(after.end, offset + chunk_size, limit)
                     data = os.pread(self._fd, stop - offset, offset)
                     if not data:  # truncated under us: nothing more to give
                         return
-                    chunk = Chunk(data, offset, _STREAMS[record.stream], record.time_ns)
+                    chunk = Chunk(offset, _STREAMS[record.stream], record.time_ns, data)
                     offset += len(data)
-                    number = following + 1 if offset >= index.record(following).end else following
+                    if offset >= last.end:
+                        number += 1
                     yield chunk
                     continue
                 if (self.finished or end is not None
@@ -347,6 +345,15 @@ class OutputLog:
             if self.index_fd >= 0:
                 os.close(self.index_fd)
                 self.index_fd = -1
+
+
+def data_only(chunks: Iterator[Chunk]) -> Iterator[bytes]:
+    """The bytes of ``chunks``; closing this closes them (and frees their log)."""
+    try:
+        for chunk in chunks:
+            yield chunk.data
+    finally:
+        chunks.close()
 
 
 def log_path(directory: str, task_id: str) -> str:

@@ -46,11 +46,11 @@ def wait_ended(mgr, task_id):
 
 def chunks_of(mgr, task_id, **view):
     with gevent.Timeout(20):
-        return list(mgr.stream("alice", task_id, **view))
+        return list(mgr.chunks("alice", task_id, **view))
 
 
 def output_of(mgr, task_id, **view):
-    return b"".join(chunks_of(mgr, task_id, **view))
+    return b"".join(chunk.data for chunk in chunks_of(mgr, task_id, **view))
 
 
 @pytest.fixture
@@ -65,32 +65,33 @@ def test_each_selector_is_byte_exact(manager, interleaved):
     assert output_of(manager, interleaved, selector=Selector.STDERR) == STDERR
     chunks = chunks_of(manager, interleaved)
     assert {chunk.stream for chunk in chunks} == {Stream.STDOUT, Stream.STDERR}
-    by_stream = {stream: b"".join(c for c in chunks if c.stream == stream)
+    by_stream = {stream: b"".join(c.data for c in chunks if c.stream == stream)
                  for stream in (Stream.STDOUT, Stream.STDERR)}
     assert by_stream == {Stream.STDOUT: STDOUT, Stream.STDERR: STDERR}
 
 
 def test_offsets_count_the_combined_output(manager, interleaved):
     chunks = chunks_of(manager, interleaved)
-    combined = b"".join(chunks)
+    combined = b"".join(chunk.data for chunk in chunks)
     assert len(combined) == len(STDOUT) + len(STDERR)
     position = 0
     for chunk in chunks:
         assert chunk.offset == position
-        position += len(chunk)
+        position += len(chunk.data)
     for selector in (Selector.STDOUT, Selector.STDERR):
         for chunk in chunks_of(manager, interleaved, selector=selector):
-            assert combined[chunk.offset:chunk.offset + len(chunk)] == chunk
+            assert combined[chunk.offset:chunk.offset + len(chunk.data)] == chunk.data
     middle = chunks[len(chunks) // 2].offset + 1
     rest = chunks_of(manager, interleaved, offset=middle)
-    assert rest[0].offset == middle and b"".join(rest) == combined[middle:]
+    assert rest[0].offset == middle and b"".join(c.data for c in rest) == combined[middle:]
+    assert b"".join(manager.stream("alice", interleaved, offset=middle)) == combined[middle:]
 
 
 def test_one_pipe_keeps_the_exact_order_tagged_combined(manager):
     task = manager.start("alice", "sh", ["-c", "echo out; echo err >&2; echo out2"])
     wait_ended(manager, task.id)
     chunks = chunks_of(manager, task.id)
-    assert b"".join(chunks) == b"out\nerr\nout2\n"
+    assert b"".join(chunk.data for chunk in chunks) == b"out\nerr\nout2\n"
     assert {chunk.stream for chunk in chunks} == {Stream.COMBINED}
     assert output_of(manager, task.id, selector=Selector.STDOUT) == b""  # no stdout of its own
 
@@ -141,7 +142,7 @@ def test_since_on_a_finished_task(manager):
     wait_ended(manager, task.id)
     early = chunks_of(manager, task.id)[0]
     late = chunks_of(manager, task.id, offset=6)[0]  # dated by its own record
-    assert (early, late) == (b"early\nlate\n", b"late\n")  # one stream: merged into one chunk
+    assert (early.data, late.data) == (b"early\nlate\n", b"late\n")  # one stream: merged into one chunk
     assert late.time_ns - early.time_ns >= 0.25e9
     between = datetime.datetime.fromtimestamp((early.time_ns + late.time_ns) / 2e9,
                                               datetime.timezone.utc)
@@ -169,7 +170,7 @@ def test_a_log_without_index_streams_whole(state_dir, manager):
     second = TaskManager(state_dir, driver=cgroups.select_driver("none"))
     try:
         chunks = chunks_of(second, task.id)
-        assert sorted(b"".join(chunks).splitlines()) == [b"err", b"out"]
+        assert sorted(chunks[0].data.splitlines()) == [b"err", b"out"]
         assert [(c.offset, c.stream) for c in chunks] == [(0, Stream.COMBINED)]
         assert chunks[0].time_ns == int(task.start_time.timestamp() * 1e9)
         assert output_of(second, task.id, tail_lines=1, follow=False) in (b"out\n", b"err\n")
@@ -185,10 +186,10 @@ def test_output_log_views_without_a_process(tmp_path):
     log.append(b"o2\n", Stream.STDOUT)
     log.append(b"o3\n", Stream.STDOUT)
     log.finish()
-    assert [(c.offset, c.stream, bytes(c)) for c in log.follow()] == [
+    assert [(c.offset, c.stream, c.data) for c in log.chunks()] == [
         (0, Stream.STDOUT, b"o1\n"), (3, Stream.STDERR, b"e1\n"), (6, Stream.STDOUT, b"o2\no3\n")]
-    assert [bytes(c) for c in log.follow(chunk_size=4)] == [b"o1\n", b"e1\n", b"o2\no", b"3\n"]
-    assert [c.offset for c in log.follow(selector=Selector.STDOUT)] == [0, 6]
+    assert list(log.follow(chunk_size=4)) == [b"o1\n", b"e1\n", b"o2\no", b"3\n"]
+    assert [c.offset for c in log.chunks(selector=Selector.STDOUT)] == [0, 6]
     assert b"".join(log.follow(7)) == b"2\no3\n"
     log.remove()
     assert os.listdir(tmp_path / "output") == [] and os.listdir(tmp_path / "output-index") == []
@@ -202,7 +203,7 @@ def test_a_crash_cut_index_reads_the_rest_as_combined(tmp_path):
     with open(log.path, "ab") as file:  # bytes whose record was never written
         file.write(b"tail\n")
     old = reopen_log(str(tmp_path / "output"), "task")
-    assert [(c.stream, bytes(c)) for c in old.follow()] == [(Stream.STDOUT, b"out\n"),
+    assert [(c.stream, c.data) for c in old.chunks()] == [(Stream.STDOUT, b"out\n"),
                                                            (Stream.COMBINED, b"tail\n")]
 
 
@@ -210,4 +211,4 @@ def test_plain_log_has_no_index(tmp_path):
     log = OutputLog(str(tmp_path / "a.log"))
     log.append(b"x", Stream.STDERR)
     log.finish()
-    assert [(c.stream, bytes(c)) for c in log.follow()] == [(Stream.COMBINED, b"x")]
+    assert [(c.stream, c.data) for c in log.chunks()] == [(Stream.COMBINED, b"x")]
