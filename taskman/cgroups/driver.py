@@ -8,9 +8,12 @@ selection.py picks one.
 import abc
 import dataclasses
 import signal
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
 
 from taskman.errors import InvalidArgument
+
+if TYPE_CHECKING:  # slices.py imports Limits from here
+    from taskman.cgroups.slices import Owner
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,8 +95,10 @@ class Driver(abc.ABC):
         return 0
 
     @abc.abstractmethod
-    def create(self, task_id: str) -> Group:
-        """Make the task's groups with the limits applied; raise CgroupError."""
+    def create(self, task_id: str, owner: Optional["Owner"] = None) -> Group:
+        """Make the task's groups with the limits applied, inside the
+        owner's slice (made on first use) if the driver has slices; raise
+        CgroupError."""
 
     @abc.abstractmethod
     def place(self, group: Group, pid: int) -> None:
@@ -116,7 +121,8 @@ class Driver(abc.ABC):
         return False
 
     def remove(self, group: Group) -> None:  # noqa: B027 - nothing to delete by default
-        """Delete the (empty) groups; raise CgroupError if they stay."""
+        """Delete the (empty) groups, and the owner's slice once no task is
+        left in it; raise CgroupError if the task's groups stay."""
 
     def describe(self) -> str:
         """One line for the start-up log: the driver, where, which limits."""

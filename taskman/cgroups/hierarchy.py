@@ -1,6 +1,7 @@
 """Hierarchies of per-task directories, what the v2 and hybrid drivers
 share: a task is one directory, named after its id, in each of a few cgroup
-hierarchies.
+hierarchies; given an owner, inside that user's slice (``user-<key>``, see
+slices.py), which is made with the task's group and removed with the last one.
 
 A driver is a list of ``Hierarchy`` objects (where task groups live, which
 limit files to write into each new group). Creating, placing, signalling,
@@ -13,10 +14,11 @@ import dataclasses
 import logging
 import os
 import signal
+import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
-from taskman.cgroups import cgroupfs
+from taskman.cgroups import cgroupfs, slices
 from taskman.cgroups.driver import Driver, Group, Limits
 from taskman.errors import CgroupError
 from taskman.task import is_task_id
@@ -49,6 +51,8 @@ class Hierarchy:
     base: str                     # <mount>/<the server's own cgroup>/<root name>
     version: int                  # 1 or 2
     settings: Tuple[Setting, ...] = ()
+    slice_settings: Tuple[Setting, ...] = ()  # written into each new user slice
+    root_settings: Tuple[Setting, ...] = ()  # written into the base at setup
     oom_file: Optional[str] = None  # memory.events (v2) or memory.oom_control (v1)
     freezer_file: Optional[str] = None  # freezer.state (v1) or cgroup.freeze (v2)
 
@@ -56,9 +60,11 @@ class Hierarchy:
 class CgroupGroup(Group):
     """A task's directory in each hierarchy, by hierarchy name."""
 
-    def __init__(self, task_id: str, directories: Dict[str, str]):
+    def __init__(self, task_id: str, directories: Dict[str, str],
+                 slice_name: Optional[str] = None):
         super().__init__(task_id)
         self.directories = directories
+        self.slice_name = slice_name
 
 
 class HierarchyDriver(Driver):
@@ -69,11 +75,16 @@ class HierarchyDriver(Driver):
     use_cgroup_kill = True
 
     def __init__(self, hierarchies: List[Hierarchy], limits: Optional[Limits],
-                 devices: Tuple[str, ...] = ()):
+                 devices: Tuple[str, ...] = (),
+                 slice_limits: Optional[slices.SliceLimits] = None):
         self.hierarchies = hierarchies
         self.limits = limits
         self.devices = devices
+        self.slice_limits = slice_limits
         self._locks: List[int] = []
+        # Held while a slice is made or removed together with a task group in
+        # it, so a slice emptied by one task is not removed under the next.
+        self._slice_lock = threading.Lock()
 
     # -- start-up
 
@@ -86,28 +97,46 @@ class HierarchyDriver(Driver):
             except BaseException:
                 self._unlock()
                 raise
-        return self._remove_stale()
+        removed = self._remove_stale()
+        # After the clean-up: v1 refuses a root CPU quota below a child's.
+        for hierarchy in self.hierarchies:
+            for setting in hierarchy.root_settings:
+                path = os.path.join(hierarchy.base, setting.file)
+                if setting.required or cgroupfs.exists(path):
+                    cgroupfs.write(path, setting.value)
+        return removed
 
     def _prepare(self, hierarchy: Hierarchy) -> None:
         """Make the hierarchy's base directory (the server's own cgroup is its parent)."""
         cgroupfs.make_directory(hierarchy.base)
 
     def _remove_stale(self) -> int:
-        """Kill and remove task groups an earlier run left under our bases.
+        """Kill and remove task groups an earlier run left under our bases,
+        directly there or in a user slice; then the emptied slices.
 
-        Only directories named like task ids are touched: the bases are ours,
-        but an operator's or another tool's directory there is left alone.
+        Only directories named like task ids or slices are touched: the bases
+        are ours, but an operator's or another tool's directory there (or in
+        a slice) is left alone, and so is the slice holding it.
         """
         stale = set()
+        slice_names = set()
         for hierarchy in self.hierarchies:
             for name in cgroupfs.subgroups(hierarchy.base):
                 if is_task_id(name):
-                    stale.add(name)
+                    stale.add((None, name))
+                elif slices.is_slice_name(name):
+                    slice_names.add(name)
+                    for inner in cgroupfs.subgroups(os.path.join(hierarchy.base, name)):
+                        if is_task_id(inner):
+                            stale.add((name, inner))
+                        else:
+                            log.warning("leaving %s alone: not a task group",
+                                        os.path.join(hierarchy.base, name, inner))
                 elif not self._is_own_leaf(hierarchy, name):
                     log.warning("leaving %s alone: not a task group",
                                 os.path.join(hierarchy.base, name))
-        for task_id in sorted(stale):
-            group = self._group(task_id)
+        for slice_name, task_id in sorted(stale, key=lambda pair: (pair[0] or "", pair[1])):
+            group = self._group(task_id, slice_name)
             deadline = time.monotonic() + STALE_EMPTY_TIMEOUT
             while not self.is_empty(group):
                 if time.monotonic() > deadline:
@@ -117,40 +146,63 @@ class HierarchyDriver(Driver):
                 time.sleep(0.005)
             self.remove(group)
             log.info("removed task group %s left by an earlier run", task_id)
+        for slice_name in sorted(slice_names):
+            for hierarchy in self.hierarchies:
+                directory = os.path.join(hierarchy.base, slice_name)
+                if cgroupfs.exists(directory) and not cgroupfs.remove_if_unused(directory):
+                    log.warning("leaving %s: it still holds something not ours", directory)
         return len(stale)
 
     def _is_own_leaf(self, hierarchy: Hierarchy, name: str) -> bool:
         return False
 
-    def _group(self, task_id: str) -> CgroupGroup:
-        return CgroupGroup(task_id, {hierarchy.name: os.path.join(hierarchy.base, task_id)
-                                     for hierarchy in self.hierarchies})
+    def _group(self, task_id: str, slice_name: Optional[str] = None) -> CgroupGroup:
+        def parent(hierarchy: Hierarchy) -> str:
+            if slice_name is None:
+                return hierarchy.base
+            return slices.user_directory(hierarchy.base, slice_name)
+        return CgroupGroup(task_id, {hierarchy.name: os.path.join(parent(hierarchy), task_id)
+                                     for hierarchy in self.hierarchies}, slice_name)
 
     # -- a task's life
 
-    def create(self, task_id: str) -> Group:
+    def create(self, task_id: str, owner: Optional[slices.Owner] = None) -> Group:
         if not is_task_id(task_id):
             raise CgroupError(f"refusing to create a group named {task_id!r}: not a task id")
-        group = self._group(task_id)
+        group = self._group(task_id, owner.slice_name if owner is not None else None)
         made: List[str] = []
-        try:
-            for hierarchy in self.hierarchies:
-                directory = group.directories[hierarchy.name]
-                if not cgroupfs.make_directory(directory):
-                    raise CgroupError(f"cannot create {directory}: it already exists")
-                made.append(directory)
-                for setting in hierarchy.settings:
-                    path = os.path.join(directory, setting.file)
-                    if setting.required or cgroupfs.exists(path):
-                        cgroupfs.write(path, setting.value)
-        except BaseException:
-            for directory in reversed(made):
-                try:
-                    cgroupfs.remove_directory(directory)
-                except CgroupError as error:
-                    log.error("task %s: cleaning up a half-made group: %s", task_id, error)
-            raise
+        with self._slice_lock:
+            try:
+                for hierarchy in self.hierarchies:
+                    directory = group.directories[hierarchy.name]
+                    if owner is not None:
+                        parent = os.path.dirname(directory)
+                        if cgroupfs.make_directory(parent):
+                            made.append(parent)
+                            self._write(parent, hierarchy.slice_settings)
+                            self._prepare_slice(hierarchy, parent)
+                    if not cgroupfs.make_directory(directory):
+                        raise CgroupError(f"cannot create {directory}: it already exists")
+                    made.append(directory)
+                    self._write(directory, hierarchy.settings)
+            except BaseException:
+                for directory in reversed(made):
+                    try:
+                        cgroupfs.remove_directory(directory)
+                    except CgroupError as error:
+                        log.error("task %s: cleaning up a half-made group: %s", task_id, error)
+                raise
         return group
+
+    @staticmethod
+    def _write(directory: str, settings: Tuple[Setting, ...]) -> None:
+        for setting in settings:
+            path = os.path.join(directory, setting.file)
+            if setting.required or cgroupfs.exists(path):
+                cgroupfs.write(path, setting.value)
+
+    def _prepare_slice(self, hierarchy: Hierarchy, directory: str) -> None:
+        """Make a new slice ready for task groups (v2 enables controllers)."""
 
     def place(self, group: Group, pid: int) -> None:
         for directory in self._directories(group):
@@ -225,12 +277,18 @@ class HierarchyDriver(Driver):
         return False
 
     def remove(self, group: Group) -> None:
+        """Remove the task's groups, then its slice if no other task is in it
+        (the kernel refuses to remove a slice that holds a group)."""
         first_error = None
-        for directory in reversed(self._directories(group)):
-            try:
-                cgroupfs.remove_directory(directory)
-            except CgroupError as error:
-                first_error = first_error or error
+        with self._slice_lock:
+            for directory in reversed(self._directories(group)):
+                try:
+                    cgroupfs.remove_directory(directory)
+                except CgroupError as error:
+                    first_error = first_error or error
+            if getattr(group, "slice_name", None) is not None:
+                for directory in reversed(self._directories(group)):
+                    cgroupfs.remove_if_unused(os.path.dirname(directory))
         if first_error:
             raise first_error
 
@@ -261,8 +319,8 @@ class HierarchyDriver(Driver):
         """The task's groups and any group its processes made beneath them."""
         return [path for directory in self._directories(group) for path in cgroupfs.walk(directory)]
 
-    def _limits_text(self) -> str:
-        limits = self.limits
+    def _limits_text(self, limits: Optional[Limits] = None) -> str:
+        limits = limits or self.limits
         if limits is None:
             return "no limits (tracking only)"
 
@@ -272,9 +330,19 @@ class HierarchyDriver(Driver):
                f"({100 * limits.cpu_quota_us / limits.cpu_period_us:.0f}% of a CPU)"
                if limits.cpu_quota_us else "cpu unlimited")
         devices = ",".join(self.devices) or "-"
-        return (f"{cpu}, memory {_mib(limits.memory_max)} (no swap), "
-                f"io on {devices} read {_mib(limits.io_read_bps)}/s "
-                f"write {_mib(limits.io_write_bps)}/s, pids {amount(limits.pids_max)}")
+        io = (f"io on {devices} read {_mib(limits.io_read_bps)}/s "
+              f"write {_mib(limits.io_write_bps)}/s"
+              if limits.io_read_bps or limits.io_write_bps else "io unlimited")
+        return (f"{cpu}, memory {_mib(limits.memory_max)} (no swap), {io}, "
+                f"pids {amount(limits.pids_max)}")
+
+    def _slices_text(self) -> str:
+        """Where slices go and their limits, for describe()."""
+        if self.slice_limits is None:
+            return "user slices user-<key>/<task id>: no aggregate limits"
+        return (f"user slices user-<key>/<task id>; each user: "
+                f"{self._limits_text(self.slice_limits.user)}; all tasks together: "
+                f"{self._limits_text(self.slice_limits.root)}")
 
 
 def _mib(value: int) -> str:

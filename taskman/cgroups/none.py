@@ -6,15 +6,17 @@ descendant starts a new session of its own, which this driver cannot follow.
 """
 
 import os
+from typing import Optional
 
 from taskman.cgroups.driver import Driver, Group
+from taskman.cgroups.slices import Owner
 
 
 class ProcessGroupDriver(Driver):
     name = "none"
 
-    def create(self, task_id: str) -> Group:
-        return Group(task_id)
+    def create(self, task_id: str, owner: Optional[Owner] = None) -> Group:
+        return Group(task_id)  # no groups, so no slices: users share one host
 
     def place(self, group: Group, pid: int) -> None:
         group.pid = pid  # spawn made it a session and group leader already

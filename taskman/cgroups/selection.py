@@ -5,7 +5,7 @@ into a driver, or refuses (fail closed) rather than run tasks unlimited.
 import os
 from typing import Optional, Tuple
 
-from taskman.cgroups import detect, hybrid, v2
+from taskman.cgroups import detect, hybrid, slices, v2
 from taskman.cgroups.driver import Driver, Limits
 from taskman.cgroups.none import ProcessGroupDriver
 from taskman.errors import CgroupError
@@ -20,7 +20,8 @@ _FAIL_CLOSED = ("refusing to run tasks without resource limits: {reason}. Run th
 
 
 def select_driver(kind: str = "auto", limits: Optional[Limits] = None,
-                  root: Optional[str] = None, io_paths: Tuple[str, ...] = ("/",)) -> Driver:
+                  root: Optional[str] = None, io_paths: Tuple[str, ...] = ("/",),
+                  slice_limits: Optional[slices.SliceLimits] = None) -> Driver:
     """Return the driver for ``kind``: auto, v2, hybrid or none.
 
     ``none`` (process-group tracking, no limits) only when asked for. ``root``
@@ -28,7 +29,9 @@ def select_driver(kind: str = "auto", limits: Optional[Limits] = None,
     groups (default ``taskman``; two servers on one host need two names).
     Without ``limits.io_devices`` the IO limits apply to the disks holding
     ``io_paths`` (pass the state directory too). The driver is not yet set
-    up: the manager calls ``setup()``.
+    up: the manager calls ``setup()``. ``slice_limits`` bound each user's
+    slice and the whole root (default: ``slices.default_slice_limits()``,
+    computed from this machine's memory and pid_max).
 
     Raises InvalidArgument for limits no kernel takes (``Limits.validate``),
     CgroupError when this host cannot enforce them, or a configured IO device
@@ -40,13 +43,18 @@ def select_driver(kind: str = "auto", limits: Optional[Limits] = None,
         return ProcessGroupDriver()
     limits = limits or Limits()
     limits.validate()  # made valid, but a caller may have forced a field since
+    if slice_limits is None:
+        slice_limits = slices.default_slice_limits()
+    slice_limits.user.validate()
+    slice_limits.root.validate()
     root = root or DEFAULT_ROOT
     if root in (".", "..") or "/" in root or "\0" in root:
         raise CgroupError(f"cgroup root name {root!r} must be a single directory name")
     if limits.io_devices:
         detect.check_devices(limits.io_devices)
         devices = tuple(limits.io_devices)
-    elif limits.io_read_bps or limits.io_write_bps:
+    elif any(each.io_read_bps or each.io_write_bps
+             for each in (limits, slice_limits.user, slice_limits.root)):
         devices = detect.backing_devices(io_paths)
     else:
         devices = ()
@@ -70,13 +78,15 @@ def select_driver(kind: str = "auto", limits: Optional[Limits] = None,
                 reason=f"cgroup v2 controllers {', '.join(v2.CONTROLLERS)} are not all "
                        f"available to the server's cgroup {host.v2_own}"))
         own_directories = [os.path.join(host.v2_mount, host.v2_own.lstrip("/"))]
-        driver: Driver = v2.V2Driver(limits, root, devices, host.v2_mount, host.v2_own)
+        driver: Driver = v2.V2Driver(limits, root, devices, host.v2_mount, host.v2_own,
+                                     slice_limits=slice_limits)
     else:
         if hybrid_missing:
             raise CgroupError(_FAIL_CLOSED.format(
                 reason=f"cgroup v1 controllers {', '.join(hybrid_missing)} are not mounted"))
+        slices.check_cpu_nesting(limits, slice_limits)
         own_directories = hybrid.own_directories(host)
-        driver = hybrid.HybridDriver(host, limits, root, devices)
+        driver = hybrid.HybridDriver(host, limits, root, devices, slice_limits)
     for directory in own_directories:
         if not os.access(directory, os.W_OK):
             raise CgroupError(_FAIL_CLOSED.format(

@@ -7,6 +7,12 @@ line and ``taskman`` the configurable root name::
     <mount>/<own>/taskman/            subtree_control: +cpu +memory +io +pids
     <mount>/<own>/taskman/server/     the server process itself (a leaf)
     <mount>/<own>/taskman/<task id>/  cpu.max, memory.max, memory.swap.max, io.max, pids.max
+    <mount>/<own>/taskman/user-<key>/            the same files: one user's aggregate limits;
+                                                 subtree_control: +cpu +memory +io +pids
+    <mount>/<own>/taskman/user-<key>/<task id>/  a task of that user (see slices.py)
+
+The base (``taskman``) gets the root's aggregate limits; the ``server`` leaf
+is inside it, so the server's own memory counts against the root's.
 
 Why the server moves: v2's "no internal processes" rule forbids enabling
 controllers in ``subtree_control`` of a non-root group that holds processes.
@@ -33,6 +39,7 @@ from typing import List, Optional, Tuple
 from taskman.cgroups import cgroupfs
 from taskman.cgroups.driver import Limits
 from taskman.cgroups.hierarchy import Hierarchy, HierarchyDriver, Setting
+from taskman.cgroups.slices import SliceLimits
 from taskman.errors import CgroupError
 
 CONTROLLERS = ("cpu", "memory", "io", "pids")
@@ -44,7 +51,7 @@ class V2Driver(HierarchyDriver):
     name = "v2"
 
     def __init__(self, limits: Optional[Limits], root: str, devices: Tuple[str, ...] = (),
-                 mount: str = MOUNT, own: str = "/"):
+                 mount: str = MOUNT, own: str = "/", slice_limits: Optional[SliceLimits] = None):
         self.mount = mount
         # A server restarted inside the leaf an earlier run moved into (the
         # one place of its delegated group that can still take a process)
@@ -55,12 +62,16 @@ class V2Driver(HierarchyDriver):
             own = "/" + "/".join(parts[:-2])
         self.own_directory = os.path.join(mount, own.lstrip("/"))
         self.is_root = own.strip("/") == ""
+        if limits is None:
+            slice_limits = None  # tracking only: no controllers to limit with
         settings = v2_settings(limits, devices) if limits is not None else ()
+        slice_settings = v2_settings(slice_limits.user, devices) if slice_limits else ()
+        root_settings = v2_settings(slice_limits.root, devices) if slice_limits else ()
         hierarchy = Hierarchy("unified", os.path.join(self.own_directory, root), 2,
-                              tuple(settings),
+                              tuple(settings), tuple(slice_settings), tuple(root_settings),
                               oom_file="memory.events" if limits is not None else None,
                               freezer_file="cgroup.freeze")
-        super().__init__([hierarchy], limits, devices)
+        super().__init__([hierarchy], limits, devices, slice_limits)
         self.controllers = CONTROLLERS if limits is not None else ()
         self.server_leaf: Optional[str] = None
 
@@ -112,6 +123,10 @@ class V2Driver(HierarchyDriver):
                     f"own (e.g. a systemd unit with Delegate=yes)") from None
             raise
 
+    def _prepare_slice(self, hierarchy: Hierarchy, directory: str) -> None:
+        if self.controllers:
+            self._enable(directory)  # a slice holds groups, never processes
+
     def _is_own_leaf(self, hierarchy: Hierarchy, name: str) -> bool:
         return name == SERVER_LEAF
 
@@ -119,7 +134,7 @@ class V2Driver(HierarchyDriver):
         where = self.hierarchies[0].base
         server = f"; server moved into {self.server_leaf}" if self.server_leaf else ""
         return (f"cgroup driver v2: task groups <task id> under {where}{server}; "
-                f"limits: {self._limits_text()}")
+                f"limits: {self._limits_text()}; {self._slices_text()}")
 
 
 def v2_settings(limits: Limits, devices: Tuple[str, ...]) -> List[Setting]:
