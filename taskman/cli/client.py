@@ -1,6 +1,8 @@
-"""taskman: the command-line client (start, get-status, stop, stream).
+"""taskman: the command-line client (start, get-status, stop, stream, list,
+run, completion).
 
-The help texts and usage lines are the RFD's, verbatim. The RFD writes the
+The help texts of the RFD's commands are the RFD's, verbatim; the options
+added since are parsed from ``taskman.cli.usage``. The RFD writes the
 command's arguments as ``[args...]``, which docopt would read as a literal
 word, so the pattern docopt parses spells it ``[<args>...]``; ``--help`` is
 answered before docopt sees the command line, with the RFD's text.
@@ -11,13 +13,20 @@ ConfigError, exit status 2. Every failure
 is one sentence on stderr, never a traceback.
 """
 
-import datetime
 import os
 import sys
-from typing import Optional
 
 import docopt
 
+from taskman.cli.follow import Follower, parse_count, parse_since
+from taskman.cli.formats import (  # noqa: F401 (format_time: importable here too)
+    OUTPUT_FORMATS,
+    TimestampedLines,
+    format_table,
+    format_time,
+    json_line,
+    status_object,
+)
 from taskman.cli.messages import (  # noqa: F401 (EXIT_CODES: the table, importable here too)
     EXIT_CODES,
     EXIT_INTERRUPTED,
@@ -26,7 +35,9 @@ from taskman.cli.messages import (  # noqa: F401 (EXIT_CODES: the table, importa
     describe_error,
     exit_code,
 )
-from taskman.defaults import DEFAULT_ADDRESS, JOB_STATUS_NAMES, JOB_STATUS_PREFIX
+from taskman.cli.run import EXIT_TASKMAN_FAILED
+from taskman.cli.usage import MAIN_HELP, PATTERNS, RUN_HELP
+from taskman.defaults import DEFAULT_ADDRESS, JOB_STATUS_NAMES, JOB_STATUS_PREFIX, version
 from taskman.errors import ConfigError
 from taskman.task import command_line
 
@@ -158,35 +169,8 @@ Example:
 """  # noqa: E501
 
 HELP = {"start": START_HELP, "get-status": GET_STATUS_HELP, "stop": STOP_HELP,
-        "stream": STREAM_HELP, "list": LIST_HELP}
+        "stream": STREAM_HELP, "list": LIST_HELP, "run": RUN_HELP}
 
-MAIN_HELP = """\
-Usage:
-  taskman start --user-id <user-id> [--server-address <host:port>] [--help] -- <command> [args...]
-  taskman get-status <task-id> --user-id <user-id> [--server-address <host:port>] [--help]
-  taskman stop <task-id> --user-id <user-id> [--server-address <host:port>] [--help]
-  taskman stream <task-id> --user-id <user-id> [--server-address <host:port>] [--help]
-  taskman list --user-id <user-id> [--owner <user>] [--status <status>]... [--limit <n>] [--server-address <host:port>] [--help]
-  taskman --help
-
-Description:
-  Start, inspect, stop and follow tasks on a taskman server over mutual TLS.
-  `taskman <command> --help` describes each command. The certificate is picked
-  by --user-id from the certificates shipped with taskman, or from the
-  directory $TASKMAN_CERTS_DIR (<user-id>.crt, <user-id>.key and ca.crt).
-
-Exit status:
-  0    success
-  1    the server failed internally, or another error
-  2    usage error: bad command line, unknown --user-id, unusable certificate
-  3    the server rejected the request as invalid (INVALID_ARGUMENT)
-  4    no such task, or not yours (NOT_FOUND)
-  5    the server refused the credentials (UNAUTHENTICATED, PERMISSION_DENIED)
-  6    a server limit was reached, retry later (RESOURCE_EXHAUSTED)
-  7    the server cannot be reached or is shutting down (UNAVAILABLE)
-  8    the server did not answer in time (DEADLINE_EXCEEDED)
-  130  interrupted (Ctrl-C)
-"""  # noqa: E501
 
 class UsageError(ConfigError):
     """The command line cannot be used; like any ConfigError, exit status 2."""
@@ -198,7 +182,8 @@ def main(argv=None) -> int:
         return _run(argv)
     except ConfigError as error:  # UsageError, tls.TLSConfigError
         print(f"taskman: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        # run's own failures must never pass for the task's exit code.
+        return EXIT_TASKMAN_FAILED if argv[:1] == ["run"] else EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
@@ -215,14 +200,24 @@ def _run(argv: list) -> int:
         print(MAIN_HELP, end="")
         return EXIT_OK
     command = argv[0]
+    if command == "--version":
+        print(f"taskman {version()}")
+        return EXIT_OK
+    if command == "completion":
+        from taskman.cli import completion
+
+        return completion.main(argv[1:], UsageError)
     if command not in HELP:
-        raise UsageError(f"unknown command {command!r}: use start, get-status, stop, stream "
-                         "or list (taskman --help)")
+        raise UsageError(f"unknown command {command!r}: use start, run, get-status, stop, "
+                         "stream, list or completion (taskman --help)")
     before_separator = argv[1:argv.index("--")] if "--" in argv else argv[1:]
     if "--help" in before_separator or "-h" in before_separator:
         print(HELP[command], end="")
         return EXIT_OK
-    options = _parse(HELP[command], argv)
+    options = _parse(command, argv)
+    output_format = options.get("--output") or "table"
+    if output_format not in OUTPUT_FORMATS:
+        raise UsageError(f"unknown --output {output_format!r}: use table or json")
 
     # Before grpc is imported (by taskman.client): a TLS 1.3-only client, and
     # no gRPC core log lines on the terminal (failures are reported below).
@@ -236,35 +231,42 @@ def _run(argv: list) -> int:
     client = client_module.TaskmanClient(address, options["--user-id"])
     try:
         with client:
+            if command == "run":
+                from taskman.cli import run
+
+                return run.run(client, options["<command>"], options["<args>"], output_format)
             if command == "start":
-                return _start(client, options["<command>"], options["<args>"])
+                return _start(client, options, output_format)
             if command == "get-status":
-                return _get_status(client, options["<task-id>"])
+                return _get_status(client, options["<task-id>"], output_format)
             if command == "stop":
-                return _stop(client, options["<task-id>"])
+                return _stop(client, options["<task-id>"], output_format)
             if command == "list":
-                return _list(client, options)
-            return _stream(client, options["<task-id>"])
+                return _list(client, options, output_format)
+            return _stream(client, options)
     except client_module.ClientError as error:
         print(f"taskman: {describe_error(error)}", file=sys.stderr)
         return exit_code(error)
 
 
-def _parse(help_text: str, argv: list) -> dict:
-    pattern = help_text.replace("<command> [args...]", "<command> [<args>...]", 1)
+def _parse(command: str, argv: list) -> dict:
     try:
-        return docopt.docopt(pattern, argv=argv, default_help=False)
+        return docopt.docopt(PATTERNS[command], argv=argv, default_help=False)
     except docopt.DocoptExit:
-        usage = help_text.split("\n\n", 1)[0]
+        usage = HELP[command].split("\n\n", 1)[0]
         raise UsageError(f"{argv[0]}: missing, unknown or misplaced arguments "
                          f"(see taskman {argv[0]} --help)\n{usage}") from None
 
 
 # -- the commands
 
-def _start(client, command: str, args: list) -> int:
-    task_id = client.start(command, args)
-    print("TASK ID\n-------\n" + task_id)
+def _start(client, options: dict, output_format: str) -> int:
+    task_id = client.start(options["<command>"], options["<args>"],
+                           separate_streams=options["--separate-streams"])
+    if output_format == "json":
+        print(json_line({"task_id": task_id}))
+    else:
+        print("TASK ID\n-------\n" + task_id)
     return EXIT_OK
 
 
@@ -272,8 +274,11 @@ STATUS_COLUMNS = ("TASK ID", "START TIME", "PID", "STATUS", "EXIT CODE", "SIGNAL
                   "END TIME")
 
 
-def _get_status(client, task_id: str) -> int:
+def _get_status(client, task_id: str, output_format: str) -> int:
     status = client.status(task_id)
+    if output_format == "json":
+        print(json_line(status_object(status)))
+        return EXIT_OK
     row = (status.task_id, format_time(status.start_time), str(status.process_id or "-"),
            status.status, "-" if status.exit_code is None else str(status.exit_code),
            status.termination_signal or "-", status.termination_source or "-",
@@ -291,13 +296,17 @@ LIST_COLUMNS = ("TASK ID", "OWNER", "START TIME", "PID", "STATUS", "EXIT CODE", 
 COMMAND_WIDTH = 60
 
 
-def _list(client, options: dict) -> int:
+def _list(client, options: dict, output_format: str) -> int:
     statuses = [_status_name(value) for value in options["--status"]]
     limit = options["--limit"]
     if limit is not None and (not limit.isdigit() or int(limit) > 2 ** 32 - 1):
         raise UsageError(f"invalid --limit {limit!r}: expected a whole number")
     tasks = client.list(statuses=statuses, owner=options["--owner"] or "",
                         limit=int(limit or 0))
+    if output_format == "json":
+        for task in tasks:
+            print(json_line(status_object(task)))
+        return EXIT_OK
     rows = [(task.task_id, task.owner or "-", format_time(task.start_time),
              str(task.process_id or "-"), task.status,
              "-" if task.exit_code is None else str(task.exit_code),
@@ -323,42 +332,34 @@ def _command_column(task) -> str:
     return text if len(text) <= COMMAND_WIDTH else text[:COMMAND_WIDTH - 3] + "..."
 
 
-def _stop(client, task_id: str) -> int:
+def _stop(client, task_id: str, output_format: str) -> int:
     client.stop(task_id)
-    print(f"Task {task_id} stop request received.")
+    if output_format == "json":  # the status once stopped: stop waits for the end
+        print(json_line(status_object(client.status(task_id))))
+    else:
+        print(f"Task {task_id} stop request received.")
     return EXIT_OK
 
 
-def _stream(client, task_id: str) -> int:
+def _stream(client, options: dict) -> int:
+    """The output as raw bytes on stdout (the RFD's), in the view asked for."""
     out = sys.stdout.buffer
-    chunks = client.stream(task_id)
-    try:
-        for chunk in chunks:
-            out.write(chunk)
-            out.flush()
-    finally:
-        chunks.close()  # cancels the call if we leave early (Ctrl-C, closed pipe)
+
+    def write(data: bytes, moment=None) -> None:
+        out.write(data)
+        out.flush()
+
+    stamped = TimestampedLines(write) if options["--timestamps"] else None
+    selector = "stdout" if options["--stdout"] else "stderr" if options["--stderr"] else "all"
+    follower = Follower(
+        client, options["<task-id>"],
+        (lambda chunk: stamped(chunk.data, chunk.time)) if stamped else
+        (lambda chunk: write(chunk.data)),
+        offset=parse_count(options["--offset"], "--offset", UsageError), selector=selector,
+        tail_lines=parse_count(options["--tail"], "--tail", UsageError),
+        since=parse_since(options["--since"], UsageError), follow=not options["--no-follow"])
+    follower.run()
     return EXIT_OK
-
-
-# -- formatting
-
-def format_time(moment: Optional[datetime.datetime]) -> str:
-    """Local time as YYYY-MM-DD HH:MM:SS, or "-"."""
-    if moment is None:
-        return "-"
-    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
-
-
-def format_table(headers, rows) -> str:
-    """Columns two spaces apart, a dashed rule under each header, as in the RFD."""
-    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=True)]
-
-    def line(cells):
-        return "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip()
-
-    rule = ["-" * len(header) for header in headers]
-    return "\n".join(line(cells) for cells in (headers, rule, *rows))
 
 
 def _silence_stdout() -> None:

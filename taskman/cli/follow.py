@@ -1,0 +1,104 @@
+"""Following a task's output across lost connections, for ``taskman stream``
+and ``taskman run``.
+
+Every output message says where its bytes sit in the task's combined output,
+so when the server goes away (UNAVAILABLE: a restart, a reload, a dropped
+connection) the follower asks again from the offset it reached and gets each
+byte exactly once. Retries are bounded, with a short growing pause and a note
+on stderr each time.
+"""
+
+import datetime
+import re
+import sys
+import time
+from typing import Callable, Optional
+
+RETRIES = 10
+FIRST_PAUSE = 0.2  # seconds, doubled after each failed attempt
+LONGEST_PAUSE = 2.0
+
+
+class Follower:
+    """Streams ``task_id`` from ``client`` (a taskman.client.TaskmanClient)
+    into ``write(chunk)``; ``offset`` is where the next byte would start."""
+
+    def __init__(self, client, task_id: str, write: Callable, *, offset: int = 0,
+                 selector: str = "all", tail_lines: int = 0, since=None, follow: bool = True,
+                 note: Callable[[str], None] = lambda text: print(text, file=sys.stderr)):
+        self.client = client
+        self.task_id = task_id
+        self.write = write
+        self.offset = offset
+        self.selector = selector
+        self.tail_lines = tail_lines
+        self.since = since
+        self.follow = follow
+        self.note = note
+
+    def run(self) -> None:
+        """Until the stream ends; raises the last ClientError when the
+        server stays unreachable, or at once for any other failure."""
+        failures = 0
+        while True:
+            try:
+                self._stream_once()
+                return
+            except Exception as error:
+                if getattr(getattr(error, "code", None), "name", "") != "UNAVAILABLE":
+                    raise
+                failures += 1
+                if failures > RETRIES:
+                    raise
+                pause = min(FIRST_PAUSE * 2 ** (failures - 1), LONGEST_PAUSE)
+                self.note(f"taskman: lost the server at {self.client.address} "
+                          f"({error.message.strip() or 'unavailable'}); reconnecting from "
+                          f"offset {self.offset} in {pause:.1f}s "
+                          f"(attempt {failures} of {RETRIES})")
+                time.sleep(pause)
+
+    def _stream_once(self) -> None:
+        # The tail and since views pick the start once; a reconnection goes
+        # on from the offset reached, whatever the output's end is by then.
+        chunks = self.client.chunks(self.task_id, offset=self.offset, selector=self.selector,
+                                    tail_lines=self.tail_lines, since=self.since,
+                                    follow=self.follow)
+        try:
+            for chunk in chunks:
+                self.write(chunk)
+                self.offset = chunk.end
+                self.tail_lines, self.since = 0, None
+        finally:
+            chunks.close()  # cancels the call if we leave early (Ctrl-C, closed pipe)
+
+
+def parse_count(value: Optional[str], option: str, error) -> int:
+    """A whole number option (0 when absent); ``error(text)`` for anything else."""
+    if value is None:
+        return 0
+    if not value.isdigit() or int(value) > 2 ** 63 - 1:
+        raise error(f"invalid {option} {value!r}: expected a whole number")
+    return int(value)
+
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_since(value: Optional[str], error, now=None) -> Optional[datetime.datetime]:
+    """``--since``: an RFC 3339 time (2026-01-02T03:04:05Z) or a duration
+    before now such as 90s, 5m, 1h30m or 2d; None when absent."""
+    if value is None:
+        return None
+    match = re.fullmatch(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", value)
+    if value and match:
+        days, hours, minutes, seconds = (int(part or 0) for part in match.groups())
+        ago = datetime.timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+        return (now or datetime.datetime.now(datetime.timezone.utc)) - ago
+    try:
+        moment = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None:
+        raise error(f"invalid --since {value!r}: expected an RFC 3339 time with its offset "
+                    "(e.g. 2026-01-02T03:04:05Z) or a duration such as 30s, 5m, 1h30m, 2d")
+    return moment
