@@ -16,13 +16,14 @@ import docopt
 
 from taskman.cgroups import Limits
 from taskman.cli.settings import Settings
-from taskman.defaults import DEFAULT_MAX_STREAMS
+from taskman.defaults import DEFAULT_MAX_STREAMS, version
 from taskman.errors import TaskmanError
 
 USAGE = """\
 Usage:
   taskman-server [--server-address <host:port>] [options] [--io-device <MAJ:MIN>]...
   taskman-server --help
+  taskman-server --version
 
 Description:
   This service manages task lifecycle (start, stop, status) and streams output to clients over a secure mTLS connection.
@@ -86,6 +87,9 @@ Options:
   --check
       Check the certificates, the cgroup driver, the state directory and the audit
       log, print one OK or FAIL line each and exit, without serving or touching tasks.
+  --version
+      Print the version of taskman-server and exit (it is also in the start-up log,
+      in --check and in every response's taskman-version header).
   --help
       Display help information for the server command.
 
@@ -122,6 +126,9 @@ def main(argv=None) -> int:
     if options["--help"]:
         print(text, end="")
         return EXIT_OK
+    if options["--version"]:
+        print(f"taskman-server {version()}")
+        return EXIT_OK
     try:
         settings = Settings(options)
     except TaskmanError as error:
@@ -131,6 +138,7 @@ def main(argv=None) -> int:
     if settings.check:  # imports neither grpc nor gevent
         from taskman.cli import check
 
+        print(f"taskman-server {version()}")
         return check.run(settings)
 
     # The order below is the one docs/design.md records; see the module docstring.
@@ -150,6 +158,7 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from taskman import server
 
+    server.log.info("taskman-server %s", version())
     try:
         return server.serve(settings)
     except TaskmanError as error:
