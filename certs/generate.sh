@@ -5,22 +5,17 @@
 # RSA 4096, sha256WithRSAEncryption, valid for DAYS (10 years by default).
 #
 # Usage: certs/generate.sh [OUTPUT_DIR]
-#   OUTPUT_DIR defaults to taskman/certs, the directory shipped inside the
-#   package (the CLI picks <user>.crt/<user>.key there by --user-id). The CA's
-#   private key is written next to this script (certs/ca.key), NOT into the
-#   package, or to OUTPUT_DIR/ca.key when OUTPUT_DIR is given.
+#   OUTPUT_DIR defaults to certs/ itself, the committed demo PKI (used only
+#   when pointed at: TASKMAN_CERTS_DIR=certs or the server's certificate
+#   options; its CA key is public, so a server refuses it on a non-loopback
+#   address). The CA's private key goes to OUTPUT_DIR/ca.key.
 # Environment: USERS (default "client001 client002 admin"), BITS (4096),
 #   DAYS (3650), SERVER_NAMES (default "DNS:localhost,IP:127.0.0.1,IP:::1").
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
-if [[ $# -ge 1 ]]; then
-    out="$1"
-    ca_key="$out/ca.key"
-else
-    out="$here/../taskman/certs"
-    ca_key="$here/ca.key"
-fi
+out="${1:-$here}"
+ca_key="$out/ca.key"
 users="${USERS:-client001 client002 admin}"
 bits="${BITS:-4096}"
 days="${DAYS:-3650}"

@@ -13,6 +13,7 @@ environment, gevent's patches, grpc's gevent integration) before it is
 imported. Failures to start are raised as ConfigError, one sentence each.
 """
 
+import ipaddress
 import logging
 import os
 import queue
@@ -30,11 +31,12 @@ from taskman import tls
 from taskman.api import task_manager_pb2, task_manager_pb2_grpc
 from taskman.audit import AuditLog
 from taskman.cgroups import select_driver
+from taskman.credentials import DEMO_CA_ADVICE, MAKE_REAL_ONES, ServerIdentity
 from taskman.defaults import default_state_dir
 from taskman.errors import ConfigError, TaskmanError
 from taskman.manager import TaskManager
 from taskman.output import ensure_directory
-from taskman.service import CallGuard, GuardInterceptor, TaskManagerServicer
+from taskman.service import CallGuard, GuardInterceptor, TaskManagerServicer, escape
 
 if TYPE_CHECKING:
     from taskman.cli.settings import Settings
@@ -50,15 +52,20 @@ def serve(settings: "Settings") -> int:
 
     Raises ConfigError when the server cannot start.
     """
-    ca, cert, key = tls.server_files(settings.ca_cert, settings.server_cert, settings.server_key)
-    credentials = tls.server_credentials(ca, cert, key)
     stopping = gevent.event.Event()
     gevent.signal_handler(signal.SIGTERM, stopping.set)
     gevent.signal_handler(signal.SIGINT, stopping.set)
 
     state_dir = _setting_up(lambda: ensure_directory(settings.state_dir or default_state_dir()))
+    try:
+        identity = ServerIdentity.open(settings, state_dir)
+    except OSError as error:
+        raise ConfigError(f"cannot set up the certificates: {error.strerror} "
+                          f"({error.filename or ''})") from None
+    check_demo_ca(identity, settings.host)
+    credentials = identity.credentials.credentials
     audit, metrics = open_observers(settings, state_dir)
-    guard = CallGuard(settings.max_streams, audit=audit, metrics=metrics)
+    guard = CallGuard(settings.max_streams, audit=audit, metrics=metrics, peers=identity.peers)
     executor = futures.ThreadPoolExecutor(
         max_workers=TaskManagerServicer.executor_workers(settings.max_streams),
         thread_name_prefix="rpc")
@@ -82,6 +89,7 @@ def serve(settings: "Settings") -> int:
                                                    settings.cgroup_root, io_paths=("/", state_dir)))
         manager = _setting_up(lambda: TaskManager(
             state_dir=state_dir, driver=driver, stop_grace=settings.stop_grace,
+            admins=settings.admins,
             output_max_bytes=settings.task_output_max, retention_age=settings.retention,
             retention_bytes=settings.output_budget))
     except ConfigError:
@@ -111,6 +119,7 @@ def serve(settings: "Settings") -> int:
 
     log.info("listening on %s:%d (mTLS, TLS 1.3 only; self-test: %s)",
              settings.host, port, refusal)
+    watcher = identity.watch(on_revocation=guard.end_revoked_streams)
     if driver.name == "none":
         # Asked for explicitly, but never quietly: tasks run with no limits.
         log.warning("cgroup driver: %s", driver.describe())
@@ -126,6 +135,7 @@ def serve(settings: "Settings") -> int:
                           if metrics_server is not None else None))
 
     stopping.wait()
+    watcher.kill()
     health_servicer.enter_graceful_shutdown()  # NOT_SERVING to Watch streams and later Checks
     health_servicer.end_watches()
     audit.record("server.stop", pid=os.getpid())
@@ -140,6 +150,21 @@ def serve(settings: "Settings") -> int:
     audit.close()
     log.info("stopped")
     return 0
+
+
+class EscapingFormatter(logging.Formatter):
+    """One log line per record: control characters in the message (client
+    strings: task ids, names, commands) are escaped, so none can end a line
+    and forge the next. A traceback keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return escape(super().formatMessage(record))
+
+
+def configure_logging(level: int, stream) -> None:
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 def _setting_up(make):
@@ -159,6 +184,27 @@ def bind(server, address: str, credentials) -> int:
         return server.add_secure_port(address, credentials)
     except RuntimeError:
         return 0
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses; False for any other
+    name and for the wildcard addresses (they listen on every interface)."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_demo_ca(identity: ServerIdentity, host: str) -> None:
+    """Refuse the demo CA on a non-loopback address; warn about it on loopback."""
+    if not identity.demo_ca:
+        return
+    if not is_loopback(host):
+        raise ConfigError(f"refusing to listen on {host}: {DEMO_CA_ADVICE}; {MAKE_REAL_ONES}")
+    log.warning("%s; acceptable on loopback only. %s", DEMO_CA_ADVICE, MAKE_REAL_ONES)
 
 
 def probe_host(host: str) -> str:

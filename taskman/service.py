@@ -10,6 +10,7 @@ nothing else.
 import contextlib
 import datetime
 import logging
+import re
 import time
 from typing import Iterator, Optional
 
@@ -139,11 +140,16 @@ class CallGuard:
     reflection) share one guard, hence one stream limit.
     """
 
-    def __init__(self, max_streams: int = DEFAULT_MAX_STREAMS, audit=None, metrics=None):
+    def __init__(self, max_streams: int = DEFAULT_MAX_STREAMS, audit=None, metrics=None,
+                 peers=None):
         self.max_streams = max_streams
         self.open_streams = 0
         self.audit = audit
         self.metrics = metrics
+        # Who callers are: a pki.PeerCheck or credentials.Peers (revocations).
+        self.peers = peers
+        # Open streams' contexts -> (user, certificate PEM), to end revoked ones.
+        self.streams = {}
         if metrics is not None:
             metrics.streams_active.set_function(lambda: self.open_streams)
 
@@ -157,7 +163,10 @@ class CallGuard:
         started = time.monotonic()
         failure: Optional[str] = None
         try:
-            call.user = tls.caller(context).user
+            identity = tls.caller(context, self.peers)
+            call.user = identity.user
+            if streaming:
+                self.streams[context] = (identity.user, identity.pem)
             yield call
             if call.code is grpc.StatusCode.CANCELLED and context.is_active():
                 # A handler may set a code without raising (grpc_health's
@@ -166,9 +175,10 @@ class CallGuard:
         except TaskmanError as error:
             call.code, failure = status_for(error), message_for(error)
         except Exception:
-            log.exception("%s by %s failed", method, call.user)
+            log.exception("%s by %s failed", escape(method), escape(call.user))
             call.code, failure = grpc.StatusCode.INTERNAL, "internal server error"
         finally:
+            self.streams.pop(context, None)
             self._observe(call, started, failure)
         if failure is not None:
             context.abort(call.code, failure)
@@ -186,6 +196,21 @@ class CallGuard:
             yield
         finally:
             self.open_streams -= 1
+
+    def end_revoked_streams(self, peers) -> int:
+        """Cancel the open streams whose certificate ``peers`` now refuses
+        (revoked); return how many. Runs periodically (server.serve)."""
+        ended = 0
+        for context, (user, pem) in list(self.streams.items()):
+            if peers.is_revoked(pem):
+                self.streams.pop(context, None)
+                log.info("ending a stream of %s: certificate revoked", user)
+                if self.audit is not None:
+                    self.audit.call(user, "StreamEnded", "UNAUTHENTICATED", peer=context.peer(),
+                                    detail="the client certificate was revoked")
+                context.cancel()
+                ended += 1
+        return ended
 
     def _observe(self, call: Call, started: float, failure: Optional[str]) -> None:
         """The log line, the audit record and the metrics of one finished call."""
@@ -206,10 +231,20 @@ class CallGuard:
 
 def _log_call(call: Call, elapsed: float) -> None:
     sent = "" if call.sent is None else f" sent={call.sent}"
-    # The task id is the client's text until validated: never let it flood the log.
-    task_id = repr(call.task_id[:40]) + "..." if len(call.task_id) > 40 else call.task_id
-    log.info("user=%s method=%s task=%s code=%s%s time=%.1fms", call.user, call.method,
-             task_id or "-", call.code.name, sent, elapsed * 1000)
+    # The task id is the client's text until validated: never let it flood
+    # the log or forge a line (a newline in it would).
+    task_id = call.task_id[:40] + "..." if len(call.task_id) > 40 else call.task_id
+    log.info("user=%s method=%s task=%s code=%s%s time=%.1fms", escape(call.user),
+             escape(call.method), escape(task_id) or "-", call.code.name, sent, elapsed * 1000)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape(text: str) -> str:
+    """``text`` with control characters (newlines too) as Python escapes
+    (\\n, \\x1b, \\u2028): client strings in a log stay on one line."""
+    return _CONTROL.sub(lambda match: ascii(match.group())[1:-1], text)
 
 
 def _send_version(context) -> None:

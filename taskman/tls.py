@@ -1,7 +1,7 @@
 """Mutual TLS: certificate files, the TLS 1.3 guard, identity from a call.
 
 grpcio has no setting for a minimum TLS version and accepts TLS 1.2 by
-default. What works (NOTES.md, re-measured here): ``GRPC_SSL_CIPHER_SUITES``
+default. What works (docs/design.md): ``GRPC_SSL_CIPHER_SUITES``
 set to a TLS 1.2 suite no client offers, in the environment *before* grpc is
 first imported. Every TLS <= 1.2 handshake then fails for want of a shared
 cipher, while TLS 1.3, whose suites that list does not govern, still works.
@@ -19,7 +19,8 @@ import ssl
 import sys
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
-from taskman.defaults import CERTS_DIR_VARIABLE
+from taskman import pki
+from taskman.defaults import CERTS_DIR_VARIABLE, default_state_dir
 from taskman.errors import ConfigError, Unauthenticated  # tls.Unauthenticated is the library's
 
 # A TLS 1.2 PSK suite: never offered by certificate-based clients, so no
@@ -30,7 +31,12 @@ TLS13 = b"TLSv1.3"
 CA_CERT = "ca.crt"
 SERVER_CERT = "server.crt"
 SERVER_KEY = "server.key"
+PKI_DIR = "pki"  # in the server's state directory
 _NOT_USERS = ("ca", "server")
+
+
+# Identity without revocations, for callers that keep no PeerCheck of their own.
+_DEFAULT_PEERS = pki.PeerCheck()
 
 
 class TLSConfigError(ConfigError):
@@ -40,6 +46,7 @@ class TLSConfigError(ConfigError):
 class Identity(NamedTuple):
     user: str
     tls_version: str
+    pem: bytes  # the peer's certificate, for re-checking open streams against revocations
 
 
 def restrict_to_tls13(environ=os.environ) -> None:
@@ -55,14 +62,19 @@ def restrict_to_tls13(environ=os.environ) -> None:
 
 # -- certificate files
 
-def packaged_certs_dir() -> str:
-    """The certificates shipped inside the package (taskman/certs)."""
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "certs")
+def pki_dir(state_dir: Optional[str] = None) -> str:
+    """The PKI a server keeps in ``state_dir`` (default: the default state directory)."""
+    return os.path.join(state_dir or default_state_dir(), PKI_DIR)
 
 
-def certs_dir(override: Optional[str] = None) -> str:
-    """``override``, else $TASKMAN_CERTS_DIR, else the packaged certificates."""
-    return override or os.environ.get(CERTS_DIR_VARIABLE) or packaged_certs_dir()
+def certs_dir(override: Optional[str] = None, state_dir: Optional[str] = None) -> str:
+    """``override``, else $TASKMAN_CERTS_DIR, else the PKI in the state directory.
+
+    The last is where a server started without certificate options keeps its
+    generated PKI: readable by root only, so on the server's host root's CLI
+    finds the bundles by --user-id alone.
+    """
+    return override or os.environ.get(CERTS_DIR_VARIABLE) or pki_dir(state_dir)
 
 
 def known_users(directory: str) -> List[str]:
@@ -80,14 +92,23 @@ def known_users(directory: str) -> List[str]:
     return sorted(users)
 
 
-def client_files(user: str, directory: Optional[str] = None) -> Tuple[str, str, str]:
-    """Return (ca, certificate, key) paths for ``user``.
+def client_files(user: str, directory: Optional[str] = None,
+                 state_dir: Optional[str] = None) -> Tuple[str, str, str]:
+    """Return (ca, certificate, key) paths for ``user`` (see ``certs_dir``).
 
-    Raises TLSConfigError naming the users that exist when ``user`` has none.
+    Raises TLSConfigError naming the users that exist when ``user`` has none,
+    or saying why the directory cannot be read.
     """
-    directory = certs_dir(directory)
+    directory = certs_dir(directory, state_dir)
     cert = os.path.join(directory, user + ".crt")
     key = os.path.join(directory, user + ".key")
+    if not os.path.isdir(directory) or not os.access(directory, os.R_OK | os.X_OK):
+        state = "cannot be read by this user" if os.path.isdir(directory) else "does not exist"
+        raise TLSConfigError(
+            f"no certificates for {user!r}: {directory} {state}. On the server's host run the "
+            f"CLI as a user who can read the server's PKI (root), with --state-dir if the server "
+            f"has one; elsewhere set {CERTS_DIR_VARIABLE} to a directory holding ca.crt, "
+            f"{user}.crt and {user}.key (made by `taskman-server pki issue {user} --out DIR`)")
     if not user or user in _NOT_USERS or not (os.path.exists(cert) and os.path.exists(key)):
         users = known_users(directory)
         choices = ", ".join(users) if users else "none"
@@ -97,9 +118,9 @@ def client_files(user: str, directory: Optional[str] = None) -> Tuple[str, str, 
 
 
 def server_files(ca: Optional[str] = None, cert: Optional[str] = None,
-                 key: Optional[str] = None) -> Tuple[str, str, str]:
+                 key: Optional[str] = None, state_dir: Optional[str] = None) -> Tuple[str, str, str]:
     """Return (ca, certificate, key) paths, defaulting to the certs directory."""
-    directory = certs_dir()
+    directory = certs_dir(None, state_dir)
     return (ca or os.path.join(directory, CA_CERT),
             cert or os.path.join(directory, SERVER_CERT),
             key or os.path.join(directory, SERVER_KEY))
@@ -162,13 +183,16 @@ def channel_credentials(ca: str, cert: str, key: str):
 
 # -- identity
 
-def caller(context) -> Identity:
+def caller(context, peers=None) -> Identity:
     """Return who made the call, from the verified client certificate.
 
-    The user is the certificate's Common Name (``x509_common_name``), never
-    ``peer_identities()``: that returns the subject alternative names when
-    there are any, so a certificate CN=client002, SAN=admin would pass as
-    admin. Raises Unauthenticated unless the call came over TLS 1.3.
+    The user is the single common name of the certificate's subject, parsed
+    from the PEM (``x509_pem_cert``) by ``peers`` (a pki.PeerCheck, which
+    also refuses revoked certificates). Never ``x509_common_name``: gRPC
+    shows only the first of two CNs there, so /CN=admin/CN=client002 would
+    pass as admin; never ``peer_identities()``: those are the subject
+    alternative names when there are any. Raises Unauthenticated with a
+    sentence unless the call came over TLS 1.3 with exactly one valid name.
     """
     auth = context.auth_context()
     if auth.get("transport_security_type") != [b"ssl"]:
@@ -177,14 +201,12 @@ def caller(context) -> Identity:
     if versions != [TLS13]:
         shown = b",".join(versions).decode("ascii", "replace") or "unknown"
         raise Unauthenticated(f"TLS 1.3 is required (the connection uses {shown})")
-    names = auth.get("x509_common_name", [])
-    if len(names) != 1 or not names[0]:
-        raise Unauthenticated("the client certificate has no single common name")
-    try:
-        user = names[0].decode("utf-8")
-    except UnicodeDecodeError:
-        raise Unauthenticated("the client certificate's common name is not UTF-8") from None
-    return Identity(user, TLS13.decode())
+    certificates = auth.get("x509_pem_cert", [])
+    if len(certificates) != 1 or not certificates[0]:
+        raise Unauthenticated("the connection presented no client certificate")
+    pem = certificates[0]
+    user = (peers or _DEFAULT_PEERS).identify(pem)
+    return Identity(user, TLS13.decode(), pem)
 
 
 # -- the start-up self-test

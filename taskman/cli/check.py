@@ -14,8 +14,8 @@ import ssl
 import time
 from typing import Callable, List, Optional, Tuple
 
-from taskman import tls
-from taskman.defaults import default_state_dir
+from taskman import pki, tls
+from taskman.defaults import CERTS_DIR_VARIABLE, default_state_dir
 from taskman.errors import TaskmanError
 
 # Below this much free space in the state directory a server soon refuses
@@ -55,9 +55,39 @@ def run(settings, out=print) -> int:
 # -- certificates
 
 def check_certificates(settings) -> str:
+    """The generated PKI's days left per certificate, or the fixed files'
+    check (see ``check_files``); the demo CA is named as such."""
+    state_dir = settings.state_dir or default_state_dir()
+    fixed = (settings.server_cert or settings.server_key or (settings.ca_cert and not settings.ca_key)
+             or os.environ.get(CERTS_DIR_VARIABLE))
+    if fixed:
+        ca, cert, key = tls.server_files(settings.ca_cert, settings.server_cert,
+                                         settings.server_key, state_dir)
+        return check_files(ca, cert, key) + _demo_warning(ca)
+    directory = tls.pki_dir(state_dir)
+    if not os.path.exists(os.path.join(directory, pki.CA_CERT)):
+        return f"no PKI in {directory} yet: the server generates one at its first start"
+    home = pki.PKI(directory, pki.Authority(settings.ca_dir or directory), [])
+    statuses = home.status()
+    expired = [status.name for status in statuses if status.days_left <= 0]
+    if expired and "server" in expired:
+        raise Failed(f"the server certificate in {directory} has expired")
+    lines = "; ".join(f"{status.name} {status.days_left:.1f} days left"
+                      + (f" (renew: {status.renew})" if status.renew else "") for status in statuses)
+    return f"PKI {directory}: {lines}" + _demo_warning(home.path(pki.CA_CERT))
+
+
+def _demo_warning(ca: str) -> str:
+    with open(ca, "rb") as file:
+        if pki.trusts_demo_ca(file.read()):
+            return ("; WARNING: the demo CA (its key is public): loopback only, the server "
+                    "refuses any other address with it")
+    return ""
+
+
+def check_files(ca: str, cert: str, key: str) -> str:
     """Load the files, match key to certificate, verify the certificate
     against the CA (which also checks its dates) in an in-memory handshake."""
-    ca, cert, key = tls.server_files(settings.ca_cert, settings.server_cert, settings.server_key)
     tls.load_pair(ca, cert, key, "server")  # readable, PEM, key matches certificate
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server.load_cert_chain(cert, key)
@@ -66,11 +96,11 @@ def check_certificates(settings) -> str:
     client.load_verify_locations(cafile=ca)
     peer = _handshake(server, client)
     not_after = ssl.cert_time_to_seconds(peer["notAfter"])
-    days = int((not_after - time.time()) // 86400)
+    days = (not_after - time.time()) / 86400
     subject = dict(item for part in peer.get("subject", ()) for item in part)
-    warning = (f"; WARNING: renew within {days} days" if days < EXPIRY_WARNING_DAYS else "")
+    warning = (f"; WARNING: renew within {days:.0f} days" if days < EXPIRY_WARNING_DAYS else "")
     return (f"{cert} (CN={subject.get('commonName', '?')}) matches its key and is signed by "
-            f"{ca}; valid until {peer['notAfter']} ({days} days){warning}")
+            f"{ca}; valid until {peer['notAfter']} ({days:.1f} days left){warning}")
 
 
 def _handshake(server: ssl.SSLContext, client: ssl.SSLContext) -> dict:

@@ -8,39 +8,75 @@ of gevent or grpc at the top; taskman.server, which builds the server, is
 imported once they are in place.
 """
 
-import logging
 import os
 import sys
 
 import docopt
 
 from taskman.cgroups import Limits
-from taskman.cli.settings import Settings
+from taskman.cli.settings import Settings, days
 from taskman.defaults import DEFAULT_MAX_STREAMS, version
 from taskman.errors import TaskmanError
+from taskman.pki.names import CLIENT_DAYS, SERVER_DAYS
 
 USAGE = """\
 Usage:
   taskman-server [--server-address <host:port>] [options] [--io-device <MAJ:MIN>]...
+                 [--san <name>]... [--admin <name>]...
+  taskman-server pki issue <name> [options]
+  taskman-server pki revoke <name-or-serial> [options]
+  taskman-server pki list [options]
   taskman-server --help
   taskman-server --version
 
 Description:
   This service manages task lifecycle (start, stop, status) and streams output to clients over a secure mTLS connection.
 
+  Certificates: with no certificate option and no $TASKMAN_CERTS_DIR, the server makes its own
+  PKI on first start in <state-dir>/pki (mode 0700): a CA, its own certificate and client
+  bundles for client001, client002 and admin, all RSA 4096, renewed before they expire.
+  Root's `taskman --user-id <user>` on this host finds them there.
+
+  The pki commands take --state-dir (the server's), --ca-dir, and for issue --days and --out.
+  pki issue    a client bundle for a new user (ca.crt, <name>.crt, <name>.key) in --out,
+               or in the PKI directory; copy it to the user's machine and set TASKMAN_CERTS_DIR.
+  pki revoke   revoke a user's certificates (or one, by serial): refused on their next call,
+               their open streams end; no restart.
+  pki list     every certificate issued: name, serial, expiry, revoked.
+
 Options:
   --server-address <host:port>
       The address the gRPC server will listen on (e.g., localhost:50051). Defaults to localhost:50051 if not set.
   --ca-cert <path>
-      CA certificate that client certificates must be signed by.
-      Defaults to ca.crt in $TASKMAN_CERTS_DIR or in the certificates shipped with taskman.
+      CA certificate that client certificates must be signed by. With --ca-key: the CA
+      the generated PKI is made with (copied into it). Alone: serve fixed files (with
+      --server-cert/--server-key, or server.crt/server.key in $TASKMAN_CERTS_DIR).
+  --ca-key <path>
+      The private key of --ca-cert, for the generated PKI to issue with.
+  --ca-dir <dir>
+      A CA directory (ca.crt, ca.key, ca.crl) shared by several servers, so that they
+      accept the same client certificates; made by the first server if empty.
   --server-cert <path>
-      The server's certificate (PEM). Defaults to server.crt beside the CA certificate's default.
+      The server's certificate (PEM), instead of a generated one.
   --server-key <path>
-      The server's private key (PEM). Defaults to server.key beside the CA certificate's default.
+      The server's private key (PEM), instead of a generated one.
+  --san <name>
+      An extra DNS name or IP address for the generated server certificate (for
+      clients on other machines); repeatable. localhost, 127.0.0.1, ::1 and the
+      host's name are always in it.
+  --server-days <n>
+      Lifetime of the generated server certificate, in days [default: {server_days}].
+  --client-days <n>
+      Lifetime of generated client certificates, in days [default: {client_days}].
+  --admin <name>
+      Another user who sees and stops everyone's tasks, like admin; repeatable.
+  --days <n>
+      pki issue: lifetime of the certificate in days (default: --client-days).
+  --out <dir>
+      pki issue: where to write ca.crt, <name>.crt and <name>.key (made 0700).
   --state-dir <dir>
-      Where task output is kept. Defaults to /var/lib/taskman for root,
-      ~/.local/state/taskman otherwise.
+      Where task output and the generated PKI (pki/) are kept. Defaults to
+      /var/lib/taskman for root, ~/.local/state/taskman otherwise.
   --cgroup-driver <kind>
       auto, v2, hybrid or none [default: auto]. auto refuses to start when the
       limits cannot be enforced on this host; none runs tasks WITHOUT limits.
@@ -85,8 +121,9 @@ Options:
       Serve Prometheus metrics over plain HTTP at http://<host:port>/metrics. Off
       unless given; use a local address (e.g., localhost:9464).
   --check
-      Check the certificates, the cgroup driver, the state directory and the audit
-      log, print one OK or FAIL line each and exit, without serving or touching tasks.
+      Check the certificates (with the days each has left), the cgroup driver, the state
+      directory and the audit log, print one OK or FAIL line each and exit, without serving
+      or touching tasks.
   --version
       Print the version of taskman-server and exit (it is also in the start-up log,
       in --check and in every response's taskman-version header).
@@ -94,14 +131,17 @@ Options:
       Display help information for the server command.
 
 Environment:
-  TASKMAN_CERTS_DIR   directory holding ca.crt, server.crt and server.key.
+  TASKMAN_CERTS_DIR   serve fixed files from this directory (ca.crt, server.crt, server.key,
+                      ca.crl if any) instead of the generated PKI.
 
 Exit status:
   0 stopped cleanly by SIGTERM or SIGINT; 1 could not start or failed; 2 usage error.
   With --check: 0 every check passed; 1 at least one failed.
 
-Example:
+Examples:
   $ taskman-server --server-address localhost:12345
+  $ taskman-server --server-address 0.0.0.0:50051 --san taskman.example.com
+  $ taskman-server pki issue alice --out ./alice
 """
 
 EXIT_OK = 0
@@ -113,7 +153,8 @@ def usage() -> str:
     limits = Limits()
     return USAGE.format(cpu_quota_us=limits.cpu_quota_us, cpu_period_us=limits.cpu_period_us,
                         io_read_bps=limits.io_read_bps, io_write_bps=limits.io_write_bps,
-                        pids_max=limits.pids_max, max_streams=DEFAULT_MAX_STREAMS)
+                        pids_max=limits.pids_max, max_streams=DEFAULT_MAX_STREAMS,
+                        server_days=SERVER_DAYS, client_days=CLIENT_DAYS)
 
 
 def main(argv=None) -> int:
@@ -135,6 +176,13 @@ def main(argv=None) -> int:
         print(f"taskman-server: {error}", file=sys.stderr)
         return EXIT_USAGE
 
+    if options["pki"]:  # imports neither grpc nor gevent
+        try:
+            return pki_command(options, settings)
+        except TaskmanError as error:
+            print(f"taskman-server: {error}", file=sys.stderr)
+            return EXIT_FAILED
+
     if settings.check:  # imports neither grpc nor gevent
         from taskman.cli import check
 
@@ -154,13 +202,50 @@ def main(argv=None) -> int:
 
     grpc.experimental.gevent.init_gevent()
 
-    logging.basicConfig(level=settings.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from taskman import server
 
+    server.configure_logging(settings.log_level, sys.stderr)
     server.log.info("taskman-server %s", version())
     try:
         return server.serve(settings)
     except TaskmanError as error:
         print(f"taskman-server: {error}", file=sys.stderr)
         return EXIT_FAILED
+
+
+def pki_command(options: dict, settings: Settings, out=print) -> int:
+    """``taskman-server pki issue|revoke|list`` on the PKI in the state directory
+    (or the shared CA of --ca-dir); ConfigError if there is none yet."""
+    from taskman import pki, tls
+    from taskman.defaults import default_state_dir
+    from taskman.errors import ConfigError
+
+    state_dir = settings.state_dir or default_state_dir()
+    directory = tls.pki_dir(state_dir)
+    if settings.ca_dir:
+        authority = pki.Authority(settings.ca_dir)
+    elif os.path.exists(os.path.join(directory, pki.CA_CERT)):
+        authority = pki.Authority(directory)
+    else:
+        raise ConfigError(f"no PKI in {directory}: start taskman-server once with this "
+                          "--state-dir (it makes one), or give --ca-dir")
+    if not authority.has_key and not options["list"]:
+        raise ConfigError(f"{authority.directory} holds no CA key: give the shared CA's --ca-dir")
+    home = pki.PKI(directory, authority, [], client_days=settings.client_days)
+    if options["issue"]:
+        lifetime = options["--days"]
+        bundle = home.issue(options["<name>"], days=days(lifetime, "--days") if lifetime else None,
+                            out=options["--out"] or directory)
+        where = options["--out"] or directory
+        out(f"issued {bundle.name}: serial {bundle.serial:x}, valid until "
+            f"{bundle.not_after:%Y-%m-%d %H:%M} UTC; {where}/{{ca.crt,{bundle.name}.crt,"
+            f"{bundle.name}.key}}")
+    elif options["revoke"]:
+        for entry in home.revoke(options["<name-or-serial>"]):
+            out(f"revoked {entry.name}: serial {entry.serial:x}")
+    else:
+        out(f"{'NAME':<24} {'SERIAL':<40} {'NOT AFTER (UTC)':<17} REVOKED")
+        for entry in home.issued():
+            out(f"{ascii(entry.name)[1:-1]:<24} {entry.serial:<40x} "
+                f"{entry.not_after:%Y-%m-%d %H:%M} {'yes' if entry.revoked else 'no'}")
+    return EXIT_OK

@@ -13,6 +13,9 @@ import re
 from taskman.cgroups import Limits
 from taskman.defaults import DEFAULT_ADDRESS
 from taskman.errors import ConfigError
+from taskman.pki.names import name_problem
+
+ADMIN = "admin"  # the one built-in administrator; --admin names more
 
 AUDIT_LOG = "audit.log"  # in the state directory, unless --audit-log says otherwise
 DRIVERS = ("auto", "v2", "hybrid", "none")
@@ -26,8 +29,14 @@ class Settings:
         self.address = options["--server-address"] or DEFAULT_ADDRESS
         self.host, self.port = split_address(self.address)
         self.ca_cert = options["--ca-cert"]
+        self.ca_key = options["--ca-key"]
+        self.ca_dir = options["--ca-dir"]
         self.server_cert = options["--server-cert"]
         self.server_key = options["--server-key"]
+        self.san = tuple(options["--san"])
+        self.client_days = days(options["--client-days"], "--client-days")
+        self.server_days = days(options["--server-days"], "--server-days")
+        self.admins = (ADMIN,) + tuple(admin_name(name) for name in options["--admin"])
         self.state_dir = options["--state-dir"]
         self.driver = options["--cgroup-driver"]
         if self.driver not in DRIVERS:
@@ -77,6 +86,26 @@ def split_address(address: str, option: str = "--server-address"):
     if not separator or not host or not port.isdigit() or int(port) > 65535:
         raise ConfigError(f"invalid {option} {address!r}: expected host:port")
     return host, int(port)
+
+
+def days(value: str, option: str) -> float:
+    """A certificate lifetime in days: positive, at most ten years."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = -1.0
+    if not 0 < number <= 3650:
+        raise ConfigError(f"{option} must be a number of days above 0 and at most 3650, "
+                          f"not {value!r}")
+    return number
+
+
+def admin_name(name: str) -> str:
+    """An --admin name: one a certificate can carry (taskman.pki's rule)."""
+    problem = name_problem(name)
+    if problem:
+        raise ConfigError(f"--admin {ascii(name)}: {problem}")
+    return name
 
 
 def integer(value: str, option: str) -> int:

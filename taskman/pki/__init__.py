@@ -26,7 +26,15 @@ from cryptography.hazmat.primitives import serialization
 
 from taskman.pki.authority import Authority, Bundle, Issued, default_server_names
 from taskman.pki.directory import PKI, Status, issued_json, status_table
-from taskman.pki.files import check_pair, load_certificate, load_key, new_key, write_atomically
+from taskman.pki.files import (
+    DEMO_CA_KEY_SHA256,
+    check_pair,
+    load_certificate,
+    load_key,
+    new_key,
+    trusts_demo_ca,
+    write_atomically,
+)
 from taskman.pki.identity import Peer, PeerCheck, identity_from_pem, peer_from_pem, read_revoked
 from taskman.pki.names import (
     BACKDATE,
@@ -53,7 +61,7 @@ __all__ = [
     "PKI", "Authority", "Bundle", "Issued", "Status", "Peer", "PeerCheck",
     "default_server_names", "issued_json", "status_table", "check_pair", "load_certificate",
     "load_key", "new_key", "write_atomically", "identity_from_pem", "peer_from_pem",
-    "read_revoked", "check_name", "name_problem", "serialization",
+    "read_revoked", "check_name", "name_problem", "serialization", "trusts_demo_ca", "DEMO_CA_KEY_SHA256",
     "BACKDATE", "CA_CERT", "CA_CRL", "CA_DAYS", "CA_KEY", "CLIENT_DAYS", "DEFAULT_CLIENTS",
     "ISSUED", "KEY_SIZE", "NAME_PATTERN", "NAME_RULE", "RENEW_AFTER", "RESERVED_NAMES",
     "SERVER_CERT", "SERVER_DAYS", "SERVER_KEY",

@@ -3,6 +3,7 @@ parsing with readable errors, and proving that a key fits its certificate.
 """
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from typing import Optional
@@ -139,3 +140,24 @@ def new_key(key_size: int = KEY_SIZE):
 def _make_directory(path: str) -> None:
     os.makedirs(path, mode=0o700, exist_ok=True)
     os.chmod(path, 0o700)
+
+
+# The public key (SHA-256 of its SubjectPublicKeyInfo) of the demo CA
+# committed in certs/ca.crt, whose private key is public (certs/ca.key):
+# anyone can mint any identity it trusts.
+DEMO_CA_KEY_SHA256 = "17500749091b488347659c7de16ee5798c4672bcc29e5eb8afdd42afea36f091"
+
+
+def public_key_sha256(certificate: x509.Certificate) -> str:
+    spki = certificate.public_key().public_bytes(serialization.Encoding.DER,
+                                                 serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(spki).hexdigest()
+
+
+def trusts_demo_ca(ca_pem: bytes) -> bool:
+    """True if the CA bundle ``ca_pem`` holds the committed demo CA (its key is public)."""
+    try:
+        certificates = x509.load_pem_x509_certificates(ca_pem)
+    except ValueError:
+        return False
+    return any(public_key_sha256(certificate) == DEMO_CA_KEY_SHA256 for certificate in certificates)
