@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etaskman/api/task_manager.proto\x12\x0ctask_manager\x1a\x1fgoogle/protobuf/timestamp.proto\"K\n\x10StartTaskRequest\x12\x0f\n\x07\x63ommand\x18\x01 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x02 \x03(\t\x12\x18\n\x10separate_streams\x18\x03 \x01(\x08\"$\n\x11StartTaskResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\"\n\x0fStopTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\x12\n\x10StopTaskResponse\"$\n\x11TaskStatusRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\x95\x03\n\x12TaskStatusResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x16\n\texit_code\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x12\n\nprocess_id\x18\x03 \x01(\x05\x12\'\n\x06status\x18\x04 \x01(\x0e\x32\x17.task_manager.JobStatus\x12\x1a\n\x12termination_signal\x18\x05 \x01(\t\x12\x1a\n\x12termination_source\x18\x06 \x01(\t\x12.\n\nstart_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05owner\x18\t \x01(\t\x12\x0f\n\x07\x63ommand\x18\n \x01(\t\x12\x0c\n\x04\x61rgs\x18\x0b \x03(\t\x12\x14\n\x0coutput_bytes\x18\x0c \x01(\x04\x12\x1c\n\x14output_dropped_bytes\x18\r \x01(\x04\x12\x13\n\x0boutput_note\x18\x0e \x01(\tB\x0c\n\n_exit_code\"\xd0\x01\n\x17StreamTaskOutputRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12.\n\x08selector\x18\x03 \x01(\x0e\x32\x1c.task_manager.OutputSelector\x12\x12\n\ntail_bytes\x18\x04 \x01(\x04\x12\x12\n\ntail_lines\x18\x05 \x01(\r\x12)\n\x05since\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tno_follow\x18\x07 \x01(\x08\"o\n\x10ListTasksRequest\x12)\n\x08statuses\x18\x01 \x03(\x0e\x32\x17.task_manager.JobStatus\x12\r\n\x05owner\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"]\n\x11ListTasksResponse\x12/\n\x05tasks\x18\x01 \x03(\x0b\x32 .task_manager.TaskStatusResponse\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x90\x01\n\x18StreamTaskOutputResponse\x12\x0e\n\x06output\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12*\n\x06stream\x18\x03 \x01(\x0e\x32\x1a.task_manager.OutputStream\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\x8b\x01\n\tJobStatus\x12\x16\n\x12JOB_STATUS_UNKNOWN\x10\x00\x12\x16\n\x12JOB_STATUS_STARTED\x10\x01\x12\x17\n\x13JOB_STATUS_SIGNALED\x10\x02\x12\x18\n\x14JOB_STATUS_EXITED_OK\x10\x03\x12\x1b\n\x17JOB_STATUS_EXITED_ERROR\x10\x04*a\n\x0eOutputSelector\x12\x17\n\x13OUTPUT_SELECTOR_ALL\x10\x00\x12\x1a\n\x16OUTPUT_SELECTOR_STDOUT\x10\x01\x12\x1a\n\x16OUTPUT_SELECTOR_STDERR\x10\x02*^\n\x0cOutputStream\x12\x1a\n\x16OUTPUT_STREAM_COMBINED\x10\x00\x12\x18\n\x14OUTPUT_STREAM_STDOUT\x10\x01\x12\x18\n\x14OUTPUT_STREAM_STDERR\x10\x02\x32\xad\x03\n\x0bTaskManager\x12L\n\tStartTask\x12\x1e.task_manager.StartTaskRequest\x1a\x1f.task_manager.StartTaskResponse\x12I\n\x08StopTask\x12\x1d.task_manager.StopTaskRequest\x1a\x1e.task_manager.StopTaskResponse\x12R\n\rGetTaskStatus\x12\x1f.task_manager.TaskStatusRequest\x1a .task_manager.TaskStatusResponse\x12\x63\n\x10StreamTaskOutput\x12%.task_manager.StreamTaskOutputRequest\x1a&.task_manager.StreamTaskOutputResponse0\x01\x12L\n\tListTasks\x12\x1e.task_manager.ListTasksRequest\x1a\x1f.task_manager.ListTasksResponseB:\n\x0f\x64\x65v.taskman.apiP\x01Z%taskman/api/task_manager;task_managerb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etaskman/api/task_manager.proto\x12\x0ctask_manager\x1a\x1fgoogle/protobuf/timestamp.proto\"K\n\x10StartTaskRequest\x12\x0f\n\x07\x63ommand\x18\x01 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x02 \x03(\t\x12\x18\n\x10separate_streams\x18\x03 \x01(\x08\"$\n\x11StartTaskResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\"\n\x0fStopTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\x12\n\x10StopTaskResponse\"$\n\x11TaskStatusRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\x95\x03\n\x12TaskStatusResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x16\n\texit_code\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x12\n\nprocess_id\x18\x03 \x01(\x05\x12\'\n\x06status\x18\x04 \x01(\x0e\x32\x17.task_manager.JobStatus\x12\x1a\n\x12termination_signal\x18\x05 \x01(\t\x12\x1a\n\x12termination_source\x18\x06 \x01(\t\x12.\n\nstart_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05owner\x18\t \x01(\t\x12\x0f\n\x07\x63ommand\x18\n \x01(\t\x12\x0c\n\x04\x61rgs\x18\x0b \x03(\t\x12\x14\n\x0coutput_bytes\x18\x0c \x01(\x04\x12\x1c\n\x14output_dropped_bytes\x18\r \x01(\x04\x12\x13\n\x0boutput_note\x18\x0e \x01(\tB\x0c\n\n_exit_code\"\xd0\x01\n\x17StreamTaskOutputRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12.\n\x08selector\x18\x03 \x01(\x0e\x32\x1c.task_manager.OutputSelector\x12\x12\n\ntail_bytes\x18\x04 \x01(\x04\x12\x12\n\ntail_lines\x18\x05 \x01(\r\x12)\n\x05since\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tno_follow\x18\x07 \x01(\x08\"o\n\x10ListTasksRequest\x12)\n\x08statuses\x18\x01 \x03(\x0e\x32\x17.task_manager.JobStatus\x12\r\n\x05owner\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"]\n\x11ListTasksResponse\x12/\n\x05tasks\x18\x01 \x03(\x0b\x32 .task_manager.TaskStatusResponse\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"2\n\x0fGetUsageRequest\x12\x0c\n\x04user\x18\x01 \x01(\t\x12\x11\n\tall_users\x18\x02 \x01(\x08\"G\n\nQuotaUsage\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04used\x18\x02 \x01(\x04\x12\r\n\x05limit\x18\x03 \x01(\x04\x12\x0e\n\x06option\x18\x04 \x01(\t\"C\n\tUserUsage\x12\x0c\n\x04user\x18\x01 \x01(\t\x12(\n\x06quotas\x18\x02 \x03(\x0b\x32\x18.task_manager.QuotaUsage\":\n\x10GetUsageResponse\x12&\n\x05users\x18\x01 \x03(\x0b\x32\x17.task_manager.UserUsage\"\x90\x01\n\x18StreamTaskOutputResponse\x12\x0e\n\x06output\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12*\n\x06stream\x18\x03 \x01(\x0e\x32\x1a.task_manager.OutputStream\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\x8b\x01\n\tJobStatus\x12\x16\n\x12JOB_STATUS_UNKNOWN\x10\x00\x12\x16\n\x12JOB_STATUS_STARTED\x10\x01\x12\x17\n\x13JOB_STATUS_SIGNALED\x10\x02\x12\x18\n\x14JOB_STATUS_EXITED_OK\x10\x03\x12\x1b\n\x17JOB_STATUS_EXITED_ERROR\x10\x04*a\n\x0eOutputSelector\x12\x17\n\x13OUTPUT_SELECTOR_ALL\x10\x00\x12\x1a\n\x16OUTPUT_SELECTOR_STDOUT\x10\x01\x12\x1a\n\x16OUTPUT_SELECTOR_STDERR\x10\x02*^\n\x0cOutputStream\x12\x1a\n\x16OUTPUT_STREAM_COMBINED\x10\x00\x12\x18\n\x14OUTPUT_STREAM_STDOUT\x10\x01\x12\x18\n\x14OUTPUT_STREAM_STDERR\x10\x02\x32\xf8\x03\n\x0bTaskManager\x12L\n\tStartTask\x12\x1e.task_manager.StartTaskRequest\x1a\x1f.task_manager.StartTaskResponse\x12I\n\x08StopTask\x12\x1d.task_manager.StopTaskRequest\x1a\x1e.task_manager.StopTaskResponse\x12R\n\rGetTaskStatus\x12\x1f.task_manager.TaskStatusRequest\x1a .task_manager.TaskStatusResponse\x12\x63\n\x10StreamTaskOutput\x12%.task_manager.StreamTaskOutputRequest\x1a&.task_manager.StreamTaskOutputResponse0\x01\x12L\n\tListTasks\x12\x1e.task_manager.ListTasksRequest\x1a\x1f.task_manager.ListTasksResponse\x12I\n\x08GetUsage\x12\x1d.task_manager.GetUsageRequest\x1a\x1e.task_manager.GetUsageResponseB:\n\x0f\x64\x65v.taskman.apiP\x01Z%taskman/api/task_manager;task_managerb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,12 +33,12 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'taskman.api.task_manager_pb
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.taskman.apiP\001Z%taskman/api/task_manager;task_manager'
-  _globals['_JOBSTATUS']._serialized_start=1265
-  _globals['_JOBSTATUS']._serialized_end=1404
-  _globals['_OUTPUTSELECTOR']._serialized_start=1406
-  _globals['_OUTPUTSELECTOR']._serialized_end=1503
-  _globals['_OUTPUTSTREAM']._serialized_start=1505
-  _globals['_OUTPUTSTREAM']._serialized_end=1599
+  _globals['_JOBSTATUS']._serialized_start=1519
+  _globals['_JOBSTATUS']._serialized_end=1658
+  _globals['_OUTPUTSELECTOR']._serialized_start=1660
+  _globals['_OUTPUTSELECTOR']._serialized_end=1757
+  _globals['_OUTPUTSTREAM']._serialized_start=1759
+  _globals['_OUTPUTSTREAM']._serialized_end=1853
   _globals['_STARTTASKREQUEST']._serialized_start=81
   _globals['_STARTTASKREQUEST']._serialized_end=156
   _globals['_STARTTASKRESPONSE']._serialized_start=158
@@ -57,8 +57,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTTASKSREQUEST']._serialized_end=1020
   _globals['_LISTTASKSRESPONSE']._serialized_start=1022
   _globals['_LISTTASKSRESPONSE']._serialized_end=1115
-  _globals['_STREAMTASKOUTPUTRESPONSE']._serialized_start=1118
-  _globals['_STREAMTASKOUTPUTRESPONSE']._serialized_end=1262
-  _globals['_TASKMANAGER']._serialized_start=1602
-  _globals['_TASKMANAGER']._serialized_end=2031
+  _globals['_GETUSAGEREQUEST']._serialized_start=1117
+  _globals['_GETUSAGEREQUEST']._serialized_end=1167
+  _globals['_QUOTAUSAGE']._serialized_start=1169
+  _globals['_QUOTAUSAGE']._serialized_end=1240
+  _globals['_USERUSAGE']._serialized_start=1242
+  _globals['_USERUSAGE']._serialized_end=1309
+  _globals['_GETUSAGERESPONSE']._serialized_start=1311
+  _globals['_GETUSAGERESPONSE']._serialized_end=1369
+  _globals['_STREAMTASKOUTPUTRESPONSE']._serialized_start=1372
+  _globals['_STREAMTASKOUTPUTRESPONSE']._serialized_end=1516
+  _globals['_TASKMANAGER']._serialized_start=1856
+  _globals['_TASKMANAGER']._serialized_end=2360
 # @@protoc_insertion_point(module_scope)

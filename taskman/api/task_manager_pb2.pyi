@@ -143,6 +143,40 @@ class ListTasksResponse(_message.Message):
     next_page_token: str
     def __init__(self, tasks: _Optional[_Iterable[_Union[TaskStatusResponse, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
+class GetUsageRequest(_message.Message):
+    __slots__ = ("user", "all_users")
+    USER_FIELD_NUMBER: _ClassVar[int]
+    ALL_USERS_FIELD_NUMBER: _ClassVar[int]
+    user: str
+    all_users: bool
+    def __init__(self, user: _Optional[str] = ..., all_users: _Optional[bool] = ...) -> None: ...
+
+class QuotaUsage(_message.Message):
+    __slots__ = ("name", "used", "limit", "option")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    USED_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    OPTION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    used: int
+    limit: int
+    option: str
+    def __init__(self, name: _Optional[str] = ..., used: _Optional[int] = ..., limit: _Optional[int] = ..., option: _Optional[str] = ...) -> None: ...
+
+class UserUsage(_message.Message):
+    __slots__ = ("user", "quotas")
+    USER_FIELD_NUMBER: _ClassVar[int]
+    QUOTAS_FIELD_NUMBER: _ClassVar[int]
+    user: str
+    quotas: _containers.RepeatedCompositeFieldContainer[QuotaUsage]
+    def __init__(self, user: _Optional[str] = ..., quotas: _Optional[_Iterable[_Union[QuotaUsage, _Mapping]]] = ...) -> None: ...
+
+class GetUsageResponse(_message.Message):
+    __slots__ = ("users",)
+    USERS_FIELD_NUMBER: _ClassVar[int]
+    users: _containers.RepeatedCompositeFieldContainer[UserUsage]
+    def __init__(self, users: _Optional[_Iterable[_Union[UserUsage, _Mapping]]] = ...) -> None: ...
+
 class StreamTaskOutputResponse(_message.Message):
     __slots__ = ("output", "offset", "stream", "time")
     OUTPUT_FIELD_NUMBER: _ClassVar[int]

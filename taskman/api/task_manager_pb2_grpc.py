@@ -60,6 +60,11 @@ class TaskManagerStub:
                 request_serializer=taskman_dot_api_dot_task__manager__pb2.ListTasksRequest.SerializeToString,
                 response_deserializer=taskman_dot_api_dot_task__manager__pb2.ListTasksResponse.FromString,
                 _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/task_manager.TaskManager/GetUsage',
+                request_serializer=taskman_dot_api_dot_task__manager__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=taskman_dot_api_dot_task__manager__pb2.GetUsageResponse.FromString,
+                _registered_method=True)
 
 
 class TaskManagerServicer:
@@ -102,6 +107,15 @@ class TaskManagerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUsage(self, request, context):
+        """Added after the RFD.
+        GetUsage shows a user's usage against each per-user quota (an admin
+        may ask for one user or for all; anyone else gets their own)
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskManagerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -129,6 +143,11 @@ def add_TaskManagerServicer_to_server(servicer, server):
                     servicer.ListTasks,
                     request_deserializer=taskman_dot_api_dot_task__manager__pb2.ListTasksRequest.FromString,
                     response_serializer=taskman_dot_api_dot_task__manager__pb2.ListTasksResponse.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=taskman_dot_api_dot_task__manager__pb2.GetUsageRequest.FromString,
+                    response_serializer=taskman_dot_api_dot_task__manager__pb2.GetUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -267,6 +286,33 @@ class TaskManager:
             '/task_manager.TaskManager/ListTasks',
             taskman_dot_api_dot_task__manager__pb2.ListTasksRequest.SerializeToString,
             taskman_dot_api_dot_task__manager__pb2.ListTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/task_manager.TaskManager/GetUsage',
+            taskman_dot_api_dot_task__manager__pb2.GetUsageRequest.SerializeToString,
+            taskman_dot_api_dot_task__manager__pb2.GetUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

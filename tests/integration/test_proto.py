@@ -44,7 +44,7 @@ def rfd_proto() -> str:
 
 def test_the_proto_parser_sees_everything():
     shape = parse_proto(PROTO.read_text())
-    assert len(shape["services"]["TaskManager"]) == 5
+    assert len(shape["services"]["TaskManager"]) == 6
     assert len(shape["enums"]["JobStatus"]) == 5
     assert len(shape["messages"]["TaskStatusResponse"]) == 14
     assert shape["messages"]["StopTaskResponse"] == []
