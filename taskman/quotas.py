@@ -55,11 +55,13 @@ class Measured:
 
 
 class Usage(NamedTuple):
-    """One line of ``usage``: the quota's name, the user's use, the limit (0: none)."""
+    """One line of ``usage``: the quota's name, the user's use, the limit
+    (0: none), the option that sets it."""
 
     name: str
     used: int
     limit: int
+    option: str
 
 
 # field -> (the name users read, what to do about it)
@@ -160,5 +162,5 @@ class Quotas:
                 "calls_in_flight": calls, "argument_bytes": measured.largest_arguments,
                 "finished_records": measured.finished_records,
                 "output_bytes": measured.output_bytes}
-        return [Usage(_WORDS[field][0], used[field], getattr(self.limits, field))
+        return [Usage(_WORDS[field][0], used[field], getattr(self.limits, field), option(field))
                 for field in _WORDS]

@@ -56,9 +56,9 @@ def test_streams_are_counted_per_user_and_released():
                                       "of your other streams first (--quota-open-streams)")
         with quotas.acquire_stream("bob"):  # bob has his own
             pass
-        assert ("open streams", 2, 2) in quotas.usage("alice")
+        assert ("open streams", 2, 2, "--quota-open-streams") in quotas.usage("alice")
     with quotas.acquire_stream("alice"):  # released, also after the refusal
-        assert ("open streams", 1, 2) in quotas.usage("alice")
+        assert ("open streams", 1, 2, "--quota-open-streams") in quotas.usage("alice")
     assert not quotas._streams
 
 
@@ -120,12 +120,12 @@ def test_usage_lists_every_quota_in_order():
         usage = quotas.usage("alice")
     limits = QuotaLimits()
     assert usage == [
-        Usage("running tasks", 3, limits.running_tasks),
-        Usage("open streams", 0, limits.open_streams),
-        Usage("calls in flight", 1, limits.calls_in_flight),
-        Usage("argument bytes per task", 99, limits.argument_bytes),
-        Usage("finished records kept", 7, limits.finished_records),
-        Usage("output bytes on disk", 1234, limits.output_bytes),
+        Usage("running tasks", 3, limits.running_tasks, "--quota-running-tasks"),
+        Usage("open streams", 0, limits.open_streams, "--quota-open-streams"),
+        Usage("calls in flight", 1, limits.calls_in_flight, "--quota-calls-in-flight"),
+        Usage("argument bytes per task", 99, limits.argument_bytes, "--quota-argument-bytes"),
+        Usage("finished records kept", 7, limits.finished_records, "--quota-finished-records"),
+        Usage("output bytes on disk", 1234, limits.output_bytes, "--quota-output-bytes"),
     ]
 
 
