@@ -1,17 +1,21 @@
 """The server process's own dealings with the host: the OS seam outside spawning.
 
-What the manager asks of the kernel that is not a task's spawn, signal or
-reap (those are ``taskman.process``): adopting orphaned descendants, the
-home directory a task is given, and telling whether a pid left by an earlier
-life of the server is still one of its tasks, and killing it if so.
+What the manager asks of the kernel that is not a task's spawn or reap (those
+are ``taskman.process``): adopting orphaned descendants, pidfds, and telling
+whether a pid left by an earlier life of the server is still one of its tasks
+(by its start time and its cgroups, never by its environment, which the task
+controls), and killing it if so.
 """
 
 import ctypes
+import errno
 import os
 import pwd
 import signal
+from typing import List, Optional
 
 _PR_SET_CHILD_SUBREAPER = 36
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
 
 def become_subreaper() -> None:
@@ -35,27 +39,93 @@ def home_directory() -> str:
         return "/"
 
 
-def is_process_of(pid: int, task_id: str) -> bool:
-    """True if ``pid`` runs now and carries the task's id in its environment.
+def open_pidfd(pid: int) -> int:
+    """A pidfd for ``pid`` (close-on-exec), or -1 where the kernel has none."""
+    try:
+        return os.pidfd_open(pid)
+    except (OSError, AttributeError):
+        return -1
 
-    The id (TASKMAN_TASK_ID, set at spawn) tells a task's process apart from
-    an unrelated one that reused its pid after a crash of the server.
+
+def pidfd_send(pidfd: int, number: int) -> bool:
+    """pidfd_send_signal; False if the process has exited (ESRCH)."""
+    try:
+        signal.pidfd_send_signal(pidfd, number)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def start_identity(pid: int) -> str:
+    """``<boot id>/<start time in clock ticks>`` of ``pid``; "" if unreadable.
+
+    A pid is reused, but not with the same start time within one boot: this
+    names one process for good (crash recovery compares it after a restart).
     """
     try:
-        with open(f"/proc/{pid}/environ", "rb") as environ:
-            return b"TASKMAN_TASK_ID=" + task_id.encode() in environ.read().split(b"\0")
-    except OSError:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            # The command name (field 2) may hold spaces and parentheses:
+            # count fields after its closing parenthesis; starttime is field 22.
+            fields = stat.read().rsplit(b")", 1)[1].split()
+        with open(BOOT_ID) as boot:
+            return f"{boot.read().strip()}/{int(fields[19])}"
+    except (OSError, IndexError, ValueError):
+        return ""
+
+
+def is_running(pid: int, identity: str) -> bool:
+    """True if the process ``identity`` named is alive and not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            state = stat.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
         return False
+    return state != b"Z" and start_identity(pid) == identity
 
 
-def kill_process_group(pid: int) -> None:
-    """SIGKILL the process group that ``pid`` leads, and ``pid`` itself.
+def cgroup_paths(pid: int) -> List[str]:
+    """The cgroup path of ``pid`` in each hierarchy (/proc/<pid>/cgroup); [] if gone."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as lines:
+            return [line.rstrip("\n").split(":", 2)[2] for line in lines if line.count(":") >= 2]
+    except OSError:
+        return []
+
+
+def in_task_group(pid: int, task_id: str) -> bool:
+    """True if ``pid`` is in a group of the task in some hierarchy (task
+    groups are named after the task id, at any depth under taskman's root)."""
+    return any(task_id in path.split("/") for path in cgroup_paths(pid))
+
+
+def find_leftover(pid: int, identity: str) -> Optional[int]:
+    """A pidfd for ``pid`` if it is still the process ``identity`` named
+    (see start_identity); None if it is gone or the pid was reused."""
+    if not pid or not identity:
+        return None
+    pidfd = open_pidfd(pid)
+    if pidfd < 0:
+        return None
+    # Checked after opening the pidfd: the pidfd then names what was checked.
+    # A zombie is gone too: its status went to whoever reaps it.
+    if not is_running(pid, identity):
+        os.close(pidfd)
+        return None
+    return pidfd
+
+
+def kill_leftover(pid: int, pidfd: int) -> None:
+    """SIGKILL a leftover main process through its pidfd, and its process group.
 
     A task's main process leads its own group (it is spawned with setsid).
     Errors are ignored: a process already gone is what is wanted.
     """
-    for kill in (os.killpg, os.kill):
+    try:
         try:
-            kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
+            os.killpg(pid, signal.SIGKILL)  # first: the leader, alive, holds the pgid
+        except OSError as error:
+            if error.errno not in (errno.ESRCH, errno.EPERM):
+                raise
+        pidfd_send(pidfd, signal.SIGKILL)
+    finally:
+        os.close(pidfd)

@@ -14,7 +14,6 @@ when) and ``recovery`` (the records of an earlier life).
 """
 
 import datetime
-import itertools
 import logging
 import os
 import signal
@@ -24,7 +23,7 @@ from typing import Dict, Iterable, Iterator, Optional
 import gevent
 import gevent.event
 
-from taskman import host, process, pump, recovery, retention
+from taskman import confinement, host, listing, process, pump, recovery, retention
 from taskman.cgroups import Driver, Group
 from taskman.cgroups.none import ProcessGroupDriver
 from taskman.defaults import default_state_dir
@@ -71,14 +70,16 @@ class TaskManager:
     act on every task. ``output_max_bytes``: per-task output cap (0: none).
     Finished tasks are forgotten (record and output) after ``retention_age``
     seconds, and oldest first while their output exceeds ``retention_bytes``
-    (0 disables either).
+    (0 disables either). ``users`` (a taskman.users.Users) runs each user's
+    tasks as its own unprivileged uid in the sandbox; None runs them as the
+    server's own user, unconfined (library use).
     """
 
     def __init__(self, state_dir: Optional[str] = None, driver: Optional[Driver] = None,
                  stop_grace: float = 10.0, admins: Iterable[str] = (ADMIN,),
                  search_path: str = process.DEFAULT_PATH, output_max_bytes: int = 0,
                  retention_age: float = retention.DEFAULT_AGE,
-                 retention_bytes: int = retention.DEFAULT_BUDGET):
+                 retention_bytes: int = retention.DEFAULT_BUDGET, users=None):
         self.state_dir = ensure_directory(state_dir or default_state_dir())
         self.output_dir = ensure_directory(os.path.join(self.state_dir, "output"))
         self.driver = driver or ProcessGroupDriver()
@@ -91,12 +92,13 @@ class TaskManager:
         self._tasks: Dict[str, _Entry] = {}
         self._finished_bytes = 0  # output of finished tasks, for the disk budget
         self._closing = False
-        # Callables (event, task) told of "started", "stopping" and "ended":
+        # Callables (event, task) told of "started", "stopping", "ended", "escaped":
         # the audit trail and metrics hang here, the library knows neither.
         self.listeners: list = []
         process.seal_inherited_fds()
         host.become_subreaper()
         self.store = TaskStore(os.path.join(self.state_dir, "tasks.db"))
+        self.confinement = confinement.Confinement(users, self.store)
         self._recover()  # before setup(): it looks for the earlier life's processes
         self.driver.setup()
         self.prune()
@@ -119,17 +121,19 @@ class TaskManager:
         if not owner:
             raise InvalidArgument("no user given")
         args = list(args)
-        executable = process.resolve(command, self.search_path)
+        sandbox = self.confinement.sandbox_for(owner)
+        executable = process.resolve(command, self.search_path, sandbox)
         for argument in args:
             process.validate_argument(argument, "argument")
         task_id = str(uuid.uuid4())
         output = create_log(self.output_dir, task_id, self.output_max_bytes)
         group = None
         try:
+            # Per-user slices: pass owner=Owner(owner, confinement.uid_of(sandbox)) here.
             group = self.driver.create(task_id)
-            proc = process.spawn(executable, args, self._environment(task_id, owner),
+            proc = process.spawn(executable, args, confinement.environment(task_id, owner, self.search_path),
                                  place=lambda pid: self.driver.place(group, pid),
-                                 separate_streams=separate_streams)
+                                 separate_streams=separate_streams, sandbox=sandbox)
         except BaseException as error:
             output.remove()
             if group is not None:
@@ -142,10 +146,12 @@ class TaskManager:
         entry = _Entry(task, output, group, proc)
         self._tasks[task_id] = entry
         self._persist(task)
+        self._store_call(self.store.save_process, task_id, confinement.uid_of(sandbox),
+                         proc.start_identity)
         gevent.spawn(self._supervise, entry)
         self._notify("started", task.snapshot())
-        log.info("task %s started for %s: pid %d, %s", task_id, owner, proc.pid,
-                 command_line(command, args))
+        log.info("task %s started for %s: pid %d, uid %d, %s", task_id, owner, proc.pid,
+                 confinement.uid_of(sandbox), command_line(command, args))
         return task.snapshot()
 
     def stop(self, requester: str, task_id: str, wait: Optional[float] = None) -> Task:
@@ -194,23 +200,8 @@ class TaskManager:
         """
         if requester not in self.admins:
             owner = requester
-        wanted = set(statuses)
-        entries = reversed(self._tasks.values())
-        if after:
-            after = parse_task_id(after)
-            if after not in self._tasks:
-                raise InvalidArgument("the listing's page token is no longer valid "
-                                      "(its task was removed): list again")
-            entries = itertools.dropwhile(lambda entry: entry.task.id != after, entries)
-            next(entries)
-        found = []
-        for entry in entries:
-            if ((not owner or entry.task.owner == owner)
-                    and (not wanted or entry.task.status in wanted)):
-                found.append(self._snapshot(entry))
-                if limit and len(found) == limit:
-                    break
-        return found
+        return [self._snapshot(entry)
+                for entry in listing.select(self._tasks, owner, statuses, limit, after)]
 
     def prune(self) -> int:
         """Forget finished tasks past the retention age or the disk budget.
@@ -246,7 +237,7 @@ class TaskManager:
         for entry in running:
             if not entry.ended.is_set():
                 entry.sent_signal = signal.SIGKILL
-                self._safely(self.driver.kill, entry.group)
+                self._kill(entry)
         gevent.wait([entry.ended for entry in running],
                     timeout=GROUP_EMPTY_TIMEOUT + EOF_TIMEOUT)
         self._pruner.kill()
@@ -303,14 +294,28 @@ class TaskManager:
         self._notify("stopping", stopping)
 
     def _terminate(self, entry: _Entry) -> None:
-        """SIGTERM the whole task, SIGKILL it after the grace period."""
+        """SIGTERM the whole task, SIGKILL it after the grace period.
+
+        The main process also gets each signal through its pidfd, in case it
+        left its groups (reported as an ``escaped`` event)."""
+        proc = entry.process
+        if confinement.left_group(entry.group, proc.pid, proc.start_identity):
+            log.warning("task %s: its main process %d is outside the task's cgroups",
+                        entry.task.id, proc.pid)
+            self._notify(confinement.ESCAPED, entry.task.snapshot())
         if self.stop_grace > 0:
             entry.sent_signal = signal.SIGTERM
             self._safely(self.driver.signal, entry.group, signal.SIGTERM)
-            if entry.process.wait(self.stop_grace) is not None:
+            proc.signal(signal.SIGTERM)
+            if proc.wait(self.stop_grace) is not None:
                 return  # the supervisor kills whatever is left
         entry.sent_signal = signal.SIGKILL
+        self._kill(entry)
+
+    def _kill(self, entry: _Entry) -> None:
         self._safely(self.driver.kill, entry.group)
+        if entry.process is not None:
+            entry.process.signal(signal.SIGKILL)
 
     def _kill_group(self, group: Group) -> None:
         """SIGKILL everything in the group and wait (bounded) until it is empty."""
@@ -368,7 +373,9 @@ class TaskManager:
 
     def _recover(self) -> None:
         """Load the records of an earlier life, ending the tasks it left running."""
-        for task, output in recovery.recover(self.store.load_all(), self.output_dir, self._persist):
+        started = {task_id: identity for task_id, (_, identity) in self.store.processes().items()}
+        for task, output in recovery.recover(self.store.load_all(), self.output_dir, self._persist,
+                                             started):
             output.date_unindexed(task.start_time)
             self._tasks[task.id] = _Entry(task, output)
             self._finished_bytes += output.size
@@ -386,13 +393,4 @@ class TaskManager:
             raise NotFound(f"task {task_id} not found")
         return entry
 
-    def _environment(self, task_id: str, owner: str) -> dict:
-        """A small, predictable environment: never the server's own (it holds
-        settings and possibly secrets of the server)."""
-        env = {"PATH": self.search_path, "HOME": host.home_directory(),
-               "TASKMAN_TASK_ID": task_id, "TASKMAN_USER": owner}
-        for name in ("LANG", "LC_ALL", "TZ"):
-            if name in os.environ:
-                env[name] = os.environ[name]
-        return env
 

@@ -2,15 +2,19 @@
 
 (``taskman.host`` holds the server's other dealings with the kernel.)
 
-Why posix_spawn and a shell gate, not fork or ``preexec_fn``: with gRPC
-loaded, ``fork()`` runs gRPC's fork handlers and a few percent of children die
-before exec (see docs/design.md); ``posix_spawn`` (vfork + exec) does not run them.
+Why posix_spawn and a gate, not fork or ``preexec_fn``: with gRPC loaded,
+``fork()`` runs gRPC's fork handlers and a few percent of children die before
+exec (see docs/design.md); ``posix_spawn`` (vfork + exec) does not run them.
 But posix_spawn has no hook between fork and exec, and a task must never run
-outside its cgroups, not even for an instant. So the child is first a tiny
-``/bin/sh`` that blocks reading a gate pipe; the server writes the child's pid
-into the task's groups, then opens the gate, and only then does the shell
-``exec`` the user's command. If placement fails, the shell is killed before it
-ever runs the command.
+outside its cgroups, not even for an instant. So the child is first the
+compiled ``taskman-gate`` (``taskman.sandbox``), blocked reading a gate pipe;
+the server writes the child's pid into the task's groups, then opens the gate,
+and only then does the gate confine itself (the task's uid, namespaces, no
+capabilities) and exec the user's command. If placement fails, the gate is
+killed before it ever runs the command.
+
+Signals to the main process go through its pidfd: they reach it even if it
+left its groups, and never a stranger that reused its pid.
 """
 
 import errno
@@ -25,14 +29,10 @@ import gevent
 import gevent.event
 from gevent.hub import get_hub
 
+from taskman import host
 from taskman.errors import CommandNotFound, InvalidArgument, NotExecutable, ResourceExhausted, TaskmanError
 from taskman.output import Stream
-
-SHELL = "/bin/sh"
-
-# $0 is the working directory, "$@" the command. Exit code 125 marks a failure
-# of the gate itself (the server killed it, or the directory is gone).
-GATE = 'read -r _ <&3 || exit 125; exec 3<&-; cd -- "$0" || exit 125; exec "$@"'
+from taskman.sandbox import UNCONFINED, Sandbox
 
 # A task starts with every signal at its default action and none blocked:
 # posix_spawn would otherwise pass on what the server ignores (SIGPIPE,
@@ -46,8 +46,9 @@ READ_CHUNK = 1 << 18
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-def resolve(command: str, search_path: str = DEFAULT_PATH) -> str:
-    """Return the absolute path that ``command`` names, checked to be executable.
+def resolve(command: str, search_path: str = DEFAULT_PATH, sandbox: Sandbox = UNCONFINED) -> str:
+    """Return the absolute path that ``command`` names, checked to be
+    executable by ``sandbox``'s user (the task's, not the server's).
 
     Raises InvalidArgument (empty, NUL, relative path), CommandNotFound or
     NotExecutable. Checking here gives the caller a precise error; the check
@@ -60,12 +61,12 @@ def resolve(command: str, search_path: str = DEFAULT_PATH) -> str:
         if not command.startswith("/"):
             raise InvalidArgument(
                 f"{command!r}: give an absolute path or a name found on the server's PATH")
-        return _check_executable(command)
+        return _check_executable(command, sandbox)
     denied = None
     for directory in search_path.split(":"):
         candidate = os.path.join(directory or ".", command)
         try:
-            return _check_executable(candidate)
+            return _check_executable(candidate, sandbox)
         except CommandNotFound:
             continue
         except NotExecutable as error:
@@ -75,7 +76,7 @@ def resolve(command: str, search_path: str = DEFAULT_PATH) -> str:
     raise CommandNotFound(f"{command}: command not found on the server's PATH")
 
 
-def _check_executable(path: str) -> str:
+def _check_executable(path: str, sandbox: Sandbox) -> str:
     try:
         info = os.stat(path)
     except FileNotFoundError:
@@ -90,6 +91,7 @@ def _check_executable(path: str) -> str:
         raise NotExecutable(f"{path}: is a directory")
     if not stat.S_ISREG(info.st_mode) or not os.access(path, os.X_OK):
         raise NotExecutable(f"{path}: not an executable file")
+    sandbox.check_executable(path)
     return path
 
 
@@ -163,6 +165,12 @@ class Process:
     def __init__(self, pid: int, outputs: List[OutputPipe], child_watcher):
         self.pid = pid
         self.outputs = outputs
+        # Opened before the child can run anything (it waits at the gate), so
+        # it names this process and no later owner of the pid.
+        self.pidfd = host.open_pidfd(pid)
+        # What tells this process apart from a later one with its pid, after
+        # a restart of the server (taskman.recovery).
+        self.start_identity = host.start_identity(pid)
         self.wait_status: Optional[int] = None
         self._exited = gevent.event.Event()
         self._child_watcher = child_watcher
@@ -186,21 +194,28 @@ class Process:
         return self.wait_status is not None
 
     def signal(self, number: int) -> bool:
-        """Send a signal to the main process; False if it is already gone."""
+        """Send a signal to the main process, through its pidfd, wherever its
+        groups are; False if it is already gone."""
         if self.exited:
             return False  # reaped: the pid may belong to someone else by now
+        if self.pidfd >= 0:
+            return host.pidfd_send(self.pidfd, number)
         return send(self.pid, number)
 
     def close_output(self) -> None:
-        """Close the read end of every output pipe."""
+        """Close the read end of every output pipe, and the pidfd."""
         for pipe in self.outputs:
             pipe.close()
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
 
 
 def spawn(executable: str, args: list, env: dict, cwd: str = "/",
           place: Optional[Callable[[int], None]] = None,
-          separate_streams: bool = False) -> Process:
-    """Start ``executable args...`` with stdout and stderr on one new pipe.
+          separate_streams: bool = False, sandbox: Sandbox = UNCONFINED) -> Process:
+    """Start ``executable args...`` with stdout and stderr on one new pipe,
+    confined by ``sandbox`` (its uid, namespaces; see taskman.sandbox).
 
     With ``separate_streams``, stdout and stderr get a pipe each: a reader
     can tell them apart but no longer knows their exact interleaving.
@@ -236,9 +251,9 @@ def spawn(executable: str, args: list, env: dict, cwd: str = "/",
         (os.POSIX_SPAWN_DUP2, writers[-1], 2),  # the same pipe unless separate
         (os.POSIX_SPAWN_DUP2, gate_read, 3),
     ]
-    argv = [SHELL, "-c", GATE, cwd, executable, *args]
+    argv = sandbox.gate_argv(cwd, executable, args)
     try:
-        pid = os.posix_spawn(SHELL, argv, env, file_actions=file_actions, setsid=True,
+        pid = os.posix_spawn(argv[0], argv, sandbox.environment(env), file_actions=file_actions, setsid=True,
                              setsigdef=_DEFAULT_SIGNALS, setsigmask=())
     except BaseException:
         for fd in (*readers, *writers, gate_read, gate_write):

@@ -1,17 +1,20 @@
 """Crash recovery: the records of an earlier life of the server, made final.
 
 A task still STARTED in the store was running when the server stopped
-without ending it (a crash, SIGKILL, power loss). Its main process, if still
-alive (told apart from a reused pid by the TASKMAN_TASK_ID in its
-environment), is killed with its process group: SIGNALED by SIGKILL, source
-``server``. The cgroup driver's setup(), which runs after recovery, kills
-whatever else is left in the task's groups. If the process is already gone,
-its exit status is lost: UNKNOWN, source ``server``.
+without ending it (a crash, SIGKILL, power loss). Its main process is told
+apart from a stranger that reused its pid by the start time recorded at
+spawn (boot id and clock ticks, which no task can change), never by its
+environment, which the task controls (``exec env -i`` wipes it). If still
+alive, it is killed through a pidfd with its process group: SIGNALED by
+SIGKILL, source ``server``; the log says whether it was still in its
+task's cgroups (/proc/<pid>/cgroup). The cgroup driver's setup(), which runs after
+recovery, kills whatever else is left in the task's groups. If the process
+is already gone, its exit status is lost: UNKNOWN, source ``server``.
 """
 
 import logging
 import signal
-from typing import Callable, Iterable, List, Tuple
+from typing import Callable, Dict, Iterable, List, Tuple
 
 from taskman import host
 from taskman.output import OutputLog, reopen_log
@@ -20,18 +23,21 @@ from taskman.task import JobStatus, Source, Task, now
 log = logging.getLogger("taskman.recovery")
 
 
-def recover(records: Iterable[Task], output_dir: str,
-            save: Callable[[Task], None]) -> List[Tuple[Task, OutputLog]]:
+def recover(records: Iterable[Task], output_dir: str, save: Callable[[Task], None],
+            started: Dict[str, str] = None) -> List[Tuple[Task, OutputLog]]:
     """Each task of ``records`` with its output log, every one of them finished.
 
-    A task found running is ended and its new record passed to ``save``.
-    Must run before the cgroup driver's setup(): that kills what is left in
-    the groups, and a task whose process it killed first would be UNKNOWN.
+    ``started``: task id -> start identity of its main process
+    (``host.start_identity``, as the store kept it). A task found running is
+    ended and its new record passed to ``save``. Must run before the cgroup
+    driver's setup(): that kills what is left in the groups, and a task whose
+    process it killed first would be UNKNOWN.
     """
+    started = started or {}
     recovered = []
     for task in records:
         if task.running:
-            _end(task)
+            _end(task, started.get(task.id, ""))
             save(task)
         output = reopen_log(output_dir, task.id)
         output.dropped, output.write_error = task.output_dropped, task.output_note or None
@@ -39,10 +45,14 @@ def recover(records: Iterable[Task], output_dir: str,
     return recovered
 
 
-def _end(task: Task) -> None:
+def _end(task: Task, identity: str) -> None:
     """Kill what is left of a task that was running; record how it ended."""
-    if host.is_process_of(task.pid, task.id):
-        host.kill_process_group(task.pid)
+    pidfd = host.find_leftover(task.pid, identity)
+    if pidfd is not None:
+        log.info("task %s: main process %d found %s", task.id, task.pid,
+                 "in its cgroups" if host.in_task_group(task.pid, task.id)
+                 else "outside any cgroup of the task (the none driver, or it left them)")
+        host.kill_leftover(task.pid, pidfd)
         task.status, task.exit_code = JobStatus.SIGNALED, 128 + signal.SIGKILL
         task.signal = "SIGKILL"
     else:

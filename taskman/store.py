@@ -5,18 +5,23 @@ Why SQLite in WAL mode with ``synchronous=NORMAL``: a write costs ~10 us
 thread hop; a crash of the server loses nothing already written, and only a
 power loss can drop the last few commits (the database stays consistent).
 Only records live here; the output stays in the per-task files.
+
+Beside each task's record: the uid it runs as and the start identity of its
+main process (what crash recovery recognises it by), and the identity -> uid
+mapping the server used. The file is 0600 in a 0700 directory, owned by the
+server's user: no task can read or change it (docs/security.md).
 """
 
 import datetime
 import json
 import os
 import sqlite3
-from typing import Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 from taskman.errors import StoreError
 from taskman.task import JobStatus, Source, Task
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the processes and users tables (added to a 1 as they are)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -37,6 +42,15 @@ CREATE TABLE IF NOT EXISTS tasks (
 );
 CREATE INDEX IF NOT EXISTS tasks_by_owner ON tasks (owner, start_time);
 CREATE INDEX IF NOT EXISTS tasks_by_end ON tasks (end_time);
+CREATE TABLE IF NOT EXISTS processes (
+    task_id TEXT PRIMARY KEY,
+    uid INTEGER NOT NULL,          -- the uid the task runs as
+    start_identity TEXT NOT NULL   -- host.start_identity of the main process
+);
+CREATE TABLE IF NOT EXISTS users (
+    identity TEXT PRIMARY KEY,
+    uid INTEGER NOT NULL
+);
 """
 
 _COLUMNS = ("id", "owner", "command", "args", "pid", "status", "exit_code", "signal",
@@ -71,7 +85,32 @@ class TaskStore:
             f"VALUES ({', '.join('?' * len(_COLUMNS))})", row)
 
     def delete(self, task_ids: Iterable[str]) -> None:
-        self._db.executemany("DELETE FROM tasks WHERE id = ?", [(i,) for i in task_ids])
+        ids = [(i,) for i in task_ids]
+        self._db.executemany("DELETE FROM tasks WHERE id = ?", ids)
+        self._db.executemany("DELETE FROM processes WHERE task_id = ?", ids)
+
+    def save_process(self, task_id: str, uid: int, start_identity: str) -> None:
+        """Record the uid and the main process's start identity of a task."""
+        self._db.execute("INSERT OR REPLACE INTO processes (task_id, uid, start_identity) "
+                         "VALUES (?, ?, ?)", (task_id, uid, start_identity))
+
+    def processes(self) -> Dict[str, Tuple[int, str]]:
+        """task id -> (uid, start identity of its main process)."""
+        return {row[0]: (row[1], row[2]) for row in
+                self._db.execute("SELECT task_id, uid, start_identity FROM processes")}
+
+    def save_user(self, identity: str, uid: int) -> Optional[int]:
+        """Record that ``identity``'s tasks run as ``uid``; return the uid
+        recorded before if it was a different one, else None."""
+        row = self._db.execute("SELECT uid FROM users WHERE identity = ?", (identity,)).fetchone()
+        if row is not None and row[0] == uid:
+            return None
+        self._db.execute("INSERT OR REPLACE INTO users (identity, uid) VALUES (?, ?)", (identity, uid))
+        return row[0] if row is not None else None
+
+    def users(self) -> Dict[str, int]:
+        """identity -> uid, as recorded."""
+        return dict(self._db.execute("SELECT identity, uid FROM users"))
 
     def load_all(self) -> List[Task]:
         """Every record, oldest first."""

@@ -1,0 +1,77 @@
+"""Which sandbox each user's tasks get, and whether a task stayed in its groups.
+
+The manager's side of the sandbox (``taskman.sandbox`` is the policy and the
+gate's command line, ``taskman.users`` the identity -> uid registry): the
+uid an identity runs as is recorded in the store, with each task, so the
+records say who ran what; and a task's main process found outside its
+cgroups is reported, since no task should be able to leave them
+(docs/security.md).
+"""
+
+import logging
+import os
+from typing import Dict, Optional
+
+from taskman import host
+from taskman.cgroups import Group
+from taskman.sandbox import UNCONFINED, Sandbox
+from taskman.store import TaskStore
+
+log = logging.getLogger("taskman.confinement")
+
+# The manager's listeners hear this event when a task left its groups.
+ESCAPED = "escaped"
+
+
+class Confinement:
+    """identity -> Sandbox through ``users`` (a taskman.users.Users), recorded
+    in ``store``; with no ``users``, every task runs as the server's own user."""
+
+    def __init__(self, users, store: TaskStore):
+        self.users = users
+        self.store = store
+        self._recorded: Dict[str, int] = {}
+
+    def sandbox_for(self, identity: str) -> Sandbox:
+        """The identity's sandbox; raises as taskman.users.Users.sandbox_for."""
+        if self.users is None:
+            return UNCONFINED
+        sandbox = self.users.sandbox_for(identity)
+        if self._recorded.get(identity) != sandbox.uid:
+            try:
+                before = self.store.save_user(identity, sandbox.uid)
+            except Exception as error:  # noqa: BLE001 - sqlite3 raises many kinds
+                log.error("task store: cannot record the uid of %s: %s", identity, error)
+            else:
+                self._recorded[identity] = sandbox.uid
+                if before is not None:
+                    log.warning("identity %s now runs as uid %d (uid %d before)",
+                                identity, sandbox.uid, before)
+        return sandbox
+
+
+def environment(task_id: str, owner: str, search_path: str) -> dict:
+    """A small, predictable environment: never the server's own (it holds
+    settings and possibly secrets of the server). The sandbox sets HOME for
+    a confined task (taskman.sandbox.Sandbox.environment)."""
+    env = {"PATH": search_path, "HOME": host.home_directory(),
+           "TASKMAN_TASK_ID": task_id, "TASKMAN_USER": owner}
+    for name in ("LANG", "LC_ALL", "TZ"):
+        if name in os.environ:
+            env[name] = os.environ[name]
+    return env
+
+
+def uid_of(sandbox: Sandbox) -> int:
+    """The uid a task of ``sandbox`` runs as (the server's own when unconfined)."""
+    return sandbox.uid if sandbox.confined else os.geteuid()
+
+
+def left_group(group: Optional[Group], pid: int, identity: str) -> bool:
+    """True if the live process ``pid`` (start ``identity``) is missing from
+    one of the task's groups. False without groups (the ``none`` driver)."""
+    directories = getattr(group, "directories", None)
+    if not directories or not host.is_running(pid, identity):
+        return False
+    inside = sum(group.task_id in path.split("/") for path in host.cgroup_paths(pid))
+    return inside < len(directories) and host.is_running(pid, identity)
