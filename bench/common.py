@@ -45,19 +45,30 @@ def ratio(numerator: float, denominator: float) -> float:
 # -- certificates
 
 
+_generated = None
+
+
 def certs_dir() -> str:
-    """The demo certificates: $TASKMAN_CERTS_DIR, the installed package's, or the checkout's."""
+    """$TASKMAN_CERTS_DIR, else a PKI made once for this run (RSA 4096, as a
+    server makes it) and set as $TASKMAN_CERTS_DIR, so that the servers and
+    workers the bench starts use it too. Nothing is packaged any more."""
+    global _generated
     explicit = os.environ.get("TASKMAN_CERTS_DIR")
     if explicit:
         return explicit
-    try:
-        import taskman
-        installed = os.path.join(os.path.dirname(taskman.__file__), "certs")
-        if os.path.exists(os.path.join(installed, "ca.crt")):
-            return installed
-    except ImportError:
-        pass
-    return os.path.join(REPO_DIR, "taskman", "certs")
+    if _generated is None:
+        import atexit
+        import shutil
+        import tempfile
+
+        from taskman import pki
+
+        parent = tempfile.mkdtemp(prefix="taskman-bench-pki-")
+        atexit.register(shutil.rmtree, parent, True)
+        _generated = os.path.join(parent, "pki")
+        pki.PKI.open(_generated)
+        os.environ["TASKMAN_CERTS_DIR"] = _generated
+    return _generated
 
 
 def read_cert(name: str) -> bytes:

@@ -1,5 +1,8 @@
 """Fixtures: a real taskman-server per test module, torn down with SIGTERM.
 
+One PKI is generated for the whole run (server_harness.session_pki) and named
+by TASKMAN_CERTS_DIR; every server starts with a copy of it.
+
 gRPC objects made in this process (the tests that speak gRPC directly) need
 grpc's gevent integration, since tests/conftest.py patched gevent; and gRPC's
 fork handlers off, since the tests fork the CLI (docs/design.md: with them on,
@@ -13,9 +16,11 @@ os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "0"
 import grpc  # noqa: E402
 import grpc.experimental.gevent  # noqa: E402
 import pytest  # noqa: E402
-from server_harness import Cli, Server, started_servers  # noqa: E402
+from server_harness import Cli, Server, session_pki, started_servers  # noqa: E402
 
 grpc.experimental.gevent.init_gevent()
+# Before the test modules are imported: some read certificate paths at import.
+SESSION_PKI = session_pki()
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,16 @@
 The programs are the installed ones (found on PATH, as tox installs them);
 only when they are not installed does this fall back to ``python bin/...``
 with the checkout on PYTHONPATH.
+
+Certificates: one real PKI (RSA 4096, as a server makes it) is generated per
+run by ``session_pki`` and named by TASKMAN_CERTS_DIR in this process's
+environment, so the CLI, raw gRPC clients and ``tls.client_files`` use its
+bundles. Each server gets a copy of it as its own generated PKI
+(<state-dir>/pki), so servers run as they do by default: reloading,
+revocations, ``taskman-server pki``; only the first-start tests make one.
 """
 
+import atexit
 import itertools
 import os
 import re
@@ -12,11 +20,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import List, Optional
 
 from support import poll_for
+from taskman import pki as pki_module
+from taskman.defaults import CERTS_DIR_VARIABLE
 
 REPO = Path(__file__).resolve().parents[2]
 # The contract: the design document kept in docs/.
@@ -27,6 +38,20 @@ STOP_TIMEOUT = 60.0
 CLI_TIMEOUT = 60.0
 
 _roots = itertools.count()
+_session_pki: Optional[Path] = None
+
+
+def session_pki() -> Path:
+    """This run's PKI (made on first call, about 7 s for five RSA-4096 keys),
+    also set as TASKMAN_CERTS_DIR in this process's environment."""
+    global _session_pki
+    if _session_pki is None:
+        parent = Path(tempfile.mkdtemp(prefix="taskman-test-pki-"))
+        atexit.register(shutil.rmtree, parent, True)
+        pki_module.PKI.open(str(parent / "pki"))
+        _session_pki = parent / "pki"
+        os.environ[CERTS_DIR_VARIABLE] = str(_session_pki)
+    return _session_pki
 
 
 def program(name: str) -> List[str]:
@@ -48,21 +73,35 @@ class Server:
     """A taskman-server on a kernel-chosen loopback port, with its own state
     directory and cgroup root; ``stop()`` sends SIGTERM and returns the exit status."""
 
-    def __init__(self, workdir: Path, *options: str, env: Optional[dict] = None):
+    def __init__(self, workdir: Path, *options: str, env: Optional[dict] = None,
+                 copy_pki: bool = True, address: str = "127.0.0.1:0"):
+        """``copy_pki``: start with a copy of the session PKI in
+        <state-dir>/pki (False: the server makes its own, or uses ``options``).
+        TASKMAN_CERTS_DIR reaches the server only when ``env`` sets it."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.state_dir = self.workdir / "state"
+        self.copy_pki = copy_pki
         self.log_path = self.workdir / "server.log"
-        self.command = [*program("taskman-server"), "--server-address", "127.0.0.1:0",
+        self.command = [*program("taskman-server"), "--server-address", address,
                         "--state-dir", str(self.state_dir), "--cgroup-driver", DRIVER,
                         "--cgroup-root", f"taskman-it-{os.getpid()}-{next(_roots)}",
                         "--stop-grace", "2", *options]
         self.env = program_env(env)
+        if CERTS_DIR_VARIABLE not in (env or {}):
+            self.env.pop(CERTS_DIR_VARIABLE, None)
         self.process: Optional[subprocess.Popen] = None
         self.port = 0
         self.address = ""
 
+    @property
+    def pki_dir(self) -> Path:
+        return self.state_dir / "pki"
+
     def start(self) -> "Server":
+        if self.copy_pki and not self.pki_dir.exists():
+            self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            shutil.copytree(session_pki(), self.pki_dir, copy_function=shutil.copy2)
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
                                             env=self.env, start_new_session=True)

@@ -14,7 +14,7 @@ import subprocess
 
 import grpc
 import pytest
-from server_harness import REPO, taskman
+from server_harness import REPO, session_pki, taskman
 
 from taskman import tls
 from taskman.api import task_manager_pb2, task_manager_pb2_grpc
@@ -22,8 +22,8 @@ from taskman.api import task_manager_pb2, task_manager_pb2_grpc
 pytestmark = pytest.mark.timeout(120)
 
 UNKNOWN = "a7da14c7-b47a-4535-a263-5bb26e503002"
-CERTS = tls.packaged_certs_dir()
-CA, CLIENT_CERT, CLIENT_KEY = tls.client_files("client001")
+CERTS = str(session_pki())  # this run's PKI (conftest), as a server generates it
+CA, CLIENT_CERT, CLIENT_KEY = tls.client_files("client001", CERTS)
 
 
 def _context(maximum: ssl.TLSVersion, cert=CLIENT_CERT, key=CLIENT_KEY) -> ssl.SSLContext:
@@ -181,7 +181,6 @@ def test_the_generated_pki_is_the_rfds(foreign_pki):
         assert "Server Authentication" not in text
 
 
-@pytest.mark.skipif(not (REPO / "certs" / "ca.key").exists(), reason="no CA key in certs/")
 def test_identity_is_the_common_name_not_a_san(server, cli, tmp_path):
     """A certificate CN=client002 with SAN DNS:admin must act as client002."""
     key, csr, cert = (str(tmp_path / name) for name in ("k.pem", "r.csr", "c.pem"))
@@ -191,7 +190,7 @@ def test_identity_is_the_common_name_not_a_san(server, cli, tmp_path):
                     "-subj", "/CN=client002", "-out", csr], check=True, capture_output=True,
                    timeout=60)
     subprocess.run(["openssl", "x509", "-req", "-sha256", "-days", "1", "-in", csr, "-CA", CA,
-                    "-CAkey", str(REPO / "certs" / "ca.key"), "-set_serial", "7",
+                    "-CAkey", os.path.join(CERTS, "ca.key"), "-set_serial", "7",
                     "-extfile", str(extensions), "-out", cert],
                    check=True, capture_output=True, timeout=60)
     owned_by_client001 = cli.start_id("client001", "true")

@@ -16,9 +16,11 @@ import grpc  # noqa: E402
 import grpc.experimental.gevent  # noqa: E402
 import pytest  # noqa: E402
 from reliability_support import ReliableServer  # noqa: E402
-from server_harness import started_servers  # noqa: E402
+from server_harness import session_pki, started_servers  # noqa: E402
 
 grpc.experimental.gevent.init_gevent()
+# One PKI per run, named by TASKMAN_CERTS_DIR before the test modules load.
+session_pki()
 
 
 def pytest_configure(config):
