@@ -4,16 +4,19 @@ Tasks run as other uids (taskman.sandbox), so what keeps them from the
 records, the output of other users, the audit log and the PKI is plain
 file modes: directories 0700 and files 0600, owned by the server's user.
 Files are created so; ``secure`` also fixes what an older taskman, an
-operator or a restore left open, at every start. Certificates (``*.crt``)
+operator or a restore left open, at every start. Certificates and revocation lists (``*.crt``, ``*.crl``)
 are public and may stay readable (0644): inside a 0700 directory nobody
 else reaches them anyway.
 """
 
+import logging
 import os
 import stat
 from typing import Iterable, List
 
-PUBLIC_SUFFIXES = (".crt",)
+log = logging.getLogger("taskman.private")
+
+PUBLIC_SUFFIXES = (".crt", ".crl")
 
 
 def problems(paths: Iterable[str]) -> List[str]:
@@ -75,3 +78,11 @@ def _problem(path: str, info: os.stat_result) -> str:
     if mode != _wanted_mode(path, info):
         return f"{path} has mode {mode:04o}, wanted {_wanted_mode(path, info):04o}"
     return ""
+
+
+def close_to_tasks(paths: Iterable[str]) -> int:
+    """``secure`` at start-up, each fix logged as a WARNING; return how many."""
+    fixed = secure(path for path in paths if path)
+    for problem in fixed:
+        log.warning("closing the server's files to tasks: %s: fixed", problem)
+    return len(fixed)

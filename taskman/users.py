@@ -24,7 +24,7 @@ import re
 from typing import Dict, Iterable, Optional
 
 from taskman.errors import ConfigError, InvalidArgument, ResourceExhausted
-from taskman.sandbox import DEFAULT_TMP_SIZE, Sandbox
+from taskman.sandbox import DEFAULT_TMP_SIZE, Sandbox, check_gate
 
 log = logging.getLogger(__name__)
 
@@ -201,3 +201,11 @@ class Users:
             return Sandbox(mapped.uid, mapped.gid, mapped.home, self.tmp_size)
         uid = self.registry.uid_of(identity)
         return Sandbox(uid=uid, gid=uid, tmp_size=self.tmp_size)
+
+
+def for_server(user_map_path: Optional[str], ids: range = DEFAULT_IDS) -> Users:
+    """The server's Users: the gate checked (ConfigError if the install did
+    not build it), the user map read, uids allocated from ``ids``."""
+    check_gate()
+    user_map = load_user_map(user_map_path) if user_map_path else {}
+    return Users(Registry(ids=ids), user_map)
