@@ -27,7 +27,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from taskman import tls
+from taskman import private, tls, users
 from taskman.api import task_manager_pb2, task_manager_pb2_grpc
 from taskman.audit import AuditLog
 from taskman.cgroups import select_driver
@@ -87,11 +87,15 @@ def serve(settings: "Settings") -> int:
         # The IO limits default to the disks holding / and the task output.
         driver = _setting_up(lambda: select_driver(settings.driver, settings.limits,
                                                    settings.cgroup_root, io_paths=("/", state_dir)))
+        # Tasks run as other uids: the gate, the user map, and files they cannot open.
+        task_users = _setting_up(lambda: users.for_server(settings.user_map, settings.uid_range))
+        _setting_up(lambda: private.close_to_tasks((state_dir, settings.audit_path(state_dir),
+                                                    settings.server_key, settings.ca_key)))
         manager = _setting_up(lambda: TaskManager(
             state_dir=state_dir, driver=driver, stop_grace=settings.stop_grace,
             admins=settings.admins,
             output_max_bytes=settings.task_output_max, retention_age=settings.retention,
-            retention_bytes=settings.output_budget))
+            retention_bytes=settings.output_budget, users=task_users))
     except ConfigError:
         audit.close()
         raise

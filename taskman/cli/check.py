@@ -38,6 +38,9 @@ def run(settings, out=print) -> int:
         ("cgroup driver", lambda: check_cgroups(settings, state_dir)),
         ("state directory", lambda: check_state_dir(state_dir)),
         ("audit log", lambda: check_audit_log(audit_log)),
+        ("sandbox", lambda: check_sandbox(settings)),
+        ("file modes", lambda: check_modes((state_dir, audit_log, settings.server_key,
+                                            settings.ca_key))),
     ]
     failures = 0
     for name, check in checks:
@@ -170,6 +173,33 @@ def _flock_holder(path: str) -> Optional[int]:
             except ValueError:
                 return None
     return None
+
+
+# -- the sandbox
+
+def check_sandbox(settings) -> str:
+    """The gate is built, the user map reads, the uid range is the host's to give."""
+    from taskman import users
+
+    task_users = users.for_server(settings.user_map, settings.uid_range)
+    ids = settings.uid_range
+    mapped = ", ".join(f"{identity} -> uid {sandbox.uid}" for identity, sandbox
+                       in sorted(task_users.user_map.items()))
+    if any(sandbox.uid == 0 for sandbox in task_users.user_map.values()):
+        mapped += " (uid 0 runs OUTSIDE the sandbox)"
+    return (f"tasks run as uids {ids.start}-{ids.stop - 1} (registry {users.REGISTRY_PATH})"
+            + (f"; user map: {mapped}" if mapped else ""))
+
+
+def check_modes(paths) -> str:
+    """Every file of the state directory and every key is closed to tasks."""
+    from taskman import private
+
+    problems = private.problems(path for path in paths if path)
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise Failed(f"{shown} (taskman-server fixes them at start)")
+    return "directories 0700, files 0600 (certificates 0644), owned by uid " + str(os.geteuid())
 
 
 # -- files

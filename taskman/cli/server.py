@@ -77,6 +77,13 @@ Options:
   --state-dir <dir>
       Where task output and the generated PKI (pki/) are kept. Defaults to
       /var/lib/taskman for root, ~/.local/state/taskman otherwise.
+  --user-map <file>
+      Run these identities' tasks as existing accounts: one "identity account" pair
+      a line, # comments. Every other identity gets an unprivileged uid of its own.
+      An identity mapped to root runs OUTSIDE the sandbox (a WARNING at start; see
+      docs/security.md).
+  --uid-range <first-last>
+      The uids (and gids) allocated to identities, host-wide [default: 70000-99999].
   --cgroup-driver <kind>
       auto, v2, hybrid or none [default: auto]. auto refuses to start when the
       limits cannot be enforced on this host; none runs tasks WITHOUT limits.

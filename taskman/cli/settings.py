@@ -14,6 +14,7 @@ from taskman.cgroups import Limits
 from taskman.defaults import DEFAULT_ADDRESS
 from taskman.errors import ConfigError
 from taskman.pki.names import name_problem
+from taskman.users import parse_ids
 
 ADMIN = "admin"  # the one built-in administrator; --admin names more
 
@@ -43,6 +44,8 @@ class Settings:
             raise ConfigError(f"unknown cgroup driver {self.driver!r}: "
                               "use auto, v2, hybrid or none")
         self.cgroup_root = options["--cgroup-root"]
+        self.user_map = options["--user-map"]
+        self.uid_range = parse_ids(options["--uid-range"])
         # Limits checks the values with the kernel's rules (InvalidArgument
         # naming the option); here they only have to be integers.
         self.limits = Limits(
