@@ -1,0 +1,181 @@
+"""Task records in the fleet: one JSON value per task in a JetStream KV bucket.
+
+Every change is a compare-and-swap on the key's revision, so two replicas (or
+a redelivered start) can never both move a record forward: the loser re-reads
+and decides again. This is what makes a start run at most once.
+
+A record's phase says where the task is in the fleet; once it runs, its
+status fields say what a standalone server's Task would say:
+
+    pending --claim--> claimed --spawned--> running --end--> ended
+       \\--no host in time--> refused      (claimed|running) --host lost--> ended
+"""
+
+import dataclasses
+import datetime
+import json
+from typing import Callable, List, Optional, Tuple
+
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+
+from taskman.errors import NotFound, TaskmanError
+from taskman.fleet.connection import Connection
+from taskman.task import JobStatus, Source, Task
+
+PENDING = "pending"
+CLAIMED = "claimed"
+RUNNING = "running"
+ENDED = "ended"
+REFUSED = "refused"
+ACTIVE = (CLAIMED, RUNNING)  # on a host: lost if the host is
+
+# The termination source of a task whose host was lost: its status is
+# JOB_STATUS_UNKNOWN, since nobody saw how it ended.
+LOST = "lost"
+
+
+class Conflict(TaskmanError):
+    """Someone else changed the record since it was read (CAS lost)."""
+
+
+def _time(value: Optional[float]) -> Optional[datetime.datetime]:
+    if value is None:
+        return None
+    return datetime.datetime.fromtimestamp(value, datetime.timezone.utc)
+
+
+def _source(text: str) -> Source:
+    try:
+        return Source(text)
+    except ValueError:  # "lost" until taskman.task.Source names it (docs/fleet.md)
+        return Source.SYSTEM
+
+
+@dataclasses.dataclass
+class Record:
+    """What the fleet knows of one task. Times are seconds since the epoch."""
+
+    id: str
+    owner: str
+    command: str
+    args: list
+    separate_streams: bool = False
+    phase: str = PENDING
+    host: str = ""
+    pid: int = 0
+    status: int = int(JobStatus.STARTED)
+    exit_code: Optional[int] = None
+    signal: str = ""
+    source: str = ""
+    error: str = ""  # why the task was refused or failed to start
+    error_kind: str = ""  # the TaskmanError class name, for the servicer's table
+    requested_time: float = 0.0
+    start_time: Optional[float] = None
+    end_time: Optional[float] = None
+    output_size: int = 0
+
+    def encode(self) -> bytes:
+        return json.dumps(dataclasses.asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> "Record":
+        fields = json.loads(data)
+        known = {field.name for field in dataclasses.fields(cls)}
+        return cls(**{name: value for name, value in fields.items() if name in known})
+
+    @property
+    def on_host(self) -> bool:
+        return self.phase in ACTIVE
+
+    def to_task(self) -> Task:
+        """The record as the Task a standalone manager would return."""
+        status = JobStatus(self.status)
+        if self.phase in (PENDING, CLAIMED):
+            status = JobStatus.STARTED  # accepted, about to run: never "unknown" yet
+        return Task(id=self.id, owner=self.owner, command=self.command, args=list(self.args),
+                    pid=self.pid, status=status, exit_code=self.exit_code,
+                    signal=self.signal, source=_source(self.source),
+                    start_time=_time(self.start_time or self.requested_time),
+                    end_time=_time(self.end_time), output_size=self.output_size)
+
+    def finish_from(self, task: Task) -> None:
+        """Copy a standalone Task's outcome into the record."""
+        self.phase = ENDED if not task.running else self.phase
+        self.status = int(task.status)
+        self.pid = task.pid
+        self.exit_code = task.exit_code
+        self.signal = task.signal
+        self.source = task.source.value
+        self.end_time = task.end_time.timestamp() if task.end_time else None
+        self.output_size = task.output_size
+
+
+class Records:
+    """The tasks bucket: create, read, compare-and-swap, list."""
+
+    def __init__(self, connection: Connection):
+        self.connection = connection
+
+    @property
+    def _bucket(self):
+        return self.connection.tasks
+
+    def create(self, record: Record) -> int:
+        """Store a new record; return its revision. Conflict if the id exists."""
+        try:
+            return self.connection.call(self._bucket.create(record.id, record.encode()))
+        except KeyWrongLastSequenceError as error:
+            raise Conflict(f"task {record.id} already exists") from error
+
+    def get(self, task_id: str) -> Tuple[Record, int]:
+        """(record, revision); NotFound if there is none."""
+        try:
+            entry = self.connection.call(self._bucket.get(task_id))
+        except KeyNotFoundError as error:
+            raise NotFound(f"no task {task_id}") from error
+        if entry.value is None:
+            raise NotFound(f"no task {task_id}")
+        return Record.decode(entry.value), entry.revision
+
+    def update(self, record: Record, revision: int) -> int:
+        """Write ``record`` if the stored one is still at ``revision``; return
+        the new revision. Conflict if another writer came first."""
+        try:
+            return self.connection.call(self._bucket.update(record.id, record.encode(), revision))
+        except KeyWrongLastSequenceError as error:
+            raise Conflict(f"task {record.id} changed under us") from error
+
+    def modify(self, task_id: str, change: Callable[[Record], bool],
+               attempts: int = 20) -> Tuple[Record, bool]:
+        """Read, let ``change`` edit the record (it returns False to leave it
+        as is), write back by CAS; on Conflict read again and retry.
+
+        Returns (the record as stored, whether this call changed it).
+        """
+        for _ in range(attempts):
+            record, revision = self.get(task_id)
+            if not change(record):
+                return record, False
+            try:
+                self.update(record, revision)
+                return record, True
+            except Conflict:
+                continue
+        raise Conflict(f"task {task_id}: too many concurrent changes")
+
+    def all(self) -> List[Record]:
+        """Every record, in no particular order."""
+        try:
+            keys = self.connection.call(self._bucket.keys())
+        except NoKeysError:
+            return []
+        found = []
+        for key in keys:
+            try:
+                found.append(self.get(key)[0])
+            except NotFound:  # deleted between the listing and the read
+                continue
+        return found
+
+    def delete(self, task_id: str) -> None:
+        self.connection.call(self._bucket.purge(task_id))
