@@ -8,7 +8,6 @@ nothing else.
 """
 
 import contextlib
-import datetime
 import logging
 import re
 import time
@@ -29,8 +28,8 @@ from taskman.errors import (
     Unauthenticated,
     Unavailable,
 )
-from taskman.output import Selector
-from taskman.task import JobStatus, Task
+from taskman.responses import output_response, status_response, stream_view  # noqa: F401
+from taskman.task import JobStatus
 
 log = logging.getLogger("taskman.service")
 
@@ -75,43 +74,6 @@ def message_for(error: TaskmanError) -> str:
     if isinstance(error, CgroupError):
         return f"server cgroup error: {message}"
     return message
-
-
-def status_response(task: Task, args_chars: int = 0) -> task_manager_pb2.TaskStatusResponse:
-    """Fill a TaskStatusResponse; the exit code and end time only once ended.
-
-    ``args_chars`` > 0 cuts the arguments to about that many characters (for
-    listings, whose messages must stay far below gRPC's 4 MiB limit).
-    """
-    response = task_manager_pb2.TaskStatusResponse(
-        task_id=task.id, process_id=task.pid, status=int(task.status),
-        termination_signal=task.signal, termination_source=task.source.value,
-        owner=task.owner, command=task.command, args=_cut(task.args, args_chars),
-        output_bytes=task.output_size, output_dropped_bytes=task.output_dropped,
-        output_note=task.output_note)
-    if task.start_time is not None:
-        response.start_time.FromDatetime(task.start_time)
-    if not task.running:
-        if task.exit_code is not None:
-            response.exit_code = task.exit_code
-        if task.end_time is not None:
-            response.end_time.FromDatetime(task.end_time)
-    return response
-
-
-def _cut(args: list, chars: int) -> list:
-    """The arguments cut to about ``chars`` characters, the last cut one ending
-    in "..." (``taskman.task.cut_args`` leaves such an argument out instead)."""
-    if not chars or sum(map(len, args)) <= chars:
-        return args
-    kept = []
-    for argument in args:
-        if len(argument) >= chars:
-            kept.append(argument[:chars] + "...")
-            break
-        kept.append(argument)
-        chars -= len(argument)
-    return kept
 
 
 class Call:
@@ -334,32 +296,14 @@ class TaskManagerServicer(task_manager_pb2_grpc.TaskManagerServicer):
             call.answered = time.monotonic()
             metrics = self.guard.metrics
             sent_bytes = metrics.stream_bytes if metrics is not None else None
-            Response = task_manager_pb2.StreamTaskOutputResponse
             try:
                 for chunk in chunks:
                     call.sent += len(chunk.data)
                     if sent_bytes is not None:
                         sent_bytes.inc(len(chunk.data))  # live, so a long stream shows as it goes
-                    response = Response(output=chunk.data, offset=chunk.offset,
-                                        stream=int(chunk.stream))
-                    seconds, nanos = divmod(chunk.time_ns, 1_000_000_000)
-                    response.time.seconds, response.time.nanos = seconds, nanos
-                    yield response
+                    yield output_response(chunk)
             finally:
                 chunks.close()
-
-
-def stream_view(request) -> dict:
-    """manager.chunks's view arguments from a StreamTaskOutputRequest;
-    InvalidArgument for a selector this server does not know."""
-    if request.selector not in Selector._value2member_map_:
-        raise InvalidArgument(f"unknown output selector {request.selector}")
-    since = None
-    if request.HasField("since"):
-        since = request.since.ToDatetime(tzinfo=datetime.timezone.utc)
-    return {"offset": request.offset, "selector": Selector(request.selector),
-            "tail_bytes": request.tail_bytes, "tail_lines": request.tail_lines,
-            "since": since, "follow": not request.no_follow}
 
 
 # -- the server's other services (health checking, reflection)

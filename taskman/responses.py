@@ -1,0 +1,70 @@
+"""Library objects as the API's messages, and requests as library arguments.
+
+Protobuf only, no grpc: the servicer (``taskman.service``) calls these, and
+they are testable without a server.
+"""
+
+import datetime
+
+from taskman.api import task_manager_pb2
+from taskman.errors import InvalidArgument
+from taskman.output import Chunk, Selector
+from taskman.task import Task
+
+
+def status_response(task: Task, args_chars: int = 0) -> task_manager_pb2.TaskStatusResponse:
+    """Fill a TaskStatusResponse; the exit code and end time only once ended.
+
+    ``args_chars`` > 0 cuts the arguments to about that many characters (for
+    listings, whose messages must stay far below gRPC's 4 MiB limit).
+    """
+    response = task_manager_pb2.TaskStatusResponse(
+        task_id=task.id, process_id=task.pid, status=int(task.status),
+        termination_signal=task.signal, termination_source=task.source.value,
+        owner=task.owner, command=task.command, args=_cut(task.args, args_chars),
+        output_bytes=task.output_size, output_dropped_bytes=task.output_dropped,
+        output_note=task.output_note)
+    if task.start_time is not None:
+        response.start_time.FromDatetime(task.start_time)
+    if not task.running:
+        if task.exit_code is not None:
+            response.exit_code = task.exit_code
+        if task.end_time is not None:
+            response.end_time.FromDatetime(task.end_time)
+    return response
+
+
+def _cut(args: list, chars: int) -> list:
+    """The arguments cut to about ``chars`` characters, the last cut one ending
+    in "..." (``taskman.task.cut_args`` leaves such an argument out instead)."""
+    if not chars or sum(map(len, args)) <= chars:
+        return args
+    kept = []
+    for argument in args:
+        if len(argument) >= chars:
+            kept.append(argument[:chars] + "...")
+            break
+        kept.append(argument)
+        chars -= len(argument)
+    return kept
+
+
+def output_response(chunk: Chunk) -> task_manager_pb2.StreamTaskOutputResponse:
+    """A StreamTaskOutputResponse: the RFD's ``output`` plus offset, stream and time."""
+    response = task_manager_pb2.StreamTaskOutputResponse(
+        output=chunk.data, offset=chunk.offset, stream=int(chunk.stream))
+    response.time.seconds, response.time.nanos = divmod(chunk.time_ns, 1_000_000_000)
+    return response
+
+
+def stream_view(request) -> dict:
+    """manager.chunks's view arguments from a StreamTaskOutputRequest;
+    InvalidArgument for a selector this server does not know."""
+    if request.selector not in Selector._value2member_map_:
+        raise InvalidArgument(f"unknown output selector {request.selector}")
+    since = None
+    if request.HasField("since"):
+        since = request.since.ToDatetime(tzinfo=datetime.timezone.utc)
+    return {"offset": request.offset, "selector": Selector(request.selector),
+            "tail_bytes": request.tail_bytes, "tail_lines": request.tail_lines,
+            "since": since, "follow": not request.no_follow}
