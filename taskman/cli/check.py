@@ -70,7 +70,8 @@ def check_certificates(settings) -> str:
     directory = tls.pki_dir(state_dir)
     if not os.path.exists(os.path.join(directory, pki.CA_CERT)):
         return f"no PKI in {directory} yet: the server generates one at its first start"
-    home = pki.PKI(directory, pki.Authority(settings.ca_dir or directory), [])
+    home = pki.PKI(directory, pki.Authority(settings.ca_dir or directory),
+                   pki.default_server_names(settings.san))
     statuses = home.status()
     expired = [status.name for status in statuses if status.days_left <= 0]
     if expired and "server" in expired:

@@ -365,3 +365,17 @@ def test_a_rotated_server_certificate_reaches_new_connections_while_a_stream_con
     assert seen["before"] != seen["after"] == seen["file_serial"]
     assert seen["stream_exact"], "the stream opened before the rotation was cut or corrupted"
     assert seen["new_call"] == ["0\n", "1\n", "2\n"] and seen["old_channel_call"] == ["0\n", "1\n"]
+
+
+# -- the committed demo CA (its key is public)
+
+DEMO_CA = os.path.join(os.path.dirname(__file__), "..", "..", "certs", "ca.crt")
+
+
+def test_the_committed_demo_ca_is_recognised_and_a_generated_one_is_not(made_once):
+    with open(DEMO_CA, "rb") as file:
+        demo = file.read()
+    assert pki.trusts_demo_ca(demo)
+    assert pki.trusts_demo_ca(made_once.authority.cert_pem + demo)  # in a bundle too
+    assert not pki.trusts_demo_ca(made_once.authority.cert_pem)
+    assert not pki.trusts_demo_ca(b"not a certificate")
