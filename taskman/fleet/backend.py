@@ -1,0 +1,158 @@
+"""The interface the servicer talks to, and its fleet implementation.
+
+``Backend`` is TaskManager's public API as a protocol: the standalone
+``taskman.manager.TaskManager`` implements it as is; ``FleetBackend``
+implements it over the fleet, for a server that is one replica of many. The
+servicer holds one or the other and never asks which.
+"""
+
+import datetime
+import json
+import time
+import uuid
+from typing import Iterable, Iterator, Optional, Protocol, runtime_checkable
+
+import gevent.event
+import nats.errors
+
+from taskman.errors import InvalidArgument, NotFound, Unavailable
+from taskman.fleet import dispatch, output
+from taskman.fleet.connection import Connection, control_subject
+from taskman.fleet.records import Record, Records
+from taskman.output import Chunk, Selector, data_only
+from taskman.task import JobStatus, Task, parse_task_id
+
+ADMIN = "admin"
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Where tasks run, as the servicer sees it (see TaskManager for each
+    method's contract: the same arguments, returns and errors)."""
+
+    def start(self, owner: str, command: str, args: Iterable[str] = (),
+              separate_streams: bool = False) -> Task: ...
+
+    def stop(self, requester: str, task_id: str, wait: Optional[float] = None) -> Task: ...
+
+    def status(self, requester: str, task_id: str) -> Task: ...
+
+    def stream(self, requester: str, task_id: str,
+               cancelled: Optional[gevent.event.Event] = None, **view) -> Iterator[bytes]: ...
+
+    def chunks(self, requester: str, task_id: str,
+               cancelled: Optional[gevent.event.Event] = None, offset: int = 0,
+               selector: Selector = Selector.ALL, tail_bytes: int = 0, tail_lines: int = 0,
+               since: Optional[datetime.datetime] = None,
+               follow: bool = True) -> Iterator[Chunk]: ...
+
+    def tasks(self, requester: str, owner: Optional[str] = None,
+              statuses: Iterable[JobStatus] = (), limit: int = 0,
+              after: Optional[str] = None) -> list: ...
+
+    def shutdown(self, timeout: Optional[float] = None) -> None: ...
+
+
+class FleetBackend:
+    """The replica's half of the fleet: records, dispatch, following and
+    stopping through NATS. The host's half (running what it claimed) is
+    ``taskman.fleet.worker.Worker``; a fleet server runs both."""
+
+    def __init__(self, connection: Connection, admins: Iterable[str] = (ADMIN,),
+                 placement_timeout: float = dispatch.PLACEMENT_TIMEOUT):
+        self.connection = connection
+        self.records = Records(connection)
+        self.admins = frozenset(admins)
+        self.placement_timeout = placement_timeout
+        self._closing = False
+
+    def start(self, owner: str, command: str, args: Iterable[str] = (),
+              separate_streams: bool = False) -> Task:
+        if self._closing:
+            raise Unavailable("the server is shutting down")
+        if not owner:
+            raise InvalidArgument("no user given")
+        if not command:
+            raise InvalidArgument("no command given")
+        record = Record(id=str(uuid.uuid4()), owner=owner, command=command, args=list(args),
+                        separate_streams=separate_streams)
+        dispatch.submit(self.records, record)
+        return dispatch.wait_placed(self.records, record.id, self.placement_timeout).to_task()
+
+    def _lookup(self, requester: str, task_id: str) -> Record:
+        task_id = parse_task_id(task_id)
+        record, _ = self.records.get(task_id)
+        if requester not in self.admins and record.owner != requester:
+            raise NotFound(f"no task {task_id}")
+        return record
+
+    def status(self, requester: str, task_id: str) -> Task:
+        return self._lookup(requester, task_id).to_task()
+
+    def stop(self, requester: str, task_id: str, wait: Optional[float] = None) -> Task:
+        """Ask the task's host to stop it; return the record as it then is.
+        Unavailable if the host does not answer (it is then found lost)."""
+        record = self._lookup(requester, task_id)
+        if not record.on_host:
+            return record.to_task()
+        request = json.dumps({"task": record.id, "wait": wait}).encode()
+        try:
+            self.connection.call(self.connection.client.request(
+                control_subject(record.host, "stop"), request, timeout=(wait or 30.0) + 5.0),
+                (wait or 30.0) + 10.0)
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as error:
+            raise Unavailable(f"the host {record.host} running task {record.id} did not "
+                              f"answer the stop") from error
+        return self.status(requester, task_id)
+
+    def stream(self, requester: str, task_id: str,
+               cancelled: Optional[gevent.event.Event] = None, **view) -> Iterator[bytes]:
+        return data_only(self.chunks(requester, task_id, cancelled, **view))
+
+    def chunks(self, requester: str, task_id: str,
+               cancelled: Optional[gevent.event.Event] = None, offset: int = 0,
+               selector: Selector = Selector.ALL, tail_bytes: int = 0, tail_lines: int = 0,
+               since: Optional[datetime.datetime] = None, follow: bool = True) -> Iterator[Chunk]:
+        record = self._lookup(requester, task_id)
+        if Selector(selector) != Selector.ALL or tail_bytes or tail_lines or since:
+            raise InvalidArgument("fleet mode streams the combined output from an offset; "
+                                  "stream selectors, tails and --since are not supported yet")
+        return output.follow(self.connection, record.id, offset, cancelled, live=follow)
+
+    def tasks(self, requester: str, owner: Optional[str] = None,
+              statuses: Iterable[JobStatus] = (), limit: int = 0,
+              after: Optional[str] = None) -> list:
+        if requester not in self.admins:
+            owner = requester
+        wanted = set(statuses)
+        records = sorted(self.records.all(), key=lambda record: (record.requested_time, record.id),
+                         reverse=True)
+        if after:
+            after = parse_task_id(after)
+            ids = [record.id for record in records]
+            if after not in ids:
+                raise InvalidArgument("the listing's page token is no longer valid "
+                                      "(its task was removed): list again")
+            records = records[ids.index(after) + 1:]
+        found = []
+        for record in records:
+            task = record.to_task()
+            if (not owner or task.owner == owner) and (not wanted or task.status in wanted):
+                found.append(task)
+                if limit and len(found) == limit:
+                    break
+        return found
+
+    def shutdown(self, timeout: Optional[float] = None) -> None:
+        """Refuse new starts; the records and output stay in the fleet."""
+        self._closing = True
+
+
+def wait_ended(backend: Backend, requester: str, task_id: str, timeout: float) -> Task:
+    """Poll until the task is no longer running (for tests and the CLI's run)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        task = backend.status(requester, task_id)
+        if not task.running or time.monotonic() > deadline:
+            return task
+        gevent.sleep(0.05)

@@ -1,0 +1,133 @@
+"""The host's half of the fleet: run what this host claimed, on its own
+TaskManager (sandbox, cgroups, quotas as on one host), and answer for it.
+
+For each claimed task: start it locally, pump its output log to the fleet,
+record its end. It also answers stop requests addressed to this host, beats
+its heartbeat, and fences (stops everything) when cut off.
+"""
+
+import json
+import logging
+from typing import Dict, Optional
+
+import gevent
+
+from taskman.errors import TaskmanError
+from taskman.fleet import dispatch, liveness, output
+from taskman.fleet.connection import Connection, control_subject
+from taskman.fleet.records import Record, Records
+
+log = logging.getLogger("taskman.fleet.worker")
+
+
+class Worker:
+    """Runs fleet tasks on ``manager`` (a taskman.manager.TaskManager), at
+    most ``capacity`` at once."""
+
+    def __init__(self, connection: Connection, manager, capacity: int):
+        self.connection = connection
+        self.manager = manager
+        self.capacity = capacity
+        self.records = Records(connection)
+        self.node = connection.settings.node
+        self._local: Dict[str, str] = {}  # fleet task id -> the manager's task id
+        self._running: Dict[str, str] = {}  # fleet task id -> owner, while it runs
+        self.claimer = dispatch.Claimer(connection, self.records, self._run, self.room)
+        self.heartbeat = liveness.Heartbeat(connection, self._describe, self.fence)
+        self.detector = liveness.LostDetector(connection, self.records)
+        self._subscription = None
+
+    def room(self) -> int:
+        return self.capacity - len(self._running)
+
+    def _describe(self) -> dict:
+        return {"capacity": self.capacity, "running": len(self._running)}
+
+    def start(self) -> "Worker":
+        self.heartbeat.start()
+
+        async def on_stop(message) -> None:
+            gevent.spawn(self._answer_stop, message)  # manager calls block: a greenlet
+
+        self._subscription = self.connection.call(self.connection.client.subscribe(
+            control_subject(self.node, "stop"), cb=on_stop))
+        self.claimer.start()
+        self.detector.start()
+        return self
+
+    def stop(self) -> None:
+        """Leave the fleet: take no more work; stop beating (a clean leave)."""
+        self.claimer.stop()
+        self.detector.stop()
+        if self._subscription is not None:
+            try:
+                self.connection.call(self._subscription.unsubscribe(), 5.0)
+            except Exception as error:  # the connection is going anyway
+                log.debug("worker: unsubscribe failed: %r", error)
+        self.heartbeat.stop(remove=True)
+
+    def _run(self, record: Record) -> int:
+        """The Claimer's ``run``: start locally; TaskmanError refuses."""
+        task = self.manager.start(record.owner, record.command, record.args,
+                                  separate_streams=record.separate_streams)
+        self._local[record.id] = task.id
+        self._running[record.id] = record.owner
+        gevent.spawn(self._follow_through, record.id, record.owner, task.id)
+        return task.pid
+
+    def _follow_through(self, task_id: str, owner: str, local_id: str) -> None:
+        """Pump the output to the fleet, then record how the task ended."""
+        try:
+            output.Publisher(self.connection, task_id).pump(
+                self.manager.chunks(owner, local_id, follow=True))
+            task = self.manager.status(owner, local_id)
+            while task.running:  # the log ends a moment before the record
+                gevent.sleep(0.02)
+                task = self.manager.status(owner, local_id)
+
+            def finish(record: Record) -> bool:
+                if record.host != self.node or not record.on_host:
+                    return False  # recorded lost meanwhile: leave that verdict
+                record.finish_from(task)
+                return True
+
+            self.records.modify(task_id, finish)
+        except TaskmanError as error:
+            log.error("worker: task %s: could not report its output or end: %s", task_id, error)
+        finally:
+            self._running.pop(task_id, None)
+
+    def _answer_stop(self, message) -> None:
+        reply = {"ok": True}
+        try:
+            request = json.loads(message.data)
+            task_id = request["task"]
+            local_id = self._local.get(task_id)
+            if local_id is None:
+                reply = {"ok": False, "error": f"task {task_id} is not on {self.node}"}
+            else:
+                task = self.manager.stop(self._running.get(task_id) or "admin", local_id,
+                                         wait=request.get("wait"))
+                self._wait_recorded(task_id, task.running)
+        except (TaskmanError, ValueError, KeyError) as error:
+            reply = {"ok": False, "error": str(error)}
+        try:
+            self.connection.call(message.respond(json.dumps(reply).encode()), 5.0)
+        except Exception as error:  # the replica's request times out: Unavailable there
+            log.warning("worker: could not answer a stop: %r", error)
+
+    def _wait_recorded(self, task_id: str, still_running: bool, timeout: float = 10.0) -> None:
+        """A stop answers once the end is in the record, so the replica's
+        status right after it is final (unless the grace outlasted ``wait``)."""
+        if still_running:
+            return
+        with gevent.Timeout(timeout, False):
+            while task_id in self._running:
+                gevent.sleep(0.02)
+
+    def fence(self) -> None:
+        """Cut off from the fleet: stop every task this host runs."""
+        for task_id, owner in list(self._running.items()):
+            local_id: Optional[str] = self._local.get(task_id)
+            if local_id is not None:
+                gevent.spawn(self.manager.stop, owner, local_id, 0)
