@@ -54,6 +54,16 @@ def session_pki() -> Path:
     return _session_pki
 
 
+def task_readable_dir() -> Path:
+    """A new directory tasks can read (mode 0755 all the way down), removed at
+    exit. Tasks run as unprivileged uids with a private /tmp: fixtures they
+    read cannot live in pytest's tmp_path."""
+    path = Path(tempfile.mkdtemp(prefix="taskman-test-fixtures-", dir="/dev/shm"))
+    path.chmod(0o755)
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
 def program(name: str) -> List[str]:
     found = shutil.which(name)
     if found:

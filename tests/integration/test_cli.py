@@ -7,7 +7,7 @@ import subprocess
 import time
 
 import pytest
-from server_harness import RFD, STATUS_COLUMNS, Cli, parse_status_table, taskman
+from server_harness import RFD, STATUS_COLUMNS, Cli, parse_status_table, task_readable_dir, taskman
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -100,10 +100,11 @@ def test_arguments_may_begin_with_dashes(cli, tmp_path):
     assert cli.run("stream", task_id).stdout == b"--help|-n|--|a b|"
 
 
-def test_stream_is_byte_exact_with_binary_output(cli, tmp_path):
+def test_stream_is_byte_exact_with_binary_output(cli):
     data = bytes(range(256)) * 64 + os.urandom(300_000) + b"\0\r\n\xff"
-    source = tmp_path / "data.bin"
+    source = task_readable_dir() / "data.bin"  # tasks see neither /tmp nor /root
     source.write_bytes(data)
+    source.chmod(0o644)
     task_id = cli.start_id("client001", "cat", str(source))
     cli.wait_ended(task_id)
     result = cli.run("stream", task_id)
