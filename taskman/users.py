@@ -203,9 +203,17 @@ class Users:
         return Sandbox(uid=uid, gid=uid, tmp_size=self.tmp_size)
 
 
-def for_server(user_map_path: Optional[str], ids: range = DEFAULT_IDS) -> Users:
+def for_server(user_map_path: Optional[str], ids: range = DEFAULT_IDS) -> Optional[Users]:
     """The server's Users: the gate checked (ConfigError if the install did
-    not build it), the user map read, uids allocated from ``ids``."""
+    not build it), the user map read, uids allocated from ``ids``.
+
+    None for a server that is not root: it cannot change uid, so its tasks
+    run as its own user (a WARNING says so).
+    """
     check_gate()
+    if os.geteuid() != 0:
+        log.warning("the server is not root: tasks run as its own uid %d, not sandboxed"
+                    " (docs/security.md)", os.geteuid())
+        return None
     user_map = load_user_map(user_map_path) if user_map_path else {}
     return Users(Registry(ids=ids), user_map)

@@ -183,6 +183,8 @@ def check_sandbox(settings) -> str:
     from taskman import users
 
     task_users = users.for_server(settings.user_map, settings.uid_range)
+    if task_users is None:
+        return f"not root: tasks would run as uid {os.geteuid()}, unconfined"
     ids = settings.uid_range
     mapped = ", ".join(f"{identity} -> uid {sandbox.uid}" for identity, sandbox
                        in sorted(task_users.user_map.items()))
