@@ -61,6 +61,7 @@ class Registry:
         self.path = path
         self.ids = ids
         self._known: Dict[str, int] = {}
+        self._checked: Dict[str, tuple] = {}
 
     def uid_of(self, identity: str) -> int:
         """Return the identity's uid, allocating one on first use.
@@ -73,7 +74,12 @@ class Registry:
         if uid is None:
             uid = self._allocate(identity)
             self._known[identity] = uid
-        self._check_still_free(identity, uid)
+        # Looking the uid up costs more than the rest of a start's checks:
+        # do it again only when the account databases changed.
+        stamp = _accounts_stamp()
+        if self._checked.get(identity) != stamp:
+            self._check_still_free(identity, uid)
+            self._checked[identity] = stamp
         return uid
 
     def _allocate(self, identity: str) -> int:
@@ -123,6 +129,22 @@ class Registry:
         if _account_exists(uid):
             raise ConfigError(f"uid {uid}, allocated to {identity} in {self.path}, now belongs to an account"
                               " or group of the host: remove that account or that line")
+
+
+ACCOUNT_FILES = ("/etc/passwd", "/etc/group")
+
+
+def _accounts_stamp() -> tuple:
+    """What changes when an account or group is added (local files; NSS
+    sources such as LDAP are seen at the next change of these, or a restart)."""
+    stamp = []
+    for path in ACCOUNT_FILES:
+        try:
+            info = os.stat(path)
+            stamp.append((info.st_mtime_ns, info.st_ino, info.st_size))
+        except OSError:
+            stamp.append(None)
+    return tuple(stamp)
 
 
 def _account_exists(uid: int) -> bool:
