@@ -30,6 +30,8 @@ from taskman.cgroups import detect
 pytestmark = pytest.mark.timeout(300)
 
 ROOT = "taskman"
+# Tasks run as an unprivileged uid: they cannot run a virtualenv's python under /root.
+PYTHON = "/usr/bin/python3"
 USER = "client001"
 COLUMNS = ["TASK ID", "START TIME", "PID", "STATUS", "EXIT CODE", "SIGNAL", "SOURCE",
            "END TIME"]
@@ -173,9 +175,41 @@ def test_server_and_cli_on_cgroup_v2(server):
     assert ended(server, task_id)["STATUS"] == "JOB_STATUS_EXITED_OK"
 
     # memory.max 64M: the kernel's OOM killer, reported as such
-    task_id = start(server, sys.executable, "-c", "data = b'x' * (256 << 20)")
+    task_id = start(server, PYTHON, "-c", "data = b'x' * (256 << 20)")
     row = ended(server, task_id)
     assert (row["STATUS"], row["SIGNAL"], row["SOURCE"]) == ("JOB_STATUS_SIGNALED", "SIGKILL",
                                                              "oom"), row
     assert os.listdir(base) and [name for name in os.listdir(base)
                                  if os.path.isdir(f"{base}/{name}")] == ["server"]
+
+
+def test_tasks_are_sandboxed_on_cgroup_v2(server, state_dir):
+    """The sandbox on a pure v2 kernel: an unprivileged uid that can neither
+    leave its group nor kill another task's, nor read the server's state."""
+    base = f"{server['service']}/{ROOT}"
+    victim = start(server, "sh", "-c", "echo alive; exec sleep 1000")
+    victim_group = f"{base}/{victim}"
+    poll_for(lambda: len(guest.procs(victim_group)) == 1, timeout=30, message="the victim to start")
+    script = (f"id -u; echo $$ > {guest.CG_ROOT}/cgroup.procs; echo $$ > {base}/cgroup.procs;"
+              f" echo $$ > {server['service']}/cgroup.procs; echo 1 > {victim_group}/cgroup.kill;"
+              f" echo max > {victim_group}/memory.max; echo 1 > {victim_group}/cgroup.freeze;"
+              f" cat {state_dir}/tasks.db; cat {state_dir}/pki/server.key; kill -0 {server['pid']};"
+              " cat /proc/self/cgroup")
+    attacker = start(server, "sh", "-c", script)
+    row = ended(server, attacker)
+    status, out, err = taskman(server, "stream", attacker)
+    assert status == 0, err
+    lines = out.splitlines()
+    assert lines[0].isdigit() and lines[0] != "0", out
+    assert out.count("Permission denied") >= 6, out
+    assert "PRIVATE KEY" not in out and "SQLite" not in out, out
+    assert f"{base[len(guest.CG_ROOT):]}/{attacker}" in out, out  # still in its own group
+    assert row["STATUS"] == "JOB_STATUS_EXITED_ERROR", row
+    assert get_status(server, victim)["STATUS"] == "JOB_STATUS_STARTED"
+    assert guest.read(f"{victim_group}/memory.max").strip() == str(64 << 20)
+    assert guest.read(f"{victim_group}/cgroup.freeze").strip() == "0"
+    status, out, err = taskman(server, "stop", victim)
+    assert status == 0, err
+    assert ended(server, victim)["SOURCE"] == "user"
+    status, out, err = taskman(server, "stream", victim)
+    assert out == "alive\n", out
