@@ -63,8 +63,25 @@ class _Call:
             self.task.cancel()
 
 
+_shared: Optional["Bridge"] = None
+
+
+def shared() -> "Bridge":
+    """The process's bridge, made on first use (or after the last one died).
+
+    asyncio keeps the running loop per OS thread, and greenlets share the
+    thread: a second loop started while one runs fails with "Cannot run the
+    event loop while another loop is running". So a process has one.
+    """
+    global _shared
+    if _shared is None or not _shared.alive:
+        _shared = Bridge()
+    return _shared
+
+
 class Bridge:
-    """The process's asyncio loop, run by a supervised greenlet.
+    """The process's asyncio loop, run by a supervised greenlet (get it
+    with ``shared()``: one per process).
 
     ``call(coroutine, timeout)`` runs a coroutine on the loop and returns its
     result to the calling greenlet, raising what it raised. A gevent.Timeout

@@ -28,6 +28,8 @@ OUTPUT_STREAM = "TASKMAN_OUTPUT"  # every task's output, file-backed, replayable
 OUTPUT_SUBJECTS = "taskman.output.*"
 CONTROL_PREFIX = "taskman.control"  # request/reply to one host: stop
 
+CONNECTION_ERRORS = (nats.errors.ConnectionClosedError, nats.errors.NoServersError,
+                     nats.errors.StaleConnectionError, nats.errors.OutboundBufferLimitError)
 DEFAULT_TIMEOUT = 10.0  # for one request to the fleet
 # Long enough to outlast a stream leader's election after a node dies
 # (measured 4.8-6.7 s, docs/fleet.md), so no publish fails on that alone.
@@ -83,7 +85,13 @@ class Connection:
         self.hosts: Any = None  # KeyValue
 
     def call(self, coroutine: Awaitable, timeout: float = DEFAULT_TIMEOUT) -> Any:
-        return self.bridge.call(coroutine, timeout)
+        """Run NATS work on the bridge. A connection that is closed or has no
+        server left is Unavailable; NATS's other errors (a key not found, a
+        lost CAS) reach the caller as they are, for it to decide."""
+        try:
+            return self.bridge.call(coroutine, timeout)
+        except CONNECTION_ERRORS as error:
+            raise Unavailable(f"the fleet connection is down: {error!r}") from error
 
     def open(self, timeout: float = 30.0) -> "Connection":
         """Connect and make sure the layout exists. Raises Unavailable if

@@ -92,8 +92,8 @@ class Worker:
                 return True
 
             self.records.modify(task_id, finish)
-        except TaskmanError as error:
-            log.error("worker: task %s: could not report its output or end: %s", task_id, error)
+        except Exception as error:  # the task's own greenlet: log, never die silently
+            log.error("worker: task %s: could not report its output or end: %r", task_id, error)
         finally:
             self._running.pop(task_id, None)
 

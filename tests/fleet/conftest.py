@@ -13,7 +13,7 @@ import uuid
 import nats_cluster
 import pytest
 
-from taskman.fleet.bridge import Bridge
+from taskman.fleet import bridge as bridge_module
 from taskman.fleet.connection import Connection, Settings
 
 
@@ -45,10 +45,16 @@ def cluster(nats_server_binary, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def bridge():
-    bridge = Bridge()
-    yield bridge
-    bridge.close()
+def closes_the_bridge_at_the_end():
+    yield
+    bridge_module.shared().close()
+
+
+@pytest.fixture
+def bridge(closes_the_bridge_at_the_end):
+    """The process's one bridge (a test may kill or close it: the next
+    test gets a new one)."""
+    return bridge_module.shared()
 
 
 @pytest.fixture

@@ -172,6 +172,12 @@ cluster {{
             self.process.send_signal(sig)
             self.process.wait(timeout=15)
 
+    def restart(self) -> None:
+        """Start again after a kill: same ports, same store (its JetStream
+        data catches up from the others)."""
+        self.kill()
+        self.start()
+
     def log_tail(self, size: int = 2000) -> str:
         try:
             return self.log_file.read_text(errors="replace")[-size:]
@@ -190,6 +196,9 @@ class Cluster:
         self.nodes = [Node(binary, f"n{index + 1}", directory / f"n{index + 1}", self.authority,
                            free_port(), route_ports[index], free_port(), route_ports)
                       for index in range(size)]
+
+    def node(self, name: str) -> Node:
+        return next(node for node in self.nodes if node.name == name)
 
     @property
     def urls(self) -> List[str]:

@@ -8,14 +8,7 @@ import gevent
 import gevent.server
 import pytest
 
-from taskman.fleet.bridge import Bridge, BridgeClosed, FleetTimeout
-
-
-@pytest.fixture
-def bridge():
-    bridge = Bridge()
-    yield bridge
-    bridge.close()
+from taskman.fleet.bridge import Bridge, BridgeClosed, FleetTimeout, shared
 
 
 async def answer(value, delay=0.0):
@@ -135,8 +128,17 @@ def test_a_dead_loop_fails_its_waiters_and_later_calls(bridge):
         bridge.call(answer(1))
 
 
-def test_close_cancels_what_still_runs():
-    bridge = Bridge()
+def test_one_loop_per_process(bridge):
+    assert shared() is bridge
+    second = Bridge()  # asyncio's running loop is per thread, not per greenlet
+    second._greenlet.join(5)
+    assert "another loop is running" in str(second._greenlet.exception)
+    with pytest.raises(BridgeClosed):
+        second.call(answer(1))
+    assert bridge.call(answer(2), timeout=5) == 2
+
+
+def test_close_cancels_what_still_runs(bridge):
     started, cancelled = [], []
     caller = gevent.spawn(bridge.call, watched(started, cancelled), 10)
     wait_for(lambda: started)

@@ -6,7 +6,6 @@ import ssl
 import pytest
 
 from taskman.errors import ConfigError, Unavailable
-from taskman.fleet.bridge import Bridge
 from taskman.fleet.connection import OUTPUT_STREAM, TASKS_BUCKET, Connection, Settings
 
 
@@ -34,18 +33,14 @@ def test_a_client_without_a_certificate_is_refused(cluster, bridge):
     connection.close()
 
 
-def test_a_server_of_another_ca_is_refused(cluster, tmp_path):
+def test_a_server_of_another_ca_is_refused(cluster, bridge, tmp_path):
     from nats_cluster import Authority
 
     stranger = Authority(tmp_path / "other")
     certificate, key = stranger.issue("stranger")
-    bridge = Bridge()
-    try:
-        connection = Connection(bridge, Settings(
-            servers=cluster.urls, node="stranger", ca_file=stranger.ca_file,
-            certificate_file=certificate, key_file=key))
-        with pytest.raises((ConfigError, Unavailable)):
-            connection.open(timeout=10)
-        connection.close()
-    finally:
-        bridge.close()
+    connection = Connection(bridge, Settings(
+        servers=cluster.urls, node="stranger", ca_file=stranger.ca_file,
+        certificate_file=certificate, key_file=key))
+    with pytest.raises((ConfigError, Unavailable)):
+        connection.open(timeout=10)
+    connection.close()
