@@ -1,0 +1,79 @@
+"""What a fleet server adds to a standalone one, in one object the
+composition root (taskman/server.py) can build and close.
+
+    node = FleetNode(settings, manager, capacity=8, admins=...).open()
+    servicer = TaskManagerServicer(node.backend, ...)   # instead of manager
+    ... serve ...
+    manager.shutdown()     # tasks end (source server) and are recorded
+    node.close()           # then leave the fleet
+"""
+
+import urllib.parse
+from typing import Iterable, List, Optional
+
+from taskman.errors import ConfigError
+from taskman.fleet import bridge
+from taskman.fleet.backend import ADMIN, FleetBackend
+from taskman.fleet.connection import Connection, Settings
+from taskman.fleet.worker import Worker
+
+SCHEMES = ("nats", "tls")
+
+
+def parse_servers(text: str) -> List[str]:
+    """``nats://a:4222,nats://b:4222`` -> the URLs; ConfigError if one is not
+    a nats:// or tls:// URL with a host and a port."""
+    servers = [part.strip() for part in text.split(",") if part.strip()]
+    if not servers:
+        raise ConfigError("--fleet needs at least one NATS server URL, e.g. nats://host:4222")
+    for server in servers:
+        url = urllib.parse.urlsplit(server)
+        try:
+            port = url.port
+        except ValueError:
+            port = None
+        if url.scheme not in SCHEMES or not url.hostname or not port:
+            raise ConfigError(f"--fleet: {server!r} is not a NATS URL such as nats://host:4222")
+    return servers
+
+
+def check_node_name(name: str) -> str:
+    """A node name is a NATS subject token and a KV key: letters, digits,
+    '-' and '_' only. ConfigError otherwise."""
+    if not name or not all(character.isalnum() or character in "-_" for character in name):
+        raise ConfigError(f"--node {name!r}: use letters, digits, '-' and '_' only")
+    return name
+
+
+class FleetNode:
+    """The fleet connection, this server's replica backend and its worker."""
+
+    def __init__(self, settings: Settings, manager, capacity: int,
+                 admins: Iterable[str] = (ADMIN,)):
+        if capacity < 1:
+            raise ConfigError("the fleet capacity of a server must be at least 1")
+        check_node_name(settings.node)
+        self.settings = settings
+        self.manager = manager
+        self.capacity = capacity
+        self.admins = tuple(admins)
+        self.connection: Optional[Connection] = None
+        self.backend: Optional[FleetBackend] = None
+        self.worker: Optional[Worker] = None
+
+    def open(self, timeout: float = 30.0) -> "FleetNode":
+        """Join the fleet. Raises Unavailable (no NATS server answered) or
+        ConfigError (refused)."""
+        self.connection = Connection(bridge.shared(), self.settings).open(timeout)
+        self.backend = FleetBackend(self.connection, self.admins)
+        self.worker = Worker(self.connection, self.manager, self.capacity).start()
+        return self
+
+    def close(self) -> None:
+        """Leave the fleet: no more claims, heartbeat removed, connection closed."""
+        if self.backend is not None:
+            self.backend.shutdown()
+        if self.worker is not None:
+            self.worker.stop()
+        if self.connection is not None:
+            self.connection.close()

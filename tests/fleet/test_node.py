@@ -1,0 +1,50 @@
+"""FleetNode, what the composition root will build: parsing its options,
+joining, serving through the Backend interface, leaving."""
+
+import pytest
+
+from taskman.errors import ConfigError
+from taskman.fleet import liveness
+from taskman.fleet.backend import wait_ended
+from taskman.fleet.connection import Settings
+from taskman.fleet.node import FleetNode, check_node_name, parse_servers
+from taskman.manager import TaskManager
+from taskman.task import JobStatus
+
+
+def test_server_urls_are_checked():
+    assert parse_servers("nats://a:4222, tls://10.0.0.2:4222") == [
+        "nats://a:4222", "tls://10.0.0.2:4222"]
+    for bad in ("", "a:4222", "http://a:4222", "nats://a", "nats://:4222", "nats://a:port"):
+        with pytest.raises(ConfigError):
+            parse_servers(bad)
+
+
+def test_node_names_are_subject_tokens():
+    assert check_node_name("host-1_b") == "host-1_b"
+    for bad in ("", "a.b", "a b", "a*", "a>"):
+        with pytest.raises(ConfigError):
+            check_node_name(bad)
+
+
+def test_a_node_joins_serves_and_leaves(cluster, tmp_path):
+    certificate, key = cluster.authority.issue("node-test")
+    settings = Settings(servers=cluster.urls, node="node-test", ca_file=cluster.authority.ca_file,
+                        certificate_file=certificate, key_file=key, heartbeat_ttl=3.0)
+    manager = TaskManager(state_dir=str(tmp_path / "state"), stop_grace=1.0)
+    node = FleetNode(settings, manager, capacity=2).open()
+    try:
+        assert "node-test" in liveness.live_hosts(node.connection)
+        task = node.backend.start("alice", "sh", ["-c", "echo hello; exit 3"])
+        assert b"".join(node.backend.stream("alice", task.id)) == b"hello\n"
+        final = wait_ended(node.backend, "alice", task.id, 20)
+        assert (final.status, final.exit_code) == (JobStatus.EXITED_ERROR, 3)
+    finally:
+        manager.shutdown(timeout=5)
+        node.close()
+    assert node.connection.client.is_closed
+
+
+def test_a_node_needs_room_for_one_task(cluster, tmp_path):
+    with pytest.raises(ConfigError):
+        FleetNode(Settings(servers=cluster.urls, node="n"), manager=None, capacity=0)
