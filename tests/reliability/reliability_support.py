@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import grpc
-from server_harness import Server
+from server_harness import Server, session_pki
 
 from support import poll_for
 from taskman import tls
@@ -38,7 +38,11 @@ class ReliableServer(Server):
 
     def __init__(self, workdir: Path, *options: str, state_dir: Optional[Path] = None,
                  cgroup_root: Optional[str] = None, env: Optional[dict] = None):
-        super().__init__(workdir, *options, env=env)
+        if state_dir is not None and env is None:
+            # A given state directory may be a tiny file system (the disk-full
+            # tests): the run's PKI is served from where it is instead of copied.
+            env = {"TASKMAN_CERTS_DIR": str(session_pki())}
+        super().__init__(workdir, *options, env=env, copy_pki=state_dir is None)
         if state_dir is not None:
             self.state_dir = Path(state_dir)
             self.command[self.command.index("--state-dir") + 1] = str(self.state_dir)
