@@ -11,6 +11,8 @@ from taskman.cli.client import EXIT_CODES
 from taskman.service import message_for, status_for, status_response
 from taskman.task import JobStatus, Source, Task
 
+from server_harness import session_pki
+
 pytestmark = pytest.mark.timeout(30)
 
 
@@ -78,7 +80,8 @@ class _Context:
 
 
 GOOD = {"transport_security_type": [b"ssl"], "ssl_tls_version": [b"TLSv1.3"],
-        "x509_common_name": [b"client002"], "x509_subject_alternative_name": [b"admin"]}
+        "x509_common_name": [b"client002"], "x509_subject_alternative_name": [b"admin"],
+        "x509_pem_cert": [(session_pki() / "client002.crt").read_bytes()]}
 
 
 def test_identity_is_the_common_name():
@@ -89,9 +92,9 @@ def test_identity_is_the_common_name():
     {"ssl_tls_version": [b"TLSv1.2"]},
     {"ssl_tls_version": []},
     {"transport_security_type": [b"insecure"]},
-    {"x509_common_name": []},
-    {"x509_common_name": [b"a", b"b"]},
-    {"x509_common_name": [b""]},
+    {"x509_pem_cert": []},
+    {"x509_pem_cert": [b""]},
+    {"x509_pem_cert": [b"not a pem"]},
 ])
 def test_calls_not_over_tls13_with_one_common_name_are_refused(change):
     with pytest.raises(tls.Unauthenticated):
