@@ -1124,6 +1124,7 @@ def main(argv=None) -> int:
         sys.argv[1:] if argv is None else argv))
     from taskman.client import TaskmanClient
 
+    common.certs_dir()  # one PKI for the servers and the workers, made before any starts
     workdir = tempfile.mkdtemp(prefix="taskman-bench-", dir=args.tmpdir)
     bench = Bench(args, workdir)
     failures: Dict[str, str] = {}
