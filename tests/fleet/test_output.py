@@ -94,3 +94,19 @@ def test_forget_removes_a_tasks_output(connect):
     output.forget(host, task_id)
     with gevent.Timeout(10):
         assert collect(replica, task_id, live=False) == b""
+
+
+def test_chunks_stored_out_of_order_are_put_back_in_order(connect):
+    # What a republish after a failed publish can store: a chunk after its successor.
+    host, replica = connect("host"), connect("replica")
+    task_id = str(uuid.uuid4())
+    data = os.urandom(4 * CHUNK)
+    chunks = list(chunks_of(data))
+    publisher = output.Publisher(host, task_id)
+    for chunk in (chunks[0], chunks[2], chunks[1], chunks[1], chunks[3]):
+        publisher._publish(chunk.data, {output.OFFSET: str(chunk.offset), output.STREAM: "0",
+                                        output.TIME: "1"})
+    publisher.published = len(data)
+    publisher.finish()
+    assert collect(replica, task_id) == data
+    assert collect(replica, task_id, offset=CHUNK + 3) == data[CHUNK + 3:]
