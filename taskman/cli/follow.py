@@ -25,6 +25,7 @@ class Follower:
 
     def __init__(self, client, task_id: str, write: Callable, *, offset: int = 0,
                  selector: str = "all", tail_lines: int = 0, since=None, follow: bool = True,
+                 connected: bool = False,
                  note: Callable[[str], None] = lambda text: print(text, file=sys.stderr)):
         self.client = client
         self.task_id = task_id
@@ -35,6 +36,9 @@ class Follower:
         self.since = since
         self.follow = follow
         self.note = note
+        # Only a server that answered once is waited for: an address where
+        # none ever was fails at once, as before.
+        self.connected = connected
 
     def run(self) -> None:
         """Until the stream ends; raises the last ClientError when the
@@ -45,7 +49,8 @@ class Follower:
                 self._stream_once()
                 return
             except Exception as error:
-                if getattr(getattr(error, "code", None), "name", "") != "UNAVAILABLE":
+                if (getattr(getattr(error, "code", None), "name", "") != "UNAVAILABLE"
+                        or not self.connected):
                     raise
                 failures += 1
                 if failures > RETRIES:
@@ -65,6 +70,7 @@ class Follower:
                                     follow=self.follow)
         try:
             for chunk in chunks:
+                self.connected = True
                 self.write(chunk)
                 self.offset = chunk.end
                 self.tail_lines, self.since = 0, None

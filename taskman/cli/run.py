@@ -11,6 +11,7 @@ a second one leaves at once, naming the task on stderr (exit 130).
 import signal
 import sys
 import threading
+import time
 
 from taskman.cli.follow import Follower
 from taskman.cli.formats import json_line, status_object
@@ -18,6 +19,7 @@ from taskman.cli.messages import EXIT_INTERRUPTED, describe_error
 
 EXIT_TASKMAN_FAILED = 125
 SIGNAL_BASE = 128
+STATUS_POLL = 0.1  # seconds between status calls once the output has ended
 
 
 class Detach(BaseException):
@@ -47,10 +49,14 @@ def run(client, command: str, args: list, output_format: str = "table") -> int:
     interrupt = _Interrupt(client, task_id)
     previous = signal.signal(signal.SIGINT, interrupt.handle)
     try:
-        follower = Follower(client, task_id, _writer())
+        follower = Follower(client, task_id, _writer(), connected=True)
         follower.run()
         status = client.status(task_id)
-        if status.running:  # the stream ended early (a server going down): go on
+        while status.running:
+            # The output can end before the task does (its pipes closed, or
+            # read to the end just before it was reaped), or the stream ended
+            # with a server going down: wait for the end, output included.
+            time.sleep(STATUS_POLL)
             follower.run()
             status = client.status(task_id)
     except Detach:

@@ -85,9 +85,9 @@ Usage:
 
 Description:
   Start, inspect, stop and follow tasks on a taskman server over mutual TLS.
-  `taskman <command> --help` describes each command. The certificate is picked
-  by --user-id from the certificates shipped with taskman, or from the
-  directory $TASKMAN_CERTS_DIR (<user-id>.crt, <user-id>.key and ca.crt).
+  `taskman <command> --help` describes each command. --user-id picks the
+  certificate: <user-id>.crt, <user-id>.key and ca.crt from the directory
+  $TASKMAN_CERTS_DIR, or else from the server's own PKI on its host.
 
 Options added to the RFD's commands (docs/cli.md has the details):
   -o json, --output json   one JSON object (one per line for list) instead of the table

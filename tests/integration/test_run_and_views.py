@@ -116,7 +116,7 @@ def test_ctrl_c_during_run_stops_the_task_and_exits_130(cli):
     _, errors = process.communicate(timeout=30)
     assert process.returncode == 130, errors
     status = json_status(cli, task_id)
-    assert status["status"] == "JOB_STATUS_SIGNALED"
+    assert status["status"] == "JOB_STATUS_SIGNALED", (status, errors)
     assert status["termination_source"] == "user"
     assert status["termination_signal"] == "SIGTERM"
 
