@@ -212,7 +212,6 @@ def main(argv=None) -> int:
     from taskman import server
 
     server.configure_logging(settings.log_level, sys.stderr)
-    server.log.info("taskman-server %s", version())
     try:
         return server.serve(settings)
     except TaskmanError as error:
