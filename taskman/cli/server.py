@@ -132,8 +132,8 @@ Options:
       directory and the audit log, print one OK or FAIL line each and exit, without serving
       or touching tasks.
   --version
-      Print the version of taskman-server and exit (it is also in the start-up log,
-      in --check and in every response's taskman-version header).
+      Print the version of taskman-server and exit (--check prints it first, and
+      every response carries it in its taskman-version header).
   --help
       Display help information for the server command.
 
