@@ -32,7 +32,7 @@ from taskman.api import task_manager_pb2, task_manager_pb2_grpc
 from taskman.audit import AuditLog
 from taskman.cgroups import select_driver
 from taskman.credentials import DEMO_CA_ADVICE, MAKE_REAL_ONES, ServerIdentity
-from taskman.defaults import default_state_dir
+from taskman.defaults import default_state_dir, version
 from taskman.errors import ConfigError, TaskmanError
 from taskman.manager import TaskManager
 from taskman.output import ensure_directory
@@ -121,8 +121,8 @@ def serve(settings: "Settings") -> int:
         raise ConfigError(f"refusing to run: the TLS 1.3-only self-test failed ({error})") \
             from None
 
-    log.info("listening on %s:%d (mTLS, TLS 1.3 only; self-test: %s)",
-             settings.host, port, refusal)
+    log.info("listening on %s:%d (taskman-server %s; mTLS, TLS 1.3 only; self-test: %s)",
+             settings.host, port, version(), refusal)
     watcher = identity.watch(on_revocation=guard.end_revoked_streams)
     if driver.name == "none":
         # Asked for explicitly, but never quietly: tasks run with no limits.

@@ -5,13 +5,12 @@ import datetime
 
 import grpc
 import pytest
+from server_harness import session_pki
 
 from taskman import errors, tls
 from taskman.cli.client import EXIT_CODES
 from taskman.service import message_for, status_for, status_response
 from taskman.task import JobStatus, Source, Task
-
-from server_harness import session_pki
 
 pytestmark = pytest.mark.timeout(30)
 
