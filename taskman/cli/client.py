@@ -228,7 +228,9 @@ def _run(argv: list) -> int:
     from taskman import client as client_module
 
     address = options["--server-address"] or DEFAULT_ADDRESS
-    client = client_module.TaskmanClient(address, options["--user-id"])
+    state_dir = options.get("--state-dir")
+    client = client_module.TaskmanClient(address, options["--user-id"],
+                                         certs_dir=tls.pki_dir(state_dir) if state_dir else None)
     try:
         with client:
             if command == "run":

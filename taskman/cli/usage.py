@@ -7,12 +7,13 @@ views, separate streams) are parsed from the patterns below and described
 in MAIN_HELP and docs/cli.md.
 """
 
-SERVER = "[--server-address <host:port>]"
+SERVER = "[--server-address <host:port>] [--state-dir <dir>]"
 
 COMMON_OPTIONS = """
 Options:
   --user-id <user-id>
   --server-address <host:port>
+  --state-dir <dir>
   -o <format>, --output <format>
   --owner <user>
   --status <status>
@@ -87,9 +88,12 @@ Description:
   Start, inspect, stop and follow tasks on a taskman server over mutual TLS.
   `taskman <command> --help` describes each command. --user-id picks the
   certificate: <user-id>.crt, <user-id>.key and ca.crt from the directory
-  $TASKMAN_CERTS_DIR, or else from the server's own PKI on its host.
+  $TASKMAN_CERTS_DIR, or else from the server's own PKI on its host
+  (<state-dir>/pki; --state-dir names a server's non-default state directory).
 
 Options added to the RFD's commands (docs/cli.md has the details):
+  --state-dir <dir>        every command: take the certificates from <dir>/pki, the PKI of
+                           a server started with --state-dir <dir> (default /var/lib/taskman)
   -o json, --output json   one JSON object (one per line for list) instead of the table
   --separate-streams       start: stdout and stderr on a pipe each, so stream can tell them apart
   --stdout, --stderr       stream: only that stream (of a task started with separate streams)

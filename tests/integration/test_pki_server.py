@@ -222,6 +222,11 @@ def test_first_start_creates_the_pki_and_a_restart_reuses_it(tmp_path):
     result = taskman("start", "--server-address", server.address, "--user-id", "client001", "--",
                      "true", env={"TASKMAN_CERTS_DIR": str(directory)})
     assert result.returncode == 0, result.stderr
+    # --state-dir finds the same bundles, and wins over $TASKMAN_CERTS_DIR (this
+    # process's points at the session PKI, whose CA this server does not trust).
+    result = taskman("get-status", "--server-address", server.address, "--user-id", "client001",
+                     "--state-dir", str(server.state_dir), result.stdout.split()[-1].decode())
+    assert result.returncode == 0, result.stderr
     assert server.stop() == 0
     again = Server(tmp_path, copy_pki=False).start()
     try:
