@@ -32,6 +32,7 @@ class Source(str, enum.Enum):
     OOM = "oom"  # the kernel's OOM killer, inside the task's memory limit
     SYSTEM = "system"  # a signal taskman did not send (the task, another process)
     SERVER = "server"  # the server shut down or died while the task ran
+    LOST = "lost"  # fleet mode: the task's host stopped answering (status UNKNOWN)
 
 
 def signal_name(number: int) -> str:

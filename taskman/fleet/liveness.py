@@ -112,6 +112,14 @@ class Heartbeat:
                     log.exception("liveness: fencing failed")
 
 
+def _record_lost(record: Record) -> bool:
+    record.phase = ENDED
+    record.status = int(JobStatus.UNKNOWN)
+    record.source = LOST
+    record.end_time = time.time()
+    return True
+
+
 def mark_lost(records: Records, live: Dict[str, dict]) -> list:
     """Record every task on a host not in ``live`` as ended, UNKNOWN, ``lost``.
 
@@ -123,18 +131,34 @@ def mark_lost(records: Records, live: Dict[str, dict]) -> list:
             continue
 
         def lose(current: Record) -> bool:
-            if not current.on_host or current.host in live:
-                return False
-            current.phase = ENDED
-            current.status = int(JobStatus.UNKNOWN)
-            current.source = LOST
-            current.end_time = time.time()
-            return True
+            return current.on_host and current.host not in live and _record_lost(current)
 
         if records.modify(record.id, lose)[1]:
             marked.append(record.id)
             log.warning("task %s recorded lost: its host %s stopped answering",
                         record.id, record.host)
+    return marked
+
+
+def end_previous_life(records: Records, node: str, keep=frozenset()) -> list:
+    """Record ``node``'s active tasks, other than ``keep``, as lost.
+
+    Called by a host as it (re)joins: a server restarted within the TTL
+    keeps its heartbeat alive under the same name, so nobody else would ever
+    find the tasks of its earlier life lost; its crash recovery ended them
+    locally, and the fleet id to local id map died with it. Returns the ids.
+    """
+    marked = []
+    for record in records.all():
+        if record.host != node or not record.on_host or record.id in keep:
+            continue
+
+        def lose(current: Record) -> bool:
+            return current.on_host and current.host == node and _record_lost(current)
+
+        if records.modify(record.id, lose)[1]:
+            marked.append(record.id)
+            log.warning("task %s recorded lost: its host %s restarted", record.id, node)
     return marked
 
 

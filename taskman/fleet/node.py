@@ -8,41 +8,16 @@ composition root (taskman/server.py) can build and close.
     node.close()           # then leave the fleet
 """
 
-import urllib.parse
-from typing import Iterable, List, Optional
+from typing import Iterable, Optional
 
 from taskman.errors import ConfigError
 from taskman.fleet import bridge
 from taskman.fleet.backend import ADMIN, FleetBackend
 from taskman.fleet.connection import Connection, Settings
+from taskman.fleet.options import check_node_name, parse_servers
 from taskman.fleet.worker import Worker
 
-SCHEMES = ("nats", "tls")
-
-
-def parse_servers(text: str) -> List[str]:
-    """``nats://a:4222,nats://b:4222`` -> the URLs; ConfigError if one is not
-    a nats:// or tls:// URL with a host and a port."""
-    servers = [part.strip() for part in text.split(",") if part.strip()]
-    if not servers:
-        raise ConfigError("--fleet needs at least one NATS server URL, e.g. nats://host:4222")
-    for server in servers:
-        url = urllib.parse.urlsplit(server)
-        try:
-            port = url.port
-        except ValueError:
-            port = None
-        if url.scheme not in SCHEMES or not url.hostname or not port:
-            raise ConfigError(f"--fleet: {server!r} is not a NATS URL such as nats://host:4222")
-    return servers
-
-
-def check_node_name(name: str) -> str:
-    """A node name is a NATS subject token and a KV key: letters, digits,
-    '-' and '_' only. ConfigError otherwise."""
-    if not name or not all(character.isalnum() or character in "-_" for character in name):
-        raise ConfigError(f"--node {name!r}: use letters, digits, '-' and '_' only")
-    return name
+__all__ = ["FleetNode", "check_node_name", "parse_servers"]
 
 
 class FleetNode:

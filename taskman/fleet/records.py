@@ -31,7 +31,7 @@ ACTIVE = (CLAIMED, RUNNING)  # on a host: lost if the host is
 
 # The termination source of a task whose host was lost: its status is
 # JOB_STATUS_UNKNOWN, since nobody saw how it ended.
-LOST = "lost"
+LOST = Source.LOST.value
 
 
 class Conflict(TaskmanError):
@@ -47,7 +47,7 @@ def _time(value: Optional[float]) -> Optional[datetime.datetime]:
 def _source(text: str) -> Source:
     try:
         return Source(text)
-    except ValueError:  # "lost" until taskman.task.Source names it (docs/fleet.md)
+    except ValueError:  # written by a newer server: the closest older word
         return Source.SYSTEM
 
 

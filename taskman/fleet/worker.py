@@ -3,21 +3,25 @@ TaskManager (sandbox, cgroups, quotas as on one host), and answer for it.
 
 For each claimed task: start it locally, pump its output log to the fleet,
 record its end. It also answers stop requests addressed to this host, beats
-its heartbeat, and fences (stops everything) when cut off.
+its heartbeat, fences (stops everything) when cut off, and removes from the
+fleet what the local manager's retention removed (record and output).
 """
 
 import json
 import logging
-from typing import Dict, Optional
+import time
+from typing import Dict, Optional, Tuple
 
 import gevent
 
-from taskman.errors import TaskmanError
+from taskman.errors import NotFound, TaskmanError
 from taskman.fleet import dispatch, liveness, output
 from taskman.fleet.connection import Connection, control_subject
-from taskman.fleet.records import Record, Records
+from taskman.fleet.records import ENDED, REFUSED, Record, Records
 
 log = logging.getLogger("taskman.fleet.worker")
+
+RETENTION_SWEEP = 60.0  # seconds between retention passes, as the manager's own
 
 
 class Worker:
@@ -30,12 +34,18 @@ class Worker:
         self.capacity = capacity
         self.records = Records(connection)
         self.node = connection.settings.node
-        self._local: Dict[str, str] = {}  # fleet task id -> the manager's task id
+        self._local: Dict[str, Tuple[str, str]] = {}  # fleet id -> (manager's id, owner)
         self._running: Dict[str, str] = {}  # fleet task id -> owner, while it runs
         self.claimer = dispatch.Claimer(connection, self.records, self._run, self.room)
         self.heartbeat = liveness.Heartbeat(connection, self._describe, self.fence)
         self.detector = liveness.LostDetector(connection, self.records)
         self._subscription = None
+        self._sweeper: Optional[gevent.Greenlet] = None
+
+    def local_id(self, task_id: str) -> Optional[str]:
+        """The id this host's manager gave the fleet task, if it ran here."""
+        local = self._local.get(task_id)
+        return local[0] if local else None
 
     def room(self) -> int:
         return self.capacity - len(self._running)
@@ -44,6 +54,9 @@ class Worker:
         return {"capacity": self.capacity, "running": len(self._running)}
 
     def start(self) -> "Worker":
+        # Tasks recorded on this node by an earlier life of this server were
+        # ended by its crash recovery: say so before claiming anything new.
+        liveness.end_previous_life(self.records, self.node, keep=set(self._local))
         self.heartbeat.start()
 
         async def on_stop(message) -> None:
@@ -53,12 +66,15 @@ class Worker:
             control_subject(self.node, "stop"), cb=on_stop))
         self.claimer.start()
         self.detector.start()
+        self._sweeper = gevent.spawn(self._sweep_periodically)
         return self
 
     def stop(self) -> None:
         """Leave the fleet: take no more work; stop beating (a clean leave)."""
         self.claimer.stop()
         self.detector.stop()
+        if self._sweeper is not None:
+            self._sweeper.kill(timeout=5)
         if self._subscription is not None:
             try:
                 self.connection.call(self._subscription.unsubscribe(), 5.0)
@@ -70,7 +86,7 @@ class Worker:
         """The Claimer's ``run``: start locally; TaskmanError refuses."""
         task = self.manager.start(record.owner, record.command, record.args,
                                   separate_streams=record.separate_streams)
-        self._local[record.id] = task.id
+        self._local[record.id] = (task.id, record.owner)
         self._running[record.id] = record.owner
         gevent.spawn(self._follow_through, record.id, record.owner, task.id)
         return task.pid
@@ -102,12 +118,11 @@ class Worker:
         try:
             request = json.loads(message.data)
             task_id = request["task"]
-            local_id = self._local.get(task_id)
-            if local_id is None:
+            local = self._local.get(task_id)
+            if local is None:
                 reply = {"ok": False, "error": f"task {task_id} is not on {self.node}"}
             else:
-                task = self.manager.stop(self._running.get(task_id) or "admin", local_id,
-                                         wait=request.get("wait"))
+                task = self.manager.stop(local[1], local[0], wait=request.get("wait"))
                 self._wait_recorded(task_id, task.running)
         except (TaskmanError, ValueError, KeyError) as error:
             reply = {"ok": False, "error": str(error)}
@@ -128,6 +143,51 @@ class Worker:
     def fence(self) -> None:
         """Cut off from the fleet: stop every task this host runs."""
         for task_id, owner in list(self._running.items()):
-            local_id: Optional[str] = self._local.get(task_id)
-            if local_id is not None:
-                gevent.spawn(self.manager.stop, owner, local_id, 0)
+            local = self._local.get(task_id)
+            if local is not None:
+                gevent.spawn(self.manager.stop, owner, local[0], 0)
+
+    # -- retention: the fleet forgets what the hosts forget
+
+    def _sweep_periodically(self) -> None:
+        age = getattr(self.manager, "retention_age", 0) or 0
+        interval = max(0.25, min(RETENTION_SWEEP, age / 4)) if age else RETENTION_SWEEP
+        while True:
+            gevent.sleep(interval)
+            try:
+                self.sweep(age)
+            except Exception as error:  # the fleet is away: next round
+                log.warning("worker: retention sweep failed: %r", error)
+
+    def sweep(self, age: float) -> int:
+        """Remove from the fleet (record and output) every task of this host
+        that its manager's retention removed, and records no host answers for
+        (lost, refused) older than ``age`` (0: keep those). Returns how many."""
+        gone = []
+        for task_id, (local_id, owner) in list(self._local.items()):
+            if task_id in self._running:
+                continue
+            try:
+                self.manager.status(owner, local_id)
+            except NotFound:
+                gone.append(task_id)
+        if age:
+            horizon = time.time() - age
+            live = liveness.live_hosts(self.connection)
+            for record in self.records.all():
+                # A live host forgets its own; nobody else answers for these.
+                orphan = (record.host not in live
+                          or (record.host == self.node and record.id not in self._local))
+                if (record.phase in (ENDED, REFUSED) and orphan
+                        and (record.end_time or record.requested_time) < horizon):
+                    gone.append(record.id)
+        for task_id in gone:
+            self.forget(task_id)
+        return len(gone)
+
+    def forget(self, task_id: str) -> None:
+        """The task's record and output out of the fleet."""
+        output.forget(self.connection, task_id)
+        self.records.delete(task_id)
+        self._local.pop(task_id, None)
+        log.info("worker: retention removed task %s from the fleet", task_id)

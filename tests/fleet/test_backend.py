@@ -48,7 +48,7 @@ def test_start_on_one_replica_status_and_stream_on_the_others(fleet):
     final = wait_ended(replicas[1], "alice", task.id, 30)
     assert final.status == JobStatus.EXITED_OK and final.exit_code == 0
     host = next(worker for worker in workers if worker.node == replicas[2].records.get(task.id)[0].host)
-    local = b"".join(host.manager.stream("alice", host._local[task.id]))
+    local = b"".join(host.manager.stream("alice", host.local_id(task.id)))
     assert local.endswith(b"done\n") and len(local) > 3000000
     digests = {hashlib.sha256(follower.value).hexdigest() for follower in followers}
     assert digests == {hashlib.sha256(local).hexdigest()}
