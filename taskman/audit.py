@@ -5,6 +5,10 @@ start (with its command line), stop request and end (with its cause). Never
 task output. The file is opened append-only and each record is one
 ``write(2)`` on an O_APPEND descriptor, so concurrent records never interleave
 and nothing already written is rewritten.
+
+Rotation is the operator's (logrotate, contrib/taskman-server.logrotate):
+after the file is moved away, ``reopen`` (the server's SIGUSR1) starts a new
+one at the same path; every record goes whole to the old file or the new.
 """
 
 import datetime
@@ -34,9 +38,20 @@ class AuditLog:
         self.path = path
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._fd = _open(path)
         self._lock = threading.Lock()
         self.failures = 0  # records that could not be written
+
+    def reopen(self) -> None:
+        """Start writing to a file opened afresh at ``path`` (after logrotate
+        moved the old one away). The swap is under the write lock, so no
+        record is lost or split; if the path cannot be opened the old file is
+        kept (OSError raised, nothing lost)."""
+        fd = _open(self.path)
+        with self._lock:
+            old, self._fd = self._fd, fd
+        if old >= 0:
+            os.close(old)
 
     def record(self, event: str, **fields) -> None:
         """Write one record; fields with value None are left out.
@@ -86,9 +101,14 @@ class AuditLog:
         self.record("task." + event, **fields)
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        with self._lock:
+            fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+def _open(path: str) -> int:
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
 
 def _bounded(value):

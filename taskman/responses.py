@@ -68,3 +68,12 @@ def stream_view(request) -> dict:
     return {"offset": request.offset, "selector": Selector(request.selector),
             "tail_bytes": request.tail_bytes, "tail_lines": request.tail_lines,
             "since": since, "follow": not request.no_follow}
+
+
+def usage_response(users) -> task_manager_pb2.GetUsageResponse:
+    """A GetUsageResponse from (user, [taskman.quotas.Usage]) pairs."""
+    return task_manager_pb2.GetUsageResponse(users=[
+        task_manager_pb2.UserUsage(user=user, quotas=[
+            task_manager_pb2.QuotaUsage(name=line.name, used=line.used, limit=line.limit,
+                                        option=line.option) for line in lines])
+        for user, lines in users])

@@ -34,8 +34,10 @@ from taskman.cgroups import select_driver
 from taskman.credentials import DEMO_CA_ADVICE, MAKE_REAL_ONES, ServerIdentity
 from taskman.defaults import default_state_dir, version
 from taskman.errors import ConfigError, TaskmanError
+from taskman.holdings import Holdings
 from taskman.manager import TaskManager
 from taskman.output import ensure_directory
+from taskman.quotas import Quotas
 from taskman.service import CallGuard, GuardInterceptor, TaskManagerServicer, escape
 
 if TYPE_CHECKING:
@@ -65,9 +67,12 @@ def serve(settings: "Settings") -> int:
     check_demo_ca(identity, settings.host)
     credentials = identity.credentials.credentials
     audit, metrics = open_observers(settings, state_dir)
-    guard = CallGuard(settings.max_streams, audit=audit, metrics=metrics, peers=identity.peers)
+    guard = CallGuard(settings.max_streams, audit=audit, metrics=metrics, peers=identity.peers,
+                      max_health_streams=settings.max_health_streams)
+    gevent.signal_handler(signal.SIGUSR1, lambda: reopen_audit(audit))
     executor = futures.ThreadPoolExecutor(
-        max_workers=TaskManagerServicer.executor_workers(settings.max_streams),
+        max_workers=TaskManagerServicer.executor_workers(settings.max_streams,
+                                                         settings.max_health_streams),
         thread_name_prefix="rpc")
     server = grpc.server(executor, interceptors=[GuardInterceptor(guard)], options=[
         # Without this a second server could bind the same port (gRPC sets
@@ -86,7 +91,8 @@ def serve(settings: "Settings") -> int:
     try:
         # The IO limits default to the disks holding / and the task output.
         driver = _setting_up(lambda: select_driver(settings.driver, settings.limits,
-                                                   settings.cgroup_root, io_paths=("/", state_dir)))
+                                                   settings.cgroup_root, io_paths=("/", state_dir),
+                                                   slice_limits=settings.slice_limits))
         # Tasks run as other uids: the gate, the user map, and files they cannot open.
         task_users = _setting_up(lambda: users.for_server(settings.user_map, settings.uid_range))
         _setting_up(lambda: private.close_to_tasks((state_dir, settings.audit_path(state_dir),
@@ -100,6 +106,11 @@ def serve(settings: "Settings") -> int:
         audit.close()
         raise
     manager.listeners.append(audit.task_event)
+    # The one Quotas of this server: the servicer's now; the manager's too
+    # once it takes one (TaskManager(quotas=...)). Holdings counts for it.
+    holdings = Holdings()
+    quotas = Quotas(settings.quotas, holdings.measure)
+    holdings.attach(manager, settings.admins[0])
     log.info("audit log %s", audit.path)
     try:
         metrics_server = serve_metrics(settings, metrics, manager)
@@ -107,7 +118,14 @@ def serve(settings: "Settings") -> int:
         manager.shutdown(timeout=0)
         audit.close()
         raise
-    servicer = TaskManagerServicer(manager, guard=guard)
+    try:
+        node = join_fleet(settings, identity, manager)
+    except ConfigError:
+        manager.shutdown(timeout=0)
+        audit.close()
+        raise
+    backend = node.backend if node is not None else manager  # the fleet's, or this host's
+    servicer = TaskManagerServicer(backend, guard=guard, quotas=quotas, users=holdings.users)
     task_manager_pb2_grpc.add_TaskManagerServicer_to_server(servicer, server)
     health_servicer = add_health_and_reflection(server)
     server.start()
@@ -118,6 +136,7 @@ def serve(settings: "Settings") -> int:
         audit.record("server.refused_to_start", reason=f"TLS 1.3-only self-test failed: {error}")
         server.stop(None)
         manager.shutdown(timeout=0)
+        leave_fleet(node)
         raise ConfigError(f"refusing to run: the TLS 1.3-only self-test failed ({error})") \
             from None
 
@@ -130,6 +149,7 @@ def serve(settings: "Settings") -> int:
     else:
         log.info("cgroup driver: %s", driver.describe())
     log.info("limits: %s", settings.limits)
+    log.info("quotas per user: %s", settings.quotas)
     log.info("state directory %s; stop grace %gs; at most %d streams, %d workers",
              manager.state_dir, settings.stop_grace, settings.max_streams,
              TaskManagerServicer.executor_workers(settings.max_streams))
@@ -146,6 +166,7 @@ def serve(settings: "Settings") -> int:
     log.info("shutting down: refusing new calls, stopping running tasks")
     stopped = server.stop(grace=settings.stop_grace + SHUTDOWN_MARGIN)
     manager.shutdown()
+    leave_fleet(node)  # after the tasks ended, so their ends are recorded in the fleet
     stopped.wait(settings.stop_grace + SHUTDOWN_MARGIN + 1)
     executor.shutdown(wait=False)
     if metrics_server is not None:
@@ -154,6 +175,48 @@ def serve(settings: "Settings") -> int:
     audit.close()
     log.info("stopped")
     return 0
+
+
+def reopen_audit(audit: AuditLog) -> None:
+    """SIGUSR1: reopen the audit log (logrotate moved it; SIGHUP is the reload's)."""
+    try:
+        audit.reopen()
+    except OSError as error:
+        log.error("cannot reopen the audit log %s: %s; still writing to the old file",
+                  audit.path, error.strerror)
+        return
+    log.info("audit log reopened: %s", audit.path)
+
+
+def join_fleet(settings: "Settings", identity: ServerIdentity, manager: TaskManager):
+    """With --fleet: join the fleet as a replica and a worker for this host
+    (taskman.fleet.node.FleetNode); None without it, and nothing of the
+    fleet (nor nats) is imported. ConfigError if the fleet cannot be joined."""
+    if settings.fleet is None:
+        return None
+    from taskman.fleet import node as fleet_node
+    from taskman.fleet.connection import Settings as FleetSettings
+    from taskman.fleet.options import node_credentials
+
+    options = settings.fleet
+    ca_file, certificate_file, key_file = _setting_up(
+        lambda: node_credentials(options, identity.pki))
+    _setting_up(lambda: private.close_to_tasks((key_file,)))
+    fleet_settings = FleetSettings(options.servers, options.node, ca_file, certificate_file,
+                                   key_file, heartbeat_ttl=options.heartbeat_ttl)
+    try:
+        node = fleet_node.FleetNode(fleet_settings, manager, options.capacity,
+                                    admins=settings.admins).open()
+    except TaskmanError as error:
+        raise ConfigError(f"cannot join the fleet: {error}") from None
+    log.info("fleet: node %s, capacity %d, NATS %s, heartbeat TTL %gs", options.node,
+             options.capacity, ",".join(options.servers), options.heartbeat_ttl)
+    return node
+
+
+def leave_fleet(node) -> None:
+    if node is not None:
+        node.close()
 
 
 class EscapingFormatter(logging.Formatter):

@@ -28,7 +28,14 @@ from taskman.errors import (
     Unauthenticated,
     Unavailable,
 )
-from taskman.responses import output_response, status_response, stream_view  # noqa: F401
+from taskman.page_tokens import INVALID_TOKEN, PageTokens
+from taskman.quotas import Quotas
+from taskman.responses import (  # noqa: F401
+    output_response,
+    status_response,
+    stream_view,
+    usage_response,
+)
 from taskman.task import JobStatus
 
 log = logging.getLogger("taskman.service")
@@ -45,10 +52,14 @@ STATUS_FOR = (
     (TaskmanError, grpc.StatusCode.INTERNAL),
 )
 
-# Executor workers kept for unary calls on top of one per stream: a stream
-# holds its worker for its whole life (NOTES.md), and a StopTask may hold one
-# for the stop grace period.
+# Executor workers kept for unary calls on top of one per stream (output,
+# health and reflection): a stream holds its worker for its whole life
+# (docs/design.md). No unary call waits: StopTask returns once the signal is sent.
 UNARY_WORKERS = 32
+
+# Health Watch and reflection streams open at once, apart from the output
+# streams (--max-health-streams; the same number is in taskman.cli.server's usage).
+DEFAULT_MAX_HEALTH_STREAMS = 16
 
 # ListTasks pages: default and largest size, and the arguments kept per task,
 # so a page stays far below gRPC's 4 MiB message limit.
@@ -97,15 +108,19 @@ class CallGuard:
     ``call`` authenticates the caller, maps the body's error to a status and
     reports the outcome once (log line, audit record, metrics);
     ``admit_stream`` holds a stream's place among the ``max_streams`` open
-    ones, since each holds an executor worker for its whole life. The
-    TaskManager servicer and ``GuardInterceptor`` (for health checking and
-    reflection) share one guard, hence one stream limit.
+    output streams, since each holds an executor worker for its whole life;
+    ``admit_service_stream`` does the same for health Watch and reflection
+    streams within their own, smaller ``max_health_streams``, so neither kind
+    can take the other's places. The TaskManager servicer and
+    ``GuardInterceptor`` (for health checking and reflection) share one guard.
     """
 
     def __init__(self, max_streams: int = DEFAULT_MAX_STREAMS, audit=None, metrics=None,
-                 peers=None):
+                 peers=None, max_health_streams: int = DEFAULT_MAX_HEALTH_STREAMS):
         self.max_streams = max_streams
         self.open_streams = 0
+        self.max_health_streams = max_health_streams
+        self.open_health_streams = 0
         self.audit = audit
         self.metrics = metrics
         # Who callers are: a pki.PeerCheck or credentials.Peers (revocations).
@@ -158,6 +173,19 @@ class CallGuard:
             yield
         finally:
             self.open_streams -= 1
+
+    @contextlib.contextmanager
+    def admit_service_stream(self):
+        """Like ``admit_stream``, for health Watch and reflection streams,
+        counted apart within ``max_health_streams``."""
+        if self.open_health_streams >= self.max_health_streams:
+            raise ResourceExhausted(f"too many open health and reflection streams "
+                                    f"(limit {self.max_health_streams}); try again later")
+        self.open_health_streams += 1
+        try:
+            yield
+        finally:
+            self.open_health_streams -= 1
 
     def end_revoked_streams(self, peers) -> int:
         """Cancel the open streams whose certificate ``peers`` now refuses
@@ -231,16 +259,26 @@ class TaskManagerServicer(task_manager_pb2_grpc.TaskManagerServicer):
     StreamTaskOutput calls get RESOURCE_EXHAUSTED. ``audit`` is a
     taskman.audit.AuditLog, ``metrics`` a taskman.metrics.Metrics. Size the
     server's executor with ``executor_workers``.
+
+    ``quotas`` (a taskman.quotas.Quotas, the server's one, which the manager
+    shares) holds each call among its user's calls in flight and each
+    output stream among its user's open streams; ``users`` lists the users an
+    admin's GetUsage covers (default: the owners of the tasks listed).
     """
 
     def __init__(self, manager, max_streams: int = DEFAULT_MAX_STREAMS, audit=None,
-                 metrics=None, guard: Optional[CallGuard] = None):
+                 metrics=None, guard: Optional[CallGuard] = None,
+                 quotas: Optional[Quotas] = None, users=None):
         self.manager = manager
         self.guard = guard or CallGuard(max_streams, audit=audit, metrics=metrics)
+        self.quotas = quotas or Quotas()
+        self.users = users
+        self.page_tokens = PageTokens()
 
     @staticmethod
-    def executor_workers(max_streams: int) -> int:
-        return max_streams + UNARY_WORKERS
+    def executor_workers(max_streams: int,
+                         max_health_streams: int = DEFAULT_MAX_HEALTH_STREAMS) -> int:
+        return max_streams + max_health_streams + UNARY_WORKERS
 
     # The guard's hooks, so a servicer can stand for its guard (GuardInterceptor).
     def call(self, context, method: str, task_id: str = "", **options):
@@ -249,42 +287,82 @@ class TaskManagerServicer(task_manager_pb2_grpc.TaskManagerServicer):
     def admit_stream(self, kind: str = "streams"):
         return self.guard.admit_stream(kind)
 
+    def admit_service_stream(self):
+        return self.guard.admit_service_stream()
+
+    @contextlib.contextmanager
+    def unary(self, context, method: str, task_id: str = "") -> Iterator[Call]:
+        """``call`` for a unary method, held among the caller's calls in flight."""
+        with self.call(context, method, task_id) as call, self.quotas.acquire_call(call.user):
+            yield call
+
     def StartTask(self, request, context):
-        with self.call(context, "StartTask") as call:
+        with self.unary(context, "StartTask") as call:
             task = self.manager.start(call.user, request.command, list(request.args),
                                       separate_streams=request.separate_streams)
             call.task_id = task.id
             return task_manager_pb2.StartTaskResponse(task_id=task.id)
 
     def StopTask(self, request, context):
-        with self.call(context, "StopTask", request.task_id) as call:
-            self.manager.stop(call.user, request.task_id)
+        with self.unary(context, "StopTask", request.task_id) as call:
+            # Signal sent, then return: waiting for the end (up to the grace)
+            # would hold a worker; `taskman stop` polls the status instead.
+            self.manager.stop(call.user, request.task_id, wait=0)
             return task_manager_pb2.StopTaskResponse()
 
     def GetTaskStatus(self, request, context):
-        with self.call(context, "GetTaskStatus", request.task_id) as call:
+        with self.unary(context, "GetTaskStatus", request.task_id) as call:
             return status_response(self.manager.status(call.user, request.task_id))
 
     def ListTasks(self, request, context):
-        with self.call(context, "ListTasks") as call:
+        with self.unary(context, "ListTasks") as call:
             statuses = [JobStatus(value) for value in request.statuses
                         if value in JobStatus._value2member_map_]
             if len(statuses) != len(request.statuses):
                 raise InvalidArgument("unknown job status in the filter")
             page_size = min(request.limit or LIST_PAGE_SIZE, LIST_PAGE_MAX)
+            after = None
+            if request.page_token:
+                after = self.page_tokens.read(call.user, request.page_token)
             # One more than the page tells whether another page follows.
-            tasks = self.manager.tasks(call.user, owner=request.owner or None,
-                                       statuses=statuses, limit=page_size + 1,
-                                       after=request.page_token or None)
+            try:
+                tasks = self.manager.tasks(call.user, owner=request.owner or None,
+                                           statuses=statuses, limit=page_size + 1, after=after)
+            except InvalidArgument:
+                if after is None:
+                    raise
+                # The token's task is gone (retention): the same sentence as
+                # for any other token, so none tells what exists.
+                raise InvalidArgument(INVALID_TOKEN) from None
             response = task_manager_pb2.ListTasksResponse(
                 tasks=[status_response(task, LIST_ARGS_CHARS) for task in tasks[:page_size]])
             if len(tasks) > page_size:
-                response.next_page_token = tasks[page_size - 1].id
+                response.next_page_token = self.page_tokens.make(call.user,
+                                                                 tasks[page_size - 1].id)
             return response
+
+    def GetUsage(self, request, context):
+        with self.unary(context, "GetUsage") as call:
+            admin = call.user in self.manager.admins
+            if request.all_users:
+                if not admin:
+                    raise InvalidArgument("only an admin may see every user's usage")
+                users = sorted(set(self._known_users(call.user)) | {call.user})
+            else:
+                user = request.user or call.user
+                if user != call.user and not admin:
+                    raise InvalidArgument("only an admin may see another user's usage")
+                users = [user]
+            return usage_response((user, self.quotas.usage(user)) for user in users)
+
+    def _known_users(self, admin: str) -> list:
+        if self.users is not None:
+            return self.users()
+        return {task.owner for task in self.manager.tasks(admin)}
 
     def StreamTaskOutput(self, request, context) -> Iterator:
         with self.call(context, "StreamTaskOutput", request.task_id, streaming=True) as call, \
-                self.admit_stream("output streams"):
+                self.admit_stream("output streams"), self.quotas.acquire_stream(call.user):
             # Woken when the client goes away, so the follower never waits
             # for output nobody will read (and its worker is given back).
             cancelled = gevent.event.Event()
@@ -321,7 +399,8 @@ class GuardInterceptor(grpc.ServerInterceptor):
     audit record and metrics as TaskManager's own methods (which go through
     the guard themselves and pass here untouched). Their streams (Health
     Watch, ServerReflectionInfo) each hold an executor worker, so they count
-    against the same stream limit. Successful health calls are not audited:
+    against a stream limit of their own (``admit_service_stream``), never
+    against the output streams'. Successful health calls are not audited:
     probes every few seconds would bury the trail; refused ones are.
     """
 
@@ -344,7 +423,7 @@ def _guarded(handler, guard, name: str):
 
         def serve(request, context):
             with guard.call(context, name, streaming=True, audited=audited) as call, \
-                    guard.admit_stream():
+                    guard.admit_service_stream():
                 call.answered = time.monotonic()
                 yield from behavior(request, context)
     else:

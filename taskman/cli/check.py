@@ -38,6 +38,7 @@ def run(settings, out=print) -> int:
         ("cgroup driver", lambda: check_cgroups(settings, state_dir)),
         ("state directory", lambda: check_state_dir(state_dir)),
         ("audit log", lambda: check_audit_log(audit_log)),
+        ("quotas", lambda: describe_quotas(settings.quotas)),
         ("sandbox", lambda: check_sandbox(settings)),
         ("file modes", lambda: check_modes((state_dir, audit_log, settings.server_key,
                                             settings.ca_key))),
@@ -135,14 +136,24 @@ def _handshake(server: ssl.SSLContext, client: ssl.SSLContext) -> dict:
     raise Failed("TLS handshake with the server certificate did not complete")
 
 
-# -- cgroups
+# -- cgroups and quotas
+
+def describe_quotas(quotas) -> str:
+    """Each user's quotas (a taskman.quotas.QuotaLimits) in one line."""
+    import dataclasses
+
+    return "per user: " + ", ".join(
+        f"{field.name.replace('_', ' ')} {getattr(quotas, field.name) or 'unlimited'}"
+        for field in dataclasses.fields(quotas))
+
 
 def check_cgroups(settings, state_dir: str) -> str:
     """select_driver with the given flags (detection, permissions, devices), never setup()."""
     from taskman.cgroups import select_driver
 
     driver = select_driver(settings.driver, settings.limits, settings.cgroup_root,
-                           io_paths=("/", _existing(state_dir)))
+                           io_paths=("/", _existing(state_dir)),
+                           slice_limits=settings.slice_limits)
     bases = [hierarchy.base for hierarchy in getattr(driver, "hierarchies", ())]
     holders = sorted({pid for base in bases for pid in [_flock_holder(base)] if pid})
     if holders:

@@ -18,6 +18,7 @@ from taskman.cli.settings import Settings, days
 from taskman.defaults import DEFAULT_MAX_STREAMS, version
 from taskman.errors import TaskmanError
 from taskman.pki.names import CLIENT_DAYS, SERVER_DAYS
+from taskman.quotas import QuotaLimits
 
 USAGE = """\
 Usage:
@@ -106,10 +107,54 @@ Options:
       backing the host's file systems.
   --pids-max <n>
       Processes and threads per task; 0 for no limit [default: {pids_max}].
+  --user-memory-max <size>
+      Memory of all of one user's tasks together (their cgroup slice); 0 for no
+      limit. Default: half of --root-memory-max.
+  --user-pids-max <n>
+      Processes and threads of one user's tasks together; 0 for no limit.
+      Default: half of --root-pids-max, at most 8192.
+  --user-cpu-quota-us <us>
+      CPU time per period for one user's tasks together; 0 for no limit (default).
+  --user-cpu-period-us <us>
+      CPU bandwidth period of each user's slice (default: 1000000).
+  --user-io-read-bps <bytes>
+      Read bandwidth of one user's tasks together, bytes/s; 0 for none (default).
+  --user-io-write-bps <bytes>
+      Write bandwidth of one user's tasks together, bytes/s; 0 for none (default).
+  --root-memory-max <size>
+      Memory of every task together; 0 for no limit. Default: the host's memory
+      less 10% (at least 1 GiB), so the host keeps room to run.
+  --root-pids-max <n>
+      Processes and threads of every task together; 0 for no limit. Default:
+      the host's pid_max less a quarter (at least 1024).
+  --root-cpu-quota-us <us>
+      CPU time per period of every task together; 0 for no limit (default).
+  --root-cpu-period-us <us>
+      CPU bandwidth period of the root (default: 1000000).
+  --root-io-read-bps <bytes>
+      Read bandwidth of every task together, bytes/s; 0 for none (default).
+  --root-io-write-bps <bytes>
+      Write bandwidth of every task together, bytes/s; 0 for none (default).
   --stop-grace <seconds>
       Time between SIGTERM and SIGKILL when a task is stopped [default: 10].
   --max-streams <n>
       Concurrent output streams; more are refused with RESOURCE_EXHAUSTED [default: {max_streams}].
+  --max-health-streams <n>
+      Concurrent health Watch and reflection streams, counted apart from output
+      streams so neither kind takes the other's places [default: 16].
+  --quota-running-tasks <n>
+      Running tasks per user; past it StartTask is refused (RESOURCE_EXHAUSTED).
+      Every --quota-* option is per user, and 0 means no limit [default: {running_tasks}].
+  --quota-open-streams <n>
+      Open output streams per user [default: {open_streams}].
+  --quota-calls-in-flight <n>
+      Calls one user may have in flight at once [default: {calls_in_flight}].
+  --quota-argument-bytes <size>
+      Size of one task's command and arguments [default: {argument_bytes}].
+  --quota-finished-records <n>
+      Finished tasks kept per user; the oldest are forgotten first [default: {finished_records}].
+  --quota-output-bytes <size>
+      Output per user on disk, running tasks included [default: {output_bytes}].
   --task-output-max <size>
       Output kept per task (e.g., 1G); past it, one marker line, then the rest
       is dropped and the status says so. 0 for no cap [default: 1G].
@@ -127,6 +172,23 @@ Options:
   --metrics-address <host:port>
       Serve Prometheus metrics over plain HTTP at http://<host:port>/metrics. Off
       unless given; use a local address (e.g., localhost:9464).
+  --fleet <urls>
+      Join a fleet (docs/fleet.md): the NATS servers, comma-separated, e.g.
+      tls://nats1:4222,tls://nats2:4222. Needs --node. Without it: a standalone server.
+  --node <name>
+      This server's name in the fleet: letters, digits, - and _, one per host.
+  --fleet-capacity <n>
+      Fleet tasks this server runs at once [default: 8].
+  --fleet-ca <path>
+      The CA of the NATS servers' certificates (default: this server's CA).
+  --fleet-cert <path>
+      This server's client certificate for NATS, with --fleet-key (default: one for
+      node-<name>, issued by this server's CA into <state-dir>/pki/fleet).
+  --fleet-key <path>
+      The private key of --fleet-cert.
+  --fleet-heartbeat-ttl <seconds>
+      A fleet server silent this long is lost: its tasks are recorded ended, status
+      unknown, source lost. Keep it longer than a restart [default: 15].
   --check
       Check the certificates (with the days each has left), the cgroup driver, the state
       directory and the audit log, print one OK or FAIL line each and exit, without serving
@@ -161,7 +223,24 @@ def usage() -> str:
     return USAGE.format(cpu_quota_us=limits.cpu_quota_us, cpu_period_us=limits.cpu_period_us,
                         io_read_bps=limits.io_read_bps, io_write_bps=limits.io_write_bps,
                         pids_max=limits.pids_max, max_streams=DEFAULT_MAX_STREAMS,
-                        server_days=SERVER_DAYS, client_days=CLIENT_DAYS)
+                        server_days=SERVER_DAYS, client_days=CLIENT_DAYS, **quota_defaults())
+
+
+def quota_defaults() -> dict:
+    """QuotaLimits' defaults for the usage text, sizes as 256K or 4G."""
+    quotas = QuotaLimits()
+    return {"running_tasks": quotas.running_tasks, "open_streams": quotas.open_streams,
+            "calls_in_flight": quotas.calls_in_flight,
+            "argument_bytes": _size(quotas.argument_bytes),
+            "finished_records": quotas.finished_records,
+            "output_bytes": _size(quotas.output_bytes)}
+
+
+def _size(number: int) -> str:
+    for suffix, unit in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if number and number % unit == 0:
+            return f"{number // unit}{suffix}"
+    return str(number)
 
 
 def main(argv=None) -> int:

@@ -6,14 +6,16 @@ imports them at all. A value that cannot be used raises ConfigError naming
 the option (the limits' InvalidArgument comes from taskman.cgroups.Limits).
 """
 
+import dataclasses
 import logging
 import os
 import re
 
-from taskman.cgroups import Limits
+from taskman.cgroups import Limits, slices
 from taskman.defaults import DEFAULT_ADDRESS
-from taskman.errors import ConfigError
+from taskman.errors import ConfigError, InvalidArgument
 from taskman.pki.names import name_problem
+from taskman.quotas import QuotaLimits
 from taskman.users import parse_ids
 
 ADMIN = "admin"  # the one built-in administrator; --admin names more
@@ -64,6 +66,10 @@ class Settings:
             raise ConfigError(f"--stop-grace must be 0 to 3600 seconds, "
                               f"not {options['--stop-grace']!r}")
         self.max_streams = count(options["--max-streams"], "--max-streams", minimum=1)
+        self.max_health_streams = count(options["--max-health-streams"],
+                                        "--max-health-streams", minimum=1)
+        self.quotas = quota_limits(options)
+        self.slice_limits = slice_limits(options)
         self.task_output_max = parse_size(options["--task-output-max"], "--task-output-max")
         self.retention = parse_duration(options["--retention"], "--retention")
         self.output_budget = parse_size(options["--output-budget"], "--output-budget")
@@ -72,6 +78,7 @@ class Settings:
             raise ConfigError(f"unknown log level {options['--log-level']!r}")
         self.log_level = getattr(logging, level)
         self.check = bool(options["--check"])
+        self.fleet = fleet_options(options)  # None: a standalone server
         self.audit_log = options["--audit-log"]
         self.metrics_address = options["--metrics-address"]
         if self.metrics_address:
@@ -81,6 +88,64 @@ class Settings:
     def audit_path(self, state_dir: str) -> str:
         """--audit-log, else audit.log in ``state_dir``."""
         return self.audit_log or os.path.join(state_dir, AUDIT_LOG)
+
+
+# QuotaLimits fields given as sizes (512K, 4G); the others are counts.
+SIZE_QUOTAS = ("argument_bytes", "output_bytes")
+
+
+def quota_limits(options: dict) -> QuotaLimits:
+    """The --quota-* options as QuotaLimits (0: no limit)."""
+    values = {}
+    for field in dataclasses.fields(QuotaLimits):
+        option = "--quota-" + field.name.replace("_", "-")
+        value = options[option]
+        values[field.name] = (parse_size(value, option) if field.name in SIZE_QUOTAS
+                              else count(value, option))
+    return QuotaLimits(**values)
+
+
+# Slice options: --user-<field> and --root-<field> for each of these Limits fields.
+SLICE_FIELDS = ("cpu_quota_us", "cpu_period_us", "memory_max", "io_read_bps", "io_write_bps",
+                "pids_max")
+
+
+def slice_limits(options: dict) -> slices.SliceLimits:
+    """--user-* and --root-* over the defaults computed from this machine
+    (``slices.default_slice_limits``); an option left out keeps its default."""
+    defaults = slices.default_slice_limits()
+    root = _slice_side(options, "root", defaults.root)
+    user = defaults.user
+    if root.memory_max:  # each user's default is half the root's, as given
+        user = dataclasses.replace(user, memory_max=root.memory_max // 2 >> 20 << 20)
+    if root.pids_max:
+        user = dataclasses.replace(user, pids_max=min(root.pids_max // 2, slices.USER_PIDS_MAX))
+    return slices.SliceLimits(user=_slice_side(options, "user", user), root=root)
+
+
+def _slice_side(options: dict, side: str, default: Limits) -> Limits:
+    given = {}
+    for field in SLICE_FIELDS:
+        option = f"--{side}-" + field.replace("_", "-")
+        value = options.get(option)
+        if value is not None:
+            given[field] = (parse_size(value, option) if field == "memory_max"
+                            else integer(value, option))
+    try:
+        return dataclasses.replace(default, **given)
+    except InvalidArgument as error:  # names --memory-max...: name the option typed
+        raise ConfigError(str(error).replace("--", f"--{side}-", 1)) from None
+
+
+def fleet_options(options: dict):
+    """--fleet and its companions as taskman.fleet.options.FleetOptions, or
+    None. The fleet package is imported only when a fleet option is given."""
+    if not any(options.get(name) for name in ("--fleet", "--node", "--fleet-ca",
+                                               "--fleet-cert", "--fleet-key")):
+        return None
+    from taskman.fleet.options import FleetOptions
+
+    return FleetOptions.from_command_line(options)
 
 
 def split_address(address: str, option: str = "--server-address"):

@@ -231,7 +231,7 @@ def test_check_passes_with_the_default_settings(tmp_path):
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
     assert [line.split(":")[0] for line in lines if line.startswith(("OK", "FAIL"))] == [
         "OK   certificates", "OK   cgroup driver", "OK   state directory", "OK   audit log",
-        "OK   sandbox", "OK   file modes"]
+        "OK   quotas", "OK   sandbox", "OK   file modes"]
 
 
 def test_check_fails_with_a_bad_certificate_path(tmp_path):
