@@ -7,6 +7,7 @@ callers never handle ``grpc.RpcError`` themselves.
 
 import dataclasses
 import datetime
+import time
 from typing import Iterator, Optional
 
 import grpc
@@ -15,8 +16,13 @@ from taskman import tls
 from taskman.api import task_manager_pb2, task_manager_pb2_grpc
 from taskman.defaults import DEFAULT_ADDRESS
 
-# Unary calls end well within this; a stop waits for the task's grace period.
+# Unary calls end well within this (none waits on the server: StopTask
+# returns once the signal is sent).
 DEFAULT_TIMEOUT = 60.0
+# How long ``stop`` polls for the task's end by default: the server's default
+# stop grace (10 s) and a margin for the SIGKILL and the reap.
+STOP_WAIT = 40.0
+STOP_POLL_FIRST, STOP_POLL_MAX = 0.05, 0.5  # seconds between status polls
 
 
 class ClientError(Exception):
@@ -77,6 +83,17 @@ class TaskStatus:
             output_dropped_bytes=response.output_dropped_bytes,
             output_note=response.output_note,
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class QuotaUsage:
+    """One quota of GetUsage: its name, the user's use, the limit (0: none)
+    and the server option that sets it."""
+
+    name: str
+    used: int
+    limit: int
+    option: str
 
 
 # OutputSelector names by the word the CLI uses.
@@ -150,9 +167,39 @@ class TaskmanClient:
                                                     separate_streams=separate_streams)
         return self._unary(self._stub.StartTask, request).task_id
 
-    def stop(self, task_id: str) -> None:
-        """Stop the task (it has ended, or is ending, when this returns)."""
+    def stop(self, task_id: str, wait: float = STOP_WAIT) -> Optional[TaskStatus]:
+        """Stop the task; then poll its status for up to ``wait`` seconds until
+        it has ended, and return that status (still running if the grace is
+        longer). ``wait`` 0: return once the server has sent the signal (None).
+
+        The server never waits in the call (it would hold one of its workers
+        for the whole grace period); the waiting is here.
+        """
         self._unary(self._stub.StopTask, task_manager_pb2.StopTaskRequest(task_id=task_id))
+        if wait <= 0:
+            return None
+        return self.wait_ended(task_id, wait)
+
+    def wait_ended(self, task_id: str, wait: float) -> TaskStatus:
+        """Poll the task's status until it is no longer running or ``wait``
+        seconds have passed; the last status."""
+        deadline = time.monotonic() + wait
+        pause = STOP_POLL_FIRST
+        while True:
+            status = self.status(task_id)
+            left = deadline - time.monotonic()
+            if not status.running or left <= 0:
+                return status
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, STOP_POLL_MAX)
+
+    def usage(self, user: str = "", all_users: bool = False) -> list:
+        """Usage against each per-user quota: [(user, [QuotaUsage])], the
+        caller's own by default; an admin may name ``user`` or ask for all."""
+        request = task_manager_pb2.GetUsageRequest(user=user, all_users=all_users)
+        response = self._unary(self._stub.GetUsage, request)
+        return [(entry.user, [QuotaUsage(line.name, line.used, line.limit, line.option)
+                              for line in entry.quotas]) for entry in response.users]
 
     def status(self, task_id: str) -> TaskStatus:
         request = task_manager_pb2.TaskStatusRequest(task_id=task_id)

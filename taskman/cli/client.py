@@ -1,5 +1,5 @@
 """taskman: the command-line client (start, get-status, stop, stream, list,
-run, completion).
+run, usage, completion).
 
 The help texts of the RFD's commands are the RFD's, verbatim; the options
 added since are parsed from ``taskman.cli.usage``. The RFD writes the
@@ -37,6 +37,7 @@ from taskman.cli.messages import (  # noqa: F401 (EXIT_CODES: the table, importa
 )
 from taskman.cli.run import EXIT_TASKMAN_FAILED
 from taskman.cli.usage import MAIN_HELP, PATTERNS, RUN_HELP
+from taskman.cli.usage_command import USAGE_HELP
 from taskman.defaults import DEFAULT_ADDRESS, JOB_STATUS_NAMES, JOB_STATUS_PREFIX, version
 from taskman.errors import ConfigError
 from taskman.task import command_line
@@ -169,7 +170,7 @@ Example:
 """  # noqa: E501
 
 HELP = {"start": START_HELP, "get-status": GET_STATUS_HELP, "stop": STOP_HELP,
-        "stream": STREAM_HELP, "list": LIST_HELP, "run": RUN_HELP}
+        "stream": STREAM_HELP, "list": LIST_HELP, "run": RUN_HELP, "usage": USAGE_HELP}
 
 
 class UsageError(ConfigError):
@@ -209,7 +210,7 @@ def _run(argv: list) -> int:
         return completion.main(argv[1:], UsageError)
     if command not in HELP:
         raise UsageError(f"unknown command {command!r}: use start, run, get-status, stop, "
-                         "stream, list or completion (taskman --help)")
+                         "stream, list, usage or completion (taskman --help)")
     before_separator = argv[1:argv.index("--")] if "--" in argv else argv[1:]
     if "--help" in before_separator or "-h" in before_separator:
         print(HELP[command], end="")
@@ -242,9 +243,13 @@ def _run(argv: list) -> int:
             if command == "get-status":
                 return _get_status(client, options["<task-id>"], output_format)
             if command == "stop":
-                return _stop(client, options["<task-id>"], output_format)
+                return _stop(client, options["<task-id>"], output_format, options["--no-wait"])
             if command == "list":
                 return _list(client, options, output_format)
+            if command == "usage":
+                from taskman.cli import usage_command
+
+                return usage_command.run(client, options, output_format)
             return _stream(client, options)
     except client_module.ClientError as error:
         print(f"taskman: {describe_error(error)}", file=sys.stderr)
@@ -334,10 +339,13 @@ def _command_column(task) -> str:
     return text if len(text) <= COMMAND_WIDTH else text[:COMMAND_WIDTH - 3] + "..."
 
 
-def _stop(client, task_id: str, output_format: str) -> int:
-    client.stop(task_id)
-    if output_format == "json":  # the status once stopped: stop waits for the end
-        print(json_line(status_object(client.status(task_id))))
+def _stop(client, task_id: str, output_format: str, no_wait: bool = False) -> int:
+    from taskman.client import STOP_WAIT  # imported already (grpc with it) by _run
+
+    # The server returns once the signal is sent; wait here (bounded) for the end.
+    ended = client.stop(task_id, wait=0 if no_wait else STOP_WAIT)
+    if output_format == "json":  # the status once stopped (or as it is, with --no-wait)
+        print(json_line(status_object(ended or client.status(task_id))))
     else:
         print(f"Task {task_id} stop request received.")
     return EXIT_OK

@@ -9,15 +9,16 @@ Completes the commands, each command's options, and task ids: those of the
 
 import sys
 
-COMMANDS = "start run get-status stop stream list completion"
+COMMANDS = "start run get-status stop stream list usage completion"
 OPTIONS = {
     "start": "--user-id --server-address --separate-streams --output --help",
     "run": "--user-id --server-address --output --help",
     "get-status": "--user-id --server-address --output --help",
-    "stop": "--user-id --server-address --output --help",
+    "stop": "--user-id --server-address --no-wait --output --help",
     "stream": ("--user-id --server-address --stdout --stderr --timestamps --tail --since "
                "--no-follow --offset --help"),
     "list": "--user-id --owner --status --limit --server-address --output --help",
+    "usage": "--user-id --user --all --server-address --output --help",
     "completion": "bash zsh",
 }
 

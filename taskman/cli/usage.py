@@ -21,6 +21,7 @@ Options:
   --tail <n>
   --since <time>
   --offset <n>
+  --user <name>
 """
 
 PATTERNS = {
@@ -29,12 +30,14 @@ PATTERNS = {
     "get-status": "Usage:\n  taskman get-status <task-id> --user-id <user-id> " + SERVER
                   + " [-o <format>] [--help]\n",
     "stop": "Usage:\n  taskman stop <task-id> --user-id <user-id> " + SERVER
-            + " [-o <format>] [--help]\n",
+            + " [--no-wait] [-o <format>] [--help]\n",
     "stream": "Usage:\n  taskman stream <task-id> --user-id <user-id> " + SERVER
               + " [--stdout | --stderr] [--timestamps] [--tail <n>] [--since <time>]"
               " [--no-follow] [--offset <n>] [--help]\n",
     "list": "Usage:\n  taskman list --user-id <user-id> [--owner <user>] [--status <status>]..."
             " [--limit <n>] " + SERVER + " [-o <format>] [--help]\n",
+    "usage": "Usage:\n  taskman usage --user-id <user-id> [--user <name> | --all] " + SERVER
+             + " [-o <format>] [--help]\n",
     "run": "Usage:\n  taskman run --user-id <user-id> " + SERVER
            + " [-o <format>] [--help] -- <command> [<args>...]\n",
 }
@@ -77,9 +80,10 @@ Usage:
   taskman start --user-id <user-id> [--server-address <host:port>] [--separate-streams] [-o json] [--help] -- <command> [args...]
   taskman run --user-id <user-id> [--server-address <host:port>] [-o json] [--help] -- <command> [args...]
   taskman get-status <task-id> --user-id <user-id> [--server-address <host:port>] [-o json] [--help]
-  taskman stop <task-id> --user-id <user-id> [--server-address <host:port>] [-o json] [--help]
+  taskman stop <task-id> --user-id <user-id> [--server-address <host:port>] [--no-wait] [-o json] [--help]
   taskman stream <task-id> --user-id <user-id> [--server-address <host:port>] [--stdout | --stderr] [--timestamps] [--tail <n>] [--since <time>] [--no-follow] [--offset <n>] [--help]
   taskman list --user-id <user-id> [--owner <user>] [--status <status>]... [--limit <n>] [--server-address <host:port>] [-o json] [--help]
+  taskman usage --user-id <user-id> [--user <name> | --all] [--server-address <host:port>] [-o json] [--help]
   taskman completion (bash | zsh)
   taskman --version
   taskman --help
@@ -102,6 +106,8 @@ Options added to the RFD's commands (docs/cli.md has the details):
   --since <time>           stream: only output read since an RFC 3339 time or a duration ago (5m)
   --no-follow              stream: print the output there is now and exit 0
   --offset <n>             stream: start at byte <n> of the combined output (to resume)
+  --no-wait                stop: return once the server has sent the stop signal, without
+                           waiting (up to 40 s) for the task to end
 
 Exit status:
   0    success
