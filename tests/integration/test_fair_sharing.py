@@ -263,3 +263,19 @@ def test_audit_log_reopens_on_sigusr1_without_losing_records(start_server):
     calls = [r["task_id"] for r in old + new if r.get("method") == "StartTask"]
     assert calls == [before, during, after]
     assert "audit log reopened" in server.log()
+
+
+def test_page_token_reading_is_one_sentence_for_every_bad_token():
+    from taskman.errors import InvalidArgument
+    from taskman.page_tokens import INVALID_TOKEN, PageTokens
+
+    tokens = PageTokens()
+    task_id = str(uuid.uuid4())
+    token = tokens.make("client001", task_id)
+    assert tokens.read("client001", token) == task_id
+    for caller, bad in (("client002", token), ("client001", task_id), ("client001", "x" * 999),
+                        ("client001", token[:-4]), ("client001", PageTokens().make("client001",
+                                                                                  task_id))):
+        with pytest.raises(InvalidArgument) as error:
+            tokens.read(caller, bad)
+        assert str(error.value) == INVALID_TOKEN
