@@ -16,7 +16,7 @@ import gevent.event
 import nats.errors
 
 from taskman.errors import InvalidArgument, NotFound, Unavailable
-from taskman.fleet import dispatch, output
+from taskman.fleet import dispatch, output, views
 from taskman.fleet.connection import Connection, control_subject
 from taskman.fleet.records import Record, Records
 from taskman.output import Chunk, Selector, data_only
@@ -113,11 +113,17 @@ class FleetBackend:
                cancelled: Optional[gevent.event.Event] = None, offset: int = 0,
                selector: Selector = Selector.ALL, tail_bytes: int = 0, tail_lines: int = 0,
                since: Optional[datetime.datetime] = None, follow: bool = True) -> Iterator[Chunk]:
+        """As TaskManager.chunks; a tail or ``since`` costs one replay of the
+        output stored now to find where the view starts (taskman.fleet.views)."""
         record = self._lookup(requester, task_id)
-        if Selector(selector) != Selector.ALL or tail_bytes or tail_lines or since:
-            raise InvalidArgument("fleet mode streams the combined output from an offset; "
-                                  "stream selectors, tails and --since are not supported yet")
-        return output.follow(self.connection, record.id, offset, cancelled, live=follow)
+        selector = Selector(selector)
+        if tail_bytes or tail_lines or since is not None:
+            since_ns = int(since.timestamp() * 1e9) if since is not None else None
+            stored = output.follow(self.connection, record.id, 0, cancelled, live=False)
+            offset = max(offset, views.view_start(stored, selector, tail_bytes, tail_lines,
+                                                  since_ns))
+        chunks = output.follow(self.connection, record.id, offset, cancelled, live=follow)
+        return chunks if selector is Selector.ALL else views.selected(chunks, selector)
 
     def tasks(self, requester: str, owner: Optional[str] = None,
               statuses: Iterable[JobStatus] = (), limit: int = 0,

@@ -98,7 +98,8 @@ class Publisher:
         self._unconfirmed.clear()
 
     def _republish(self) -> None:
-        for data, headers, _future in list(self._unconfirmed):
+        for data, headers, future in list(self._unconfirmed):
+            _quiet(future)
             self._publish(data, headers)
         self._unconfirmed.clear()
 
@@ -137,9 +138,7 @@ def follow(connection: Connection, task_id: str, offset: int = 0,
     end marker (``live=False``: only what is stored now). Ends early, with
     no error, when ``cancelled`` is set."""
     order = _InOrder()
-    subscription = connection.call(connection.jetstream.subscribe(
-        output_subject(task_id), ordered_consumer=True, deliver_policy=DeliverPolicy.ALL,
-        stream=OUTPUT_STREAM))
+    subscription = _subscribe(connection, task_id)
     try:
         while not (cancelled is not None and cancelled.is_set()):
             try:
@@ -170,6 +169,34 @@ def follow(connection: Connection, task_id: str, offset: int = 0,
             connection.call(subscription.unsubscribe(), 5.0)
         except Exception as error:  # the connection is going: nothing to free
             log.debug("output: unsubscribe failed: %r", error)
+
+
+def _subscribe(connection: Connection, task_id: str):
+    """The ordered consumer of the task's output, retried through a stream
+    leader's election (a NATS node that just died) like a publish is."""
+    deadline = time.monotonic() + PUBLISH_RETRY_WINDOW
+    while True:
+        try:
+            return connection.call(connection.jetstream.subscribe(
+                output_subject(task_id), ordered_consumer=True,
+                deliver_policy=DeliverPolicy.ALL, stream=OUTPUT_STREAM), 5.0)
+        except PUBLISH_ERRORS as error:
+            if time.monotonic() > deadline:
+                raise Unavailable(f"cannot follow the output of task {task_id} in the "
+                                  f"fleet: {error!r}") from error
+            log.info("output of task %s: cannot follow yet (%r): retrying", task_id, error)
+            gevent.sleep(0.25)
+
+
+def _quiet(future) -> None:
+    """Mark a publish's failure as seen: it was handled by publishing again."""
+    if future is None:
+        return
+    if future.done():
+        if not future.cancelled():
+            future.exception()
+    else:
+        future.add_done_callback(lambda done: done.cancelled() or done.exception())
 
 
 class _InOrder:

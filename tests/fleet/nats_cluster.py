@@ -69,15 +69,23 @@ def free_port() -> int:
 class Authority:
     """A throw-away CA and the certificates the cluster and its clients use."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, ca_key=None, ca_certificate: Optional[x509.Certificate] = None):
+        """A new CA, or (``ca_key``, ``ca_certificate``) an existing one: the
+        end-to-end tests give taskman's own fleet CA, so the cluster trusts
+        the node certificates the servers issue themselves."""
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
-        self._key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "taskman fleet test CA")])
-        self._name = name
-        self._certificate = (self._builder(name, self._key.public_key())
-                             .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-                             .sign(self._key, hashes.SHA256()))
+        if ca_key is not None:
+            self._key, self._certificate = ca_key, ca_certificate
+            self._name = ca_certificate.subject
+        else:
+            self._key = ec.generate_private_key(ec.SECP256R1())
+            name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "taskman fleet test CA")])
+            self._name = name
+            self._certificate = (self._builder(name, self._key.public_key())
+                                 .add_extension(x509.BasicConstraints(ca=True, path_length=None),
+                                                True)
+                                 .sign(self._key, hashes.SHA256()))
         self.ca_file = self._write("ca.pem", self._certificate.public_bytes(serialization.Encoding.PEM))
 
     def _builder(self, subject: x509.Name, public_key) -> x509.CertificateBuilder:
@@ -189,13 +197,20 @@ class Cluster:
     """Three nodes, each routing to the others; ``start`` waits until every
     node reports healthy, or raises with the nodes' logs."""
 
-    def __init__(self, directory: Path, binary: str, size: int = 3):
+    def __init__(self, directory: Path, binary: str, size: int = 3,
+                 authority: Optional[Authority] = None):
         self.directory = directory
-        self.authority = Authority(directory / "pki")
-        route_ports = [free_port() for _ in range(size)]
-        self.nodes = [Node(binary, f"n{index + 1}", directory / f"n{index + 1}", self.authority,
-                           free_port(), route_ports[index], free_port(), route_ports)
-                      for index in range(size)]
+        self.binary = binary
+        self.size = size
+        self.authority = authority or Authority(directory / "pki")
+        self._make_nodes()
+
+    def _make_nodes(self) -> None:
+        route_ports = [free_port() for _ in range(self.size)]
+        self.nodes = [Node(self.binary, f"n{index + 1}", self.directory / f"n{index + 1}",
+                           self.authority, free_port(), route_ports[index], free_port(),
+                           route_ports)
+                      for index in range(self.size)]
 
     def node(self, name: str) -> Node:
         return next(node for node in self.nodes if node.name == name)
@@ -204,10 +219,20 @@ class Cluster:
     def urls(self) -> List[str]:
         return [node.url for node in self.nodes]
 
-    def start(self, timeout: float = READY_TIMEOUT) -> None:
-        for node in self.nodes:
-            node.start()
-        self.wait_healthy(self.nodes, timeout)
+    def start(self, timeout: float = READY_TIMEOUT, attempts: int = 3) -> None:
+        """Start every node; new ports and again if one was taken meanwhile
+        (free_port only finds a port that was free a moment ago)."""
+        for attempt in range(attempts):
+            for node in self.nodes:
+                node.start()
+            try:
+                self.wait_healthy(self.nodes, timeout)
+                return
+            except RuntimeError as error:
+                if "address already in use" not in str(error) or attempt == attempts - 1:
+                    raise
+                self.stop()
+                self._make_nodes()
 
     def wait_healthy(self, nodes, timeout: float = READY_TIMEOUT) -> None:
         deadline = time.monotonic() + timeout
