@@ -11,7 +11,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from server_harness import REPO, Cli, program, program_env, wait_for
+from server_harness import REPO, Cli, program, program_env, session_pki, wait_for
 
 from taskman import tls
 from taskman.api import task_manager_pb2, task_manager_pb2_grpc
@@ -296,7 +296,8 @@ class _Aborted(Exception):
 class _Context:
     def __init__(self, tls_version: bytes):
         self.auth = {"transport_security_type": [b"ssl"], "ssl_tls_version": [tls_version],
-                     "x509_common_name": [b"client001"]}
+                     "x509_common_name": [b"client001"],
+                     "x509_pem_cert": [(session_pki() / "client001.crt").read_bytes()]}
         self.aborted = None
 
     def auth_context(self):
