@@ -32,9 +32,16 @@ REQUESTS = {"StartTask": task_manager_pb2.StartTaskRequest,
 MAX_RECEIVE = 4 * 1024 * 1024
 
 
+# These suites load one user far past a person's normal work (200 streams,
+# 1,000 tasks at once): the per-user quotas are tested in test_fair_sharing.
+NO_USER_QUOTAS = ("--quota-open-streams", "0", "--quota-running-tasks", "0",
+                  "--quota-calls-in-flight", "0")
+
+
 class ReliableServer(Server):
     """The harness's Server, optionally on a given state dir and cgroup root
-    (to restart "the same" server), plus probes of its process and leftovers."""
+    (to restart "the same" server), plus probes of its process and leftovers.
+    Per-user quotas are off (NO_USER_QUOTAS)."""
 
     def __init__(self, workdir: Path, *options: str, state_dir: Optional[Path] = None,
                  cgroup_root: Optional[str] = None, env: Optional[dict] = None):
@@ -42,7 +49,8 @@ class ReliableServer(Server):
             # A given state directory may be a tiny file system (the disk-full
             # tests): the run's PKI is served from where it is instead of copied.
             env = {"TASKMAN_CERTS_DIR": str(session_pki())}
-        super().__init__(workdir, *options, env=env, copy_pki=state_dir is None)
+        super().__init__(workdir, *NO_USER_QUOTAS, *options, env=env,
+                         copy_pki=state_dir is None)
         if state_dir is not None:
             self.state_dir = Path(state_dir)
             self.command[self.command.index("--state-dir") + 1] = str(self.state_dir)
