@@ -119,7 +119,12 @@ class TaskmanServer:
                         # No per-task cap and no disk budget: the memory row's
                         # 10 GiB must land on disk, and no finished task may be
                         # forgotten mid-run (the bench deletes outputs itself).
-                        "--task-output-max", "0", "--output-budget", "0"]
+                        "--task-output-max", "0", "--output-budget", "0",
+                        # One user runs 1,000 followers and thousands of tasks:
+                        # per-user quotas would refuse most of the bench.
+                        "--quota-open-streams", "0", "--quota-running-tasks", "0",
+                        "--quota-calls-in-flight", "0", "--quota-finished-records", "0",
+                        "--quota-output-bytes", "0"]
         self.proc: Optional[subprocess.Popen] = None
 
     def __enter__(self) -> "TaskmanServer":
