@@ -1,0 +1,227 @@
+"""The reload's hand-over file and the pieces of taskman.reload that need no server."""
+
+import json
+import os
+import signal
+import stat
+import time
+
+import gevent
+import pytest
+from gevent.monkey import get_original
+
+from taskman import handover, reload
+from taskman.errors import TaskmanError
+
+
+def _state(pid=None, **task_fields):
+    task = handover.TaskState(
+        id="a7da14c7-b47a-4535-a263-5bb26e503002", owner="client001", command="/bin/sh",
+        args=["-c", "echo hi"], pid=4242, start_time="2026-12-01T21:00:00+00:00",
+        start_identity="boot:123", uid=70001, pipes=[handover.Pipe(stream=0, fd=17)],
+        output_size=1234, index_records=3,
+        group_directories={"memory": "/sys/fs/cgroup/memory/taskman/x"}, **task_fields)
+    return handover.Handover(pid=os.getpid() if pid is None else pid, port=50051, tasks=[task])
+
+
+def test_round_trip_atomic_and_private(state_dir):
+    written = _state(stop_source="user", sent_signal=signal.SIGTERM, kill_at=123.5,
+                     wait_status=None)
+    path = handover.write(written, state_dir)
+    assert path == os.path.join(state_dir, handover.FILE_NAME)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert os.listdir(state_dir) == [handover.FILE_NAME]  # no temporary left
+    read = handover.read(path)
+    assert read == written
+    assert read.pids == [4242] and read.fds == [17]
+    handover.remove(path)
+    handover.remove(path)  # already gone: fine
+    assert not os.path.exists(path)
+
+
+def test_an_unknown_version_is_refused_in_one_sentence(state_dir):
+    path = handover.write(_state(), state_dir)
+    document = json.loads(open(path).read())
+    document["version"] = handover.VERSION + 1
+    open(path, "w").write(json.dumps(document))
+    with pytest.raises(handover.HandoverError, match=r"format version 2; .* reads version 1"):
+        handover.read(path)
+
+
+@pytest.mark.parametrize("text", [
+    "", "not json", "[]", '{"format": "other"}',
+    '{"format": "taskman-handover", "version": 1}',
+    '{"format": "taskman-handover", "version": 1, "pid": 1, "port": 1, "written_at": 0,'
+    ' "tasks": [{"id": "x"}]}',
+])
+def test_malformed_files_are_refused(state_dir, text):
+    path = os.path.join(state_dir, handover.FILE_NAME)
+    open(path, "w").write(text)
+    with pytest.raises(handover.HandoverError):
+        handover.read(path)
+    assert issubclass(handover.HandoverError, TaskmanError)
+
+
+def test_unknown_task_fields_are_refused(state_dir):
+    path = handover.write(_state(), state_dir)
+    document = json.loads(open(path).read())
+    document["tasks"][0]["from_the_future"] = 1
+    open(path, "w").write(json.dumps(document))
+    with pytest.raises(handover.HandoverError, match="malformed"):
+        handover.read(path)
+
+
+def test_another_process_hand_over_is_refused(state_dir):
+    path = handover.write(_state(pid=os.getpid() + 1), state_dir)
+    with pytest.raises(handover.HandoverError, match="not this one"):
+        handover.read(path)
+
+
+def test_missing_file(state_dir):
+    with pytest.raises(handover.HandoverError, match="cannot read"):
+        handover.read(os.path.join(state_dir, "nope.json"))
+
+
+# -- taskman.reload
+
+def test_installed_program(tmp_path, monkeypatch):
+    program = tmp_path / "taskman-server"
+    program.write_text("#!/bin/sh\n")
+    program.chmod(0o755)
+    assert reload.installed_program(str(program)) == str(program)
+    # Not an absolute taskman-server: the one on PATH.
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert reload.installed_program("python -m something") == str(program)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(reload.ReloadRefused, match="none on PATH"):
+        reload.installed_program("taskman-server")
+
+
+def test_check_passes_and_fails_without_blocking_the_loop(tmp_path):
+    program = tmp_path / "taskman-server"
+    program.write_text('#!/bin/sh\necho "checked $*"\n[ "$2" != --bad ]\n')
+    program.chmod(0o755)
+    ticks = []
+    ticker = gevent.spawn(lambda: [gevent.sleep(ticks.append(1) or 0.001) for _ in range(1000)])
+    passed, text = reload.check(str(program), ["--state-dir", "/x"])
+    assert passed and text == "checked --check --state-dir /x"
+    passed, text = reload.check(str(program), ["--bad"])
+    assert not passed and "--bad" in text
+    ticker.kill()
+    assert ticks  # the loop ran while the checks did
+
+
+def test_check_that_hangs_is_killed(tmp_path):
+    program = tmp_path / "taskman-server"
+    program.write_text("#!/bin/sh\nexec sleep 30\n")
+    program.chmod(0o755)
+    started = time.monotonic()
+    passed, text = reload.check(str(program), [], timeout=0.3)
+    assert not passed and "did not finish" in text
+    assert time.monotonic() - started < 5
+
+
+def test_check_of_a_missing_program():
+    passed, text = reload.check("/nonexistent/taskman-server", [])
+    assert not passed and "cannot run" in text
+
+
+def test_guard_admits_one_reload_at_a_time():
+    guard = reload.Guard()
+    with guard as first:
+        assert first
+        with guard as second:
+            assert not second
+    with guard as again:
+        assert again
+
+
+def test_blocked_signal_waits_until_unblocked():
+    received = []
+    previous = signal.signal(signal.SIGHUP, lambda *_: received.append(1))
+    try:
+        reload.block_signal()
+        os.kill(os.getpid(), signal.SIGHUP)
+        assert received == []
+        assert signal.SIGHUP in signal.sigpending()
+        reload.unblock_signal()
+        assert received == [1]
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+        signal.signal(signal.SIGHUP, previous)
+
+
+def _spawn(*argv):
+    return os.posix_spawn(argv[0], list(argv), {})
+
+
+def test_adopt_children_catches_exits_during_the_exec():
+    """A child that exited before its watcher existed (its SIGCHLD spent)
+    is found by the waitpid after the watchers; a live one by its watcher."""
+    exited_early = _spawn("/bin/sh", "-c", "exit 3")
+    running = _spawn("/bin/sh", "-c", "sleep 0.3; exit 5")
+    # The real sleep: the loop does not run (and reap), as during an exec.
+    get_original("time", "sleep")(0.1)
+    watchers = {}
+
+    def adopt(pid):
+        watcher = gevent.get_hub().loop.child(pid, False)
+        watcher.start(lambda: None)
+        watchers[pid] = watcher
+
+    exited = reload.adopt_children([exited_early, running], adopt)
+    assert exited == {exited_early: 3 << 8}
+    with gevent.Timeout(5):
+        while not watchers[running].rpid:
+            gevent.sleep(0.01)
+    assert os.waitstatus_to_exitcode(watchers[running].rstatus) == 5
+    for watcher in watchers.values():
+        watcher.stop()
+
+
+def test_adopt_children_reports_a_pid_that_is_not_ours():
+    exited = reload.adopt_children([1], lambda pid: None)
+    assert exited == {1: None}
+
+
+def test_exec_failure_restores_the_descriptors(monkeypatch):
+    read_end, write_end = os.pipe()
+    try:
+        with pytest.raises(reload.ReloadRefused, match="cannot exec"):
+            reload.exec_image("/nonexistent/taskman-server", [], "/x", [read_end])
+        assert not os.get_inheritable(read_end)
+        assert handover.VARIABLE not in os.environ
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_take_handover_path(monkeypatch):
+    monkeypatch.setenv(handover.VARIABLE, "/state/handover.json")
+    assert reload.take_handover_path() == "/state/handover.json"
+    assert handover.VARIABLE not in os.environ
+    assert reload.take_handover_path() is None
+
+
+def test_end_abandoned_kills_reaps_and_records(state_dir):
+    pid = _spawn("/bin/sh", "-c", "sleep 30")
+    from taskman import host
+
+    identity = host.start_identity(pid)
+    read_end, write_end = os.pipe()
+    os.close(write_end)
+    pipe_inode = os.fstat(read_end).st_ino
+    state = _state()
+    state.tasks[0].pid, state.tasks[0].start_identity = pid, identity
+    state.tasks[0].pipes = [handover.Pipe(0, read_end)]
+    state.tasks[0].group_directories = {}
+    recorded = []
+    assert reload.end_abandoned(state, lambda task_id, status: recorded.append(
+        (task_id, status))) == 1
+    assert recorded == [(state.tasks[0].id, signal.SIGKILL)]
+    with pytest.raises(ChildProcessError):
+        get_original("os", "waitpid")(pid, os.WNOHANG)  # reaped: no zombie left
+    try:  # the pipe was closed (its number may be reused since)
+        assert os.fstat(read_end).st_ino != pipe_inode
+    except OSError:
+        pass
