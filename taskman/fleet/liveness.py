@@ -18,9 +18,9 @@ from typing import Callable, Dict, Optional
 
 import gevent
 import gevent.event
-from nats.js.errors import KeyNotFoundError, NoKeysError
+from nats.js.errors import KeyNotFoundError
 
-from taskman.fleet.connection import Connection
+from taskman.fleet.connection import HOSTS_BUCKET, Connection
 from taskman.fleet.records import ENDED, LOST, Record, Records
 from taskman.task import JobStatus
 
@@ -30,10 +30,10 @@ log = logging.getLogger("taskman.fleet.liveness")
 def live_hosts(connection: Connection) -> Dict[str, dict]:
     """node name -> its last heartbeat, for every host whose key has not expired."""
     bucket = connection.hosts
-    try:
-        keys = connection.call(bucket.keys())
-    except NoKeysError:
-        return {}
+    prefix = f"$KV.{HOSTS_BUCKET}."
+    info = connection.call(connection.jetstream.stream_info(
+        f"KV_{HOSTS_BUCKET}", subjects_filter=prefix + ">"))  # see Records.ids
+    keys = [subject[len(prefix):] for subject in (info.state.subjects or {})]
     found = {}
     for key in keys:
         try:
@@ -112,6 +112,33 @@ class Heartbeat:
                     log.exception("liveness: fencing failed")
 
 
+def is_live(connection: Connection, node: str) -> bool:
+    """True if ``node``'s heartbeat key is there (read directly, not from a
+    listing). An error other than "no such key" counts as live: a host is
+    declared dead only on evidence."""
+    try:
+        entry = connection.call(connection.hosts.get(node), 5.0)
+    except KeyNotFoundError:  # expired, or deleted by a clean leave
+        return False
+    except Exception as error:  # the fleet is away: decide next round
+        log.info("liveness: cannot read %s's heartbeat: %r", node, error)
+        return True
+    return bool(entry.value)
+
+
+class LiveHosts:
+    """``node in live``: is_live, asked once per node per round."""
+
+    def __init__(self, connection: Connection):
+        self.connection = connection
+        self._known: Dict[str, bool] = {}
+
+    def __contains__(self, node: object) -> bool:
+        if node not in self._known:
+            self._known[node] = is_live(self.connection, str(node))
+        return self._known[node]
+
+
 def _record_lost(record: Record) -> bool:
     record.phase = ENDED
     record.status = int(JobStatus.UNKNOWN)
@@ -120,8 +147,9 @@ def _record_lost(record: Record) -> bool:
     return True
 
 
-def mark_lost(records: Records, live: Dict[str, dict]) -> list:
-    """Record every task on a host not in ``live`` as ended, UNKNOWN, ``lost``.
+def mark_lost(records: Records, live) -> list:
+    """Record every task on a host not in ``live`` (a dict of live_hosts, or
+    a LiveHosts) as ended, UNKNOWN, ``lost``.
 
     Returns the ids this call marked (a concurrent replica marks the rest).
     """
@@ -185,6 +213,6 @@ class LostDetector:
         while True:
             gevent.sleep(self.interval)
             try:
-                mark_lost(self.records, live_hosts(self.connection))
+                mark_lost(self.records, LiveHosts(self.connection))
             except Exception as error:  # the fleet is away: try again next round
                 log.warning("liveness: lost-host check failed: %r", error)

@@ -14,12 +14,14 @@ status fields say what a standalone server's Task would say:
 import dataclasses
 import datetime
 import json
+import random
 from typing import Callable, List, Optional, Tuple
 
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+import gevent
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from taskman.errors import NotFound, TaskmanError
-from taskman.fleet.connection import Connection
+from taskman.fleet.connection import TASKS_BUCKET, Connection
 from taskman.task import JobStatus, Source, Task
 
 PENDING = "pending"
@@ -152,25 +154,33 @@ class Records:
 
         Returns (the record as stored, whether this call changed it).
         """
-        for _ in range(attempts):
+        for attempt in range(attempts):
             record, revision = self.get(task_id)
             if not change(record):
                 return record, False
             try:
                 self.update(record, revision)
                 return record, True
-            except Conflict:
-                continue
+            except Conflict:  # a short random pause, so racing writers spread out
+                gevent.sleep(random.uniform(0, 0.002 * (attempt + 1)))
         raise Conflict(f"task {task_id}: too many concurrent changes")
+
+    def ids(self) -> List[str]:
+        """Every task id in the bucket (removed ones too, until compacted).
+
+        From the bucket's stream info, one request answered by the stream's
+        leader: nats-py's ``keys()`` (a watcher) was seen to return only some
+        of the keys under load, which made a live host look dead.
+        """
+        prefix = f"$KV.{TASKS_BUCKET}."
+        info = self.connection.call(self.connection.jetstream.stream_info(
+            f"KV_{TASKS_BUCKET}", subjects_filter=prefix + ">"))
+        return [subject[len(prefix):] for subject in (info.state.subjects or {})]
 
     def all(self) -> List[Record]:
         """Every record, in no particular order."""
-        try:
-            keys = self.connection.call(self._bucket.keys())
-        except NoKeysError:
-            return []
         found = []
-        for key in keys:
+        for key in self.ids():
             try:
                 found.append(self.get(key)[0])
             except NotFound:  # deleted between the listing and the read

@@ -173,7 +173,7 @@ class Worker:
                 gone.append(task_id)
         if age:
             horizon = time.time() - age
-            live = liveness.live_hosts(self.connection)
+            live = liveness.LiveHosts(self.connection)
             for record in self.records.all():
                 # A live host forgets its own; nobody else answers for these.
                 orphan = (record.host not in live

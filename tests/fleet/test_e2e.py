@@ -222,6 +222,22 @@ def test_authorization_is_unchanged(fleet):
     assert mine.stdout == b"mine\n"
 
 
+@pytest.mark.timeout(120)
+def test_stream_views_on_another_replica(fleet):
+    result = server_harness.taskman(
+        "start", "--separate-streams", "--user-id", "client001", "--server-address",
+        fleet.servers["a"].address, "--", "sh", "-c",
+        "for i in 1 2 3 4 5; do echo out$i; echo err$i >&2; done", env=fleet.env)
+    assert result.returncode == 0, result.stderr.decode()
+    task_id = result.stdout.decode().split()[-1]
+    fleet.wait_ended(task_id, on="b")
+    errors = fleet.cli("stream", task_id, "--stderr", on="c")
+    assert errors.stdout == b"".join(b"err%d\n" % number for number in range(1, 6))
+    tail = fleet.cli("stream", task_id, "--stdout", "--tail", "2", on="b")
+    assert tail.stdout == b"out4\nout5\n", tail.stderr.decode()
+    assert fleet.cli("stream", task_id, "--since", "1h", on="c").returncode == 0
+
+
 @pytest.mark.timeout(300)
 def test_thirty_tasks_spread_over_the_three_hosts(fleet):
     marker = f"spread-{uuid.uuid4().hex[:8]}"

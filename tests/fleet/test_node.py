@@ -1,10 +1,11 @@
 """FleetNode, what the composition root will build: parsing its options,
 joining, serving through the Backend interface, leaving."""
 
+import gevent
 import pytest
 
-from taskman.errors import ConfigError
-from taskman.fleet import liveness
+from taskman.errors import ConfigError, NotFound
+from taskman.fleet import liveness, output
 from taskman.fleet.backend import wait_ended
 from taskman.fleet.connection import Settings
 from taskman.fleet.node import FleetNode, check_node_name, parse_servers
@@ -48,3 +49,27 @@ def test_a_node_joins_serves_and_leaves(cluster, tmp_path):
 def test_a_node_needs_room_for_one_task(cluster, tmp_path):
     with pytest.raises(ConfigError):
         FleetNode(Settings(servers=cluster.urls, node="n"), manager=None, capacity=0)
+
+
+def test_retention_removes_the_record_and_output_from_the_fleet(cluster, tmp_path):
+    """What the host's manager forgets (retention), the fleet forgets too."""
+    certificate, key = cluster.authority.issue("node-retention")
+    settings = Settings(servers=cluster.urls, node="node-retention",
+                        ca_file=cluster.authority.ca_file, certificate_file=certificate,
+                        key_file=key, heartbeat_ttl=3.0)
+    manager = TaskManager(state_dir=str(tmp_path / "state"), stop_grace=1.0, retention_age=1.0)
+    node = FleetNode(settings, manager, capacity=2).open()
+    try:
+        task = node.backend.start("alice", "sh", ["-c", "echo bye"])
+        assert b"".join(node.backend.stream("alice", task.id)) == b"bye\n"
+        wait_ended(node.backend, "alice", task.id, 20)
+        with gevent.Timeout(20):
+            while node.worker.local_id(task.id) is not None:
+                node.worker.sweep(age=1.0)
+                gevent.sleep(0.25)
+        with pytest.raises(NotFound):
+            node.backend.status("alice", task.id)
+        assert list(output.follow(node.connection, task.id, live=False)) == []
+    finally:
+        manager.shutdown(timeout=5)
+        node.close()
