@@ -104,6 +104,11 @@ def _wait_child(pid: int, timeout: float) -> Optional[int]:
     done = gevent.event.Event()
     watcher.start(done.set)
     try:
+        # gevent installs its SIGCHLD handler with the first child watcher:
+        # a child that exited before then sent its SIGCHLD to nobody.
+        reaped, status = _waitpid(pid, os.WNOHANG)
+        if reaped == pid:
+            return status
         if done.wait(timeout):
             return watcher.rstatus
         os.kill(pid, signal.SIGKILL)

@@ -99,7 +99,7 @@ def test_installed_program(tmp_path, monkeypatch):
 
 def test_check_passes_and_fails_without_blocking_the_loop(tmp_path):
     program = tmp_path / "taskman-server"
-    program.write_text('#!/bin/sh\necho "checked $*"\n[ "$2" != --bad ]\n')
+    program.write_text('#!/bin/sh\nsleep 0.2\necho "checked $*"\n[ "$2" != --bad ]\n')
     program.chmod(0o755)
     ticks = []
     ticker = gevent.spawn(lambda: [gevent.sleep(ticks.append(1) or 0.001) for _ in range(1000)])
