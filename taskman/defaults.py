@@ -28,9 +28,19 @@ def default_state_dir() -> str:
     return os.path.join(base, "taskman")
 
 
+VERSION_OVERRIDE_VARIABLE = "TASKMAN_VERSION_OVERRIDE"
+
+
 def version() -> str:
     """The installed package's version, as the server reports it and
-    ``--version`` prints it; the source tree's when taskman is not installed."""
+    ``--version`` prints it; the source tree's when taskman is not installed.
+
+    $TASKMAN_VERSION_OVERRIDE, when set, is reported instead: the reload's
+    tests stand in a changed build with it (docs/operations.md, upgrading).
+    """
+    override = os.environ.get(VERSION_OVERRIDE_VARIABLE)
+    if override:
+        return override
     from importlib import metadata
 
     try:
