@@ -12,6 +12,8 @@ DEFAULT_ADDRESS = "localhost:50051"
 
 # Concurrent output streams per server; each holds an executor worker.
 DEFAULT_MAX_STREAMS = 256
+# Health Watch and reflection streams open at once, apart from output streams.
+DEFAULT_MAX_HEALTH_STREAMS = 16
 
 # The proto's enum names, in number order ("JOB_STATUS_UNKNOWN", ...).
 JOB_STATUS_PREFIX = "JOB_STATUS_"

@@ -1,32 +1,30 @@
 """The gRPC servicer: the RFD's TaskManager service over a TaskManager.
 
-The one place where library errors become gRPC status codes (``STATUS_FOR``),
-where the caller's identity is taken from the client certificate (through
-``taskman.tls``), and where every call is logged, once, with its outcome.
+Every call goes through a ``taskman.guard.CallGuard`` (identity, the one
+error -> status table, stream admission, the log line, audit and metrics);
+the servicer turns requests into library calls and results into responses.
 Runs under gevent: every handler is a greenlet, so waiting for output blocks
 nothing else.
 """
 
 import contextlib
 import logging
-import re
 import time
 from typing import Iterator, Optional
 
 import gevent.event
 import grpc
 
-from taskman import tls
 from taskman.api import task_manager_pb2, task_manager_pb2_grpc
-from taskman.defaults import DEFAULT_MAX_STREAMS, version
-from taskman.errors import (
-    CgroupError,
-    InvalidArgument,
-    NotFound,
-    ResourceExhausted,
-    TaskmanError,
-    Unauthenticated,
-    Unavailable,
+from taskman.defaults import DEFAULT_MAX_HEALTH_STREAMS, DEFAULT_MAX_STREAMS
+from taskman.errors import InvalidArgument
+from taskman.guard import (  # noqa: F401 - re-exported: the servicer's edge in one import
+    STATUS_FOR,
+    Call,
+    CallGuard,
+    escape,
+    message_for,
+    status_for,
 )
 from taskman.page_tokens import INVALID_TOKEN, PageTokens
 from taskman.quotas import Quotas
@@ -40,216 +38,16 @@ from taskman.task import JobStatus
 
 log = logging.getLogger("taskman.service")
 
-# Library error -> gRPC status, most specific first (the first isinstance
-# match wins). NotFound covers "not yours" as well as "not there".
-STATUS_FOR = (
-    (NotFound, grpc.StatusCode.NOT_FOUND),
-    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),  # CommandNotFound, NotExecutable
-    (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (Unavailable, grpc.StatusCode.UNAVAILABLE),
-    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
-    (CgroupError, grpc.StatusCode.INTERNAL),
-    (TaskmanError, grpc.StatusCode.INTERNAL),
-)
-
 # Executor workers kept for unary calls on top of one per stream (output,
 # health and reflection): a stream holds its worker for its whole life
 # (docs/design.md). No unary call waits: StopTask returns once the signal is sent.
 UNARY_WORKERS = 32
-
-# Health Watch and reflection streams open at once, apart from the output
-# streams (--max-health-streams; the same number is in taskman.cli.server's usage).
-DEFAULT_MAX_HEALTH_STREAMS = 16
 
 # ListTasks pages: default and largest size, and the arguments kept per task,
 # so a page stays far below gRPC's 4 MiB message limit.
 LIST_PAGE_SIZE = 500
 LIST_PAGE_MAX = 1000
 LIST_ARGS_CHARS = 1024
-
-# Sent as initial metadata on every call: the health response has no field
-# for the server's version, and a client can read headers of any call.
-VERSION_METADATA = (("taskman-version", version()),)
-
-
-def status_for(error: TaskmanError) -> grpc.StatusCode:
-    for kind, code in STATUS_FOR:
-        if isinstance(error, kind):
-            return code
-    return grpc.StatusCode.INTERNAL
-
-
-def message_for(error: TaskmanError) -> str:
-    """The client-facing text: the library writes its messages for users."""
-    message = str(error) or type(error).__name__
-    if isinstance(error, CgroupError):
-        return f"server cgroup error: {message}"
-    return message
-
-
-class Call:
-    """One call as the log line, the audit trail and the metrics report it."""
-
-    def __init__(self, method: str, task_id: str, peer: str, streaming: bool, audited: bool):
-        self.method = method
-        self.task_id = task_id
-        self.peer = peer
-        self.streaming = streaming
-        self.audited = audited  # False: audit only if refused (health probes)
-        self.user = "-"
-        self.code = grpc.StatusCode.CANCELLED  # until it is known to be otherwise
-        self.sent = None  # bytes, for streams
-        self.answered: Optional[float] = None  # monotonic time a stream was accepted
-
-
-class CallGuard:
-    """What every call to the server goes through, whatever its service.
-
-    ``call`` authenticates the caller, maps the body's error to a status and
-    reports the outcome once (log line, audit record, metrics);
-    ``admit_stream`` holds a stream's place among the ``max_streams`` open
-    output streams, since each holds an executor worker for its whole life;
-    ``admit_service_stream`` does the same for health Watch and reflection
-    streams within their own, smaller ``max_health_streams``, so neither kind
-    can take the other's places. The TaskManager servicer and
-    ``GuardInterceptor`` (for health checking and reflection) share one guard.
-    """
-
-    def __init__(self, max_streams: int = DEFAULT_MAX_STREAMS, audit=None, metrics=None,
-                 peers=None, max_health_streams: int = DEFAULT_MAX_HEALTH_STREAMS):
-        self.max_streams = max_streams
-        self.open_streams = 0
-        self.max_health_streams = max_health_streams
-        self.open_health_streams = 0
-        self.audit = audit
-        self.metrics = metrics
-        # Who callers are: a pki.PeerCheck or credentials.Peers (revocations).
-        self.peers = peers
-        # Open streams' contexts -> (user, certificate PEM), to end revoked ones.
-        self.streams = {}
-        if metrics is not None:
-            metrics.streams_active.set_function(lambda: self.open_streams)
-
-    @contextlib.contextmanager
-    def call(self, context, method: str, task_id: str = "", *, streaming: bool = False,
-             audited: bool = True) -> Iterator[Call]:
-        """Run the body as ``method``'s call; on an error, abort the call with
-        the status and message STATUS_FOR gives it."""
-        call = Call(method, task_id, context.peer(), streaming, audited)
-        _send_version(context)
-        started = time.monotonic()
-        failure: Optional[str] = None
-        try:
-            identity = tls.caller(context, self.peers)
-            call.user = identity.user
-            if streaming:
-                self.streams[context] = (identity.user, identity.pem)
-            yield call
-            if call.code is grpc.StatusCode.CANCELLED and context.is_active():
-                # A handler may set a code without raising (grpc_health's
-                # Check sets NOT_FOUND for an unknown service).
-                call.code = _code_set(context) or grpc.StatusCode.OK
-        except TaskmanError as error:
-            call.code, failure = status_for(error), message_for(error)
-        except Exception:
-            log.exception("%s by %s failed", escape(method), escape(call.user))
-            call.code, failure = grpc.StatusCode.INTERNAL, "internal server error"
-        finally:
-            self.streams.pop(context, None)
-            self._observe(call, started, failure)
-        if failure is not None:
-            context.abort(call.code, failure)
-
-    @contextlib.contextmanager
-    def admit_stream(self, kind: str = "streams"):
-        """Count a stream as open for the body's duration; ResourceExhausted
-        (naming ``kind``) when ``max_streams`` are open already."""
-        # No greenlet switch between the check and the increment.
-        if self.open_streams >= self.max_streams:
-            raise ResourceExhausted(f"too many open {kind} (limit {self.max_streams}); "
-                                    "try again later")
-        self.open_streams += 1
-        try:
-            yield
-        finally:
-            self.open_streams -= 1
-
-    @contextlib.contextmanager
-    def admit_service_stream(self):
-        """Like ``admit_stream``, for health Watch and reflection streams,
-        counted apart within ``max_health_streams``."""
-        if self.open_health_streams >= self.max_health_streams:
-            raise ResourceExhausted(f"too many open health and reflection streams "
-                                    f"(limit {self.max_health_streams}); try again later")
-        self.open_health_streams += 1
-        try:
-            yield
-        finally:
-            self.open_health_streams -= 1
-
-    def end_revoked_streams(self, peers) -> int:
-        """Cancel the open streams whose certificate ``peers`` now refuses
-        (revoked); return how many. Runs periodically (server.serve)."""
-        ended = 0
-        for context, (user, pem) in list(self.streams.items()):
-            if peers.is_revoked(pem):
-                self.streams.pop(context, None)
-                log.info("ending a stream of %s: certificate revoked", user)
-                if self.audit is not None:
-                    self.audit.call(user, "StreamEnded", "UNAUTHENTICATED", peer=context.peer(),
-                                    detail="the client certificate was revoked")
-                context.cancel()
-                ended += 1
-        return ended
-
-    def _observe(self, call: Call, started: float, failure: Optional[str]) -> None:
-        """The log line, the audit record and the metrics of one finished call."""
-        ended = time.monotonic()
-        _log_call(call, ended - started)
-        refused = call.code not in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED)
-        if self.audit is not None and (call.audited or refused):
-            self.audit.call(call.user, call.method, call.code.name, task_id=call.task_id,
-                            peer=call.peer, detail=failure, duration_ms=(ended - started) * 1000)
-        if self.metrics is not None:
-            # Streams: time to accept (or refuse) them, not their whole life.
-            answered = call.answered if call.answered is not None else ended
-            self.metrics.rpc_duration.labels(call.method, call.code.name).observe(
-                answered - started)
-            if call.code is grpc.StatusCode.RESOURCE_EXHAUSTED and call.streaming:
-                self.metrics.streams_refused.inc()
-
-
-def _log_call(call: Call, elapsed: float) -> None:
-    sent = "" if call.sent is None else f" sent={call.sent}"
-    # The task id is the client's text until validated: never let it flood
-    # the log or forge a line (a newline in it would).
-    task_id = call.task_id[:40] + "..." if len(call.task_id) > 40 else call.task_id
-    log.info("user=%s method=%s task=%s code=%s%s time=%.1fms", escape(call.user),
-             escape(call.method), escape(task_id) or "-", call.code.name, sent, elapsed * 1000)
-
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-
-
-def escape(text: str) -> str:
-    """``text`` with control characters (newlines too) as Python escapes
-    (\\n, \\x1b, \\u2028): client strings in a log stay on one line."""
-    return _CONTROL.sub(lambda match: ascii(match.group())[1:-1], text)
-
-
-def _send_version(context) -> None:
-    send = getattr(context, "send_initial_metadata", None)  # absent from test doubles
-    if send is not None:
-        send(VERSION_METADATA)
-
-
-def _code_set(context) -> Optional[grpc.StatusCode]:
-    """The status code a handler set with ``context.set_code``, if any."""
-    try:
-        return context.code()
-    except AttributeError:  # a context without code() (older grpcio, test doubles)
-        return None
-
 
 class TaskManagerServicer(task_manager_pb2_grpc.TaskManagerServicer):
     """Serves ``manager`` to mutually authenticated TLS 1.3 clients.
