@@ -59,7 +59,7 @@ def wait_placed(records: Records, task_id: str, timeout: float = PLACEMENT_TIMEO
         if time.monotonic() >= deadline:
             break
         gevent.sleep(pause)
-        pause = min(pause * 2, 0.05)
+        pause = min(pause * 2, 0.01)  # a start is placed in tens of ms: look often
 
     def refuse(record: Record) -> bool:
         if record.phase != PENDING:

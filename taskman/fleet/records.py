@@ -15,13 +15,16 @@ import dataclasses
 import datetime
 import json
 import random
-from typing import Callable, List, Optional, Tuple
+import time
+from typing import Awaitable, Callable, List, Optional, Tuple
 
 import gevent
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+import nats.errors
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, ServiceUnavailableError
 
-from taskman.errors import NotFound, TaskmanError
-from taskman.fleet.connection import TASKS_BUCKET, Connection
+from taskman.errors import NotFound, TaskmanError, Unavailable
+from taskman.fleet.bridge import FleetTimeout
+from taskman.fleet.connection import PUBLISH_RETRY_WINDOW, TASKS_BUCKET, Connection
 from taskman.task import JobStatus, Source, Task
 
 PENDING = "pending"
@@ -34,6 +37,11 @@ ACTIVE = (CLAIMED, RUNNING)  # on a host: lost if the host is
 # The termination source of a task whose host was lost: its status is
 # JOB_STATUS_UNKNOWN, since nobody saw how it ended.
 LOST = Source.LOST.value
+
+
+READ_TIMEOUT = 5.0  # one attempt of a read; _read retries
+TRANSIENT = (FleetTimeout, nats.errors.TimeoutError, nats.errors.NoRespondersError,
+             ServiceUnavailableError)
 
 
 class Conflict(TaskmanError):
@@ -129,10 +137,24 @@ class Records:
         except KeyWrongLastSequenceError as error:
             raise Conflict(f"task {record.id} already exists") from error
 
+    def _read(self, make: Callable[[], Awaitable]):
+        """A read, retried through the bucket leader's election (a NATS node
+        that just died: 5-7 s), as publishes are. Writes are not retried
+        here: a CAS that timed out may have landed; ``modify`` re-reads."""
+        deadline = time.monotonic() + PUBLISH_RETRY_WINDOW
+        while True:
+            try:
+                return self.connection.call(make(), READ_TIMEOUT)
+            except TRANSIENT as error:
+                if time.monotonic() > deadline:
+                    raise Unavailable(f"the fleet's task records did not answer: "
+                                      f"{error!r}") from error
+                gevent.sleep(0.25)
+
     def get(self, task_id: str) -> Tuple[Record, int]:
         """(record, revision); NotFound if there is none."""
         try:
-            entry = self.connection.call(self._bucket.get(task_id))
+            entry = self._read(lambda: self._bucket.get(task_id))
         except KeyNotFoundError as error:
             raise NotFound(f"no task {task_id}") from error
         if entry.value is None:
@@ -173,7 +195,7 @@ class Records:
         of the keys under load, which made a live host look dead.
         """
         prefix = f"$KV.{TASKS_BUCKET}."
-        info = self.connection.call(self.connection.jetstream.stream_info(
+        info = self._read(lambda: self.connection.jetstream.stream_info(
             f"KV_{TASKS_BUCKET}", subjects_filter=prefix + ">"))
         return [subject[len(prefix):] for subject in (info.state.subjects or {})]
 

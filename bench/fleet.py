@@ -1,0 +1,215 @@
+"""Fleet mode beside its baselines, in one run on one machine:
+
+    python bench/fleet.py [--starts N] [--mebibytes M] [--ttl SECONDS]
+
+Starts a real 3-node NATS cluster (JetStream, file storage, mutual TLS,
+loopback: tests/fleet/nats_cluster.py) and prints a table:
+
+- start p50: TaskManager.start of /bin/true (standalone) against
+  FleetBackend.start on a replica whose host is another connection (record,
+  dispatch, claim by a worker, local start, placed), both in this process;
+- one follower: M MiB published by a fleet Publisher and followed live by
+  ``output.follow`` on another connection, against bare asyncio nats-py
+  (no gevent, another process) publishing the same chunks 16 in flight and
+  replaying them with an ordered consumer on a second connection;
+- a dead host: from its last heartbeat to its task recorded lost, at --ttl.
+
+Run as root on a host with cgroups, like the server; nats-server from the
+fleet-test extra.
+"""
+
+import os
+import sys
+
+import gevent.monkey  # noqa: I001 (gevent patches first, as in the server)
+
+gevent.monkey.patch_all()
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import gevent  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "fleet"))
+import nats_cluster  # noqa: E402
+
+from taskman.fleet import bridge, output  # noqa: E402
+from taskman.fleet.backend import FleetBackend  # noqa: E402
+from taskman.fleet.connection import Connection, Settings  # noqa: E402
+from taskman.fleet.records import Record  # noqa: E402
+from taskman.fleet.worker import Worker  # noqa: E402
+from taskman.manager import TaskManager  # noqa: E402
+from taskman.output import Chunk  # noqa: E402
+from taskman.output_index import Stream  # noqa: E402
+
+CHUNK = 64 * 1024
+
+# Bare nats-py, no gevent, in its own process: the ceiling for one follower.
+BARE = r"""
+import asyncio, hashlib, json, ssl, sys, time
+import nats
+from nats.js.api import DeliverPolicy
+urls, ca, cert, key, subject, size = sys.argv[1:7]
+size = int(size)
+def context():
+    c = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+    c.load_cert_chain(cert, key)
+    return c
+async def main():
+    publisher = await nats.connect(servers=urls.split(","), tls=context())
+    follower = await nats.connect(servers=urls.split(","), tls=context())
+    js, fjs = publisher.jetstream(), follower.jetstream()
+    data = bytes(range(256)) * (65536 // 256)
+    started = time.monotonic()
+    async def publish():
+        pending = []
+        for offset in range(0, size, 65536):
+            pending.append(await js.publish_async(subject, data, headers={
+                "Nats-Msg-Id": subject + str(offset)}, stream="TASKMAN_OUTPUT"))
+            if len(pending) >= 16:
+                await pending.pop(0)
+        for future in pending:
+            await future
+    async def follow():
+        sub = await fjs.subscribe(subject, ordered_consumer=True,
+                                  deliver_policy=DeliverPolicy.ALL, stream="TASKMAN_OUTPUT")
+        received = 0
+        while received < size:
+            message = await sub.next_msg(timeout=30)
+            received += len(message.data)
+        return time.monotonic() - started
+    _, elapsed = await asyncio.gather(publish(), follow())
+    print(json.dumps({"seconds": elapsed}))
+    await publisher.close(); await follower.close()
+asyncio.run(main())
+"""
+
+
+TTL = [15.0]  # every connection of a run: the hosts bucket has one TTL
+
+
+def connect(cluster, node: str) -> Connection:
+    ttl = TTL[0]
+    certificate, key = cluster.authority.issue(f"bench-{node}")
+    return Connection(bridge.shared(), Settings(
+        servers=cluster.urls, node=node, ca_file=cluster.authority.ca_file,
+        certificate_file=certificate, key_file=key, heartbeat_ttl=ttl)).open()
+
+
+def p50_ms(samples) -> float:
+    return statistics.median(samples) * 1000
+
+
+def starts(cluster, directory: Path, count: int) -> tuple:
+    standalone = TaskManager(state_dir=str(directory / "standalone"), stop_grace=1.0)
+    local = []
+    for _ in range(count):
+        began = time.perf_counter()
+        standalone.start("bench", "/bin/true")
+        local.append(time.perf_counter() - began)
+    standalone.shutdown(timeout=5)
+    host_manager = TaskManager(state_dir=str(directory / "host"), stop_grace=1.0)
+    worker = Worker(connect(cluster, "bench-host"), host_manager, capacity=count + 1).start()
+    replica = FleetBackend(connect(cluster, "bench-replica"))
+    fleet = []
+    for _ in range(count):
+        began = time.perf_counter()
+        replica.start("bench", "/bin/true")
+        fleet.append(time.perf_counter() - began)
+    worker.stop()
+    host_manager.shutdown(timeout=5)
+    return p50_ms(local), p50_ms(fleet)
+
+
+def one_follower(cluster, mebibytes: int) -> tuple:
+    size = mebibytes * 1024 * 1024
+    publisher_connection = connect(cluster, "bench-publisher")
+    follower_connection = connect(cluster, "bench-follower")
+    task_id = f"bench-{time.time_ns()}"
+    data = bytes(range(256)) * (CHUNK // 256)
+    began = time.monotonic()
+
+    def publish():
+        publisher = output.Publisher(publisher_connection, task_id)
+        publisher.pump(Chunk(offset, Stream.STDOUT, time.time_ns(), data)
+                       for offset in range(0, size, CHUNK))
+
+    publishing = gevent.spawn(publish)
+    received = sum(len(chunk.data) for chunk in output.follow(follower_connection, task_id))
+    fleet_seconds = time.monotonic() - began
+    publishing.get()
+    assert received == size, (received, size)
+    certificate, key = cluster.authority.issue("bench-bare")
+    bare = subprocess.run(
+        [sys.executable, "-c", BARE, ",".join(cluster.urls), cluster.authority.ca_file,
+         certificate, key, f"taskman.output.bare-{time.time_ns()}", str(size)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": ""})
+    if bare.returncode != 0:
+        raise RuntimeError(bare.stderr[-2000:])
+    bare_seconds = json.loads(bare.stdout)["seconds"]
+    return mebibytes / fleet_seconds, mebibytes / bare_seconds
+
+
+def dead_host(cluster, ttl: float) -> float:
+    host = connect(cluster, "bench-doomed")
+    watcher = connect(cluster, "bench-watcher")
+    from taskman.fleet import liveness
+    from taskman.fleet.records import RUNNING, Records
+
+    records = Records(watcher)
+    record = Record(id=f"lost-{time.time_ns()}", owner="bench", command="sleep", args=[],
+                    phase=RUNNING, host="bench-doomed")
+    records.create(record)
+    heartbeat = liveness.Heartbeat(host, lambda: {}, lambda: None).start()
+    detector = liveness.LostDetector(watcher, records).start()
+    gevent.sleep(ttl / 2)
+    heartbeat.stop(remove=False)
+    last = time.monotonic()  # the last beat was at most ttl/6 before
+    while records.get(record.id)[0].phase == RUNNING:
+        gevent.sleep(0.05)
+    detector.stop()
+    return time.monotonic() - last
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--starts", type=int, default=50)
+    parser.add_argument("--mebibytes", type=int, default=64)
+    parser.add_argument("--ttl", type=float, default=15.0)
+    arguments = parser.parse_args()
+    TTL[0] = arguments.ttl
+    with tempfile.TemporaryDirectory(prefix="taskman-bench-fleet-") as directory:
+        directory = Path(directory)
+        cluster = nats_cluster.Cluster(directory / "nats", nats_cluster.server_binary())
+        cluster.start()
+        try:
+            local, fleet = starts(cluster, directory, arguments.starts)
+            ours, bare = one_follower(cluster, arguments.mebibytes)
+            print(f"start p50 {fleet:.1f} ms vs {local:.1f} ms; follower {ours:.1f} vs "
+                  f"{bare:.1f} MiB/s", file=sys.stderr)
+            detected = dead_host(cluster, arguments.ttl)
+        finally:
+            cluster.stop()
+            bridge.shared().close()
+    rows = [
+        ("start /bin/true, p50", f"{fleet:.1f} ms (fleet)", f"{local:.1f} ms (standalone)",
+         f"{fleet / local:.1f}x"),
+        (f"one follower on another connection, {arguments.mebibytes} MiB",
+         f"{ours:.1f} MiB/s (fleet)", f"{bare:.1f} MiB/s (bare nats-py)", f"{ours / bare:.2f}x"),
+        (f"dead host -> task recorded lost (TTL {arguments.ttl:g} s)",
+         f"{detected:.1f} s after its last heartbeat", f"bound {arguments.ttl * 4 / 3:.1f} s", ""),
+    ]
+    widths = [max(len(row[column]) for row in rows) for column in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
