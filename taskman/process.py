@@ -134,6 +134,10 @@ class OutputPipe:
         self.stream = stream
         self.fd = fd
         self._readable = None
+        # For a reload (taskman.adoption): the pump stops reading while
+        # ``paused``, and ``holding`` says it has read bytes not yet appended.
+        self.paused = False
+        self.holding = False
 
     def read(self) -> bytes:
         """Wait for output; return up to READ_CHUNK bytes, or b"" at end of file."""
@@ -162,15 +166,17 @@ class Process:
     or two tagged STDOUT and STDERR.
     """
 
-    def __init__(self, pid: int, outputs: List[OutputPipe], child_watcher):
+    def __init__(self, pid: int, outputs: List[OutputPipe], child_watcher,
+                 start_identity: Optional[str] = None):
         self.pid = pid
         self.outputs = outputs
         # Opened before the child can run anything (it waits at the gate), so
-        # it names this process and no later owner of the pid.
+        # it names this process and no later owner of the pid. (An adopted
+        # child is still ours, even as a zombie: the pid cannot be reused.)
         self.pidfd = host.open_pidfd(pid)
         # What tells this process apart from a later one with its pid, after
         # a restart of the server (taskman.recovery).
-        self.start_identity = host.start_identity(pid)
+        self.start_identity = start_identity or host.start_identity(pid)
         self.wait_status: Optional[int] = None
         self._exited = gevent.event.Event()
         self._child_watcher = child_watcher
@@ -180,6 +186,21 @@ class Process:
         self.wait_status = self._child_watcher.rstatus
         self._child_watcher.stop()
         self._exited.set()
+
+    def deliver(self, wait_status: int) -> None:
+        """Record an exit status reaped elsewhere (an adopted child that
+        exited during the reload's exec)."""
+        if self.wait_status is None:
+            self.wait_status = wait_status
+            self._child_watcher.stop()
+            self._exited.set()
+
+    def reaped_status(self) -> Optional[int]:
+        """The exit status, also when libev reaped the child but has not yet
+        run the callback (a reload hands it over: nothing else will)."""
+        if self.wait_status is None and self._child_watcher.rpid == self.pid:
+            return self._child_watcher.rstatus
+        return self.wait_status
 
     def wait(self, timeout: Optional[float] = None) -> Optional[int]:
         """Block this greenlet until the process exits; return its wait status.
@@ -279,6 +300,15 @@ def spawn(executable: str, args: list, env: dict, cwd: str = "/",
     for read_end in readers:
         os.set_blocking(read_end, False)
     return process
+
+
+def adopt(pid: int, pipes: List[tuple], start_identity: str) -> Process:
+    """A child this process's earlier image spawned (a reload): its
+    watcher started at once, its pipes ``(stream, fd)`` as they were left.
+
+    Never yields (taskman.reload.adopt_children relies on it)."""
+    outputs = [OutputPipe(Stream(stream), fd) for stream, fd in pipes]
+    return Process(pid, outputs, get_hub().loop.child(pid, False), start_identity)
 
 
 def spawn_error(error: OSError) -> TaskmanError:

@@ -10,6 +10,8 @@ import gevent
 from taskman.output import OutputLog
 from taskman.process import OutputPipe, Process
 
+PAUSED_POLL = 0.05  # seconds
+
 
 def pump(proc: Process, output: OutputLog) -> None:
     """Copy every output pipe of ``proc`` into ``output`` until all reach end of file.
@@ -25,10 +27,16 @@ def pump(proc: Process, output: OutputLog) -> None:
 
 def _copy(pipe: OutputPipe, output: OutputLog) -> None:
     while True:
+        while pipe.paused:  # a reload: the bytes stay in the pipe for the next image
+            gevent.sleep(PAUSED_POLL)
         data = pipe.read()
         if not data:
             return
-        output.append(data, pipe.stream)
+        pipe.holding = True
+        try:
+            output.append(data, pipe.stream)
+        finally:
+            pipe.holding = False
         # A pipe that always has data never makes read() wait: without
         # this, a fast writer kept every other call waiting for seconds
         # (bench: GetTaskStatus p99 3.3 s during a 10 GiB write).

@@ -14,7 +14,7 @@ is already gone, its exit status is lost: UNKNOWN, source ``server``.
 
 import logging
 import signal
-from typing import Callable, Dict, Iterable, List, Tuple
+from typing import Callable, Dict, FrozenSet, Iterable, List, Tuple
 
 from taskman import host
 from taskman.output import OutputLog, reopen_log
@@ -24,18 +24,22 @@ log = logging.getLogger("taskman.recovery")
 
 
 def recover(records: Iterable[Task], output_dir: str, save: Callable[[Task], None],
-            started: Dict[str, str] = None) -> List[Tuple[Task, OutputLog]]:
+            started: Dict[str, str] = None,
+            adopted: FrozenSet[str] = frozenset()) -> List[Tuple[Task, OutputLog]]:
     """Each task of ``records`` with its output log, every one of them finished.
 
     ``started``: task id -> start identity of its main process
     (``host.start_identity``, as the store kept it). A task found running is
     ended and its new record passed to ``save``. Must run before the cgroup
     driver's setup(): that kills what is left in the groups, and a task whose
-    process it killed first would be UNKNOWN.
+    process it killed first would be UNKNOWN. ``adopted``: ids of tasks a
+    reload handed over (still running, still ours): left out.
     """
     started = started or {}
     recovered = []
     for task in records:
+        if task.id in adopted:
+            continue
         if task.running:
             _end(task, started.get(task.id, ""))
             save(task)

@@ -54,6 +54,14 @@ class ReloadRefused(TaskmanError):
     """The reload did not happen and the server runs on as it was."""
 
 
+def address(configured: str, adopted) -> str:
+    """Where to listen: ``configured``, but the port the previous image had
+    when it was 0 (a reload must come back where clients are)."""
+    if adopted is None or not configured.endswith(":0"):
+        return configured
+    return f"{configured[:-2]}:{adopted[0].port}"
+
+
 def installed_program(argv0: Optional[str] = None) -> str:
     """The program to check and exec: the one this server was started as
     (``sys.argv[0]``, which ``pip install -U`` replaces in place), else
@@ -266,3 +274,84 @@ def _reap(pid: int) -> Optional[int]:
         return watcher.rstatus if done.wait(REAP_TIMEOUT) else None
     finally:
         watcher.stop()
+
+
+# -- the procedure, for taskman.server (which passes its gRPC server in:
+# nothing here imports grpc)
+
+STOP_GRACE = 0.5  # seconds in-flight calls get before the exec; streams resume
+
+
+class Reloader:
+    """SIGHUP's handler and the reload it leads to.
+
+    ``request`` (the signal's greenlet) runs the new image's ``--check``;
+    if it passes, it sets ``requested`` and wakes ``wake`` (the server's
+    main greenlet, which then calls ``reexec``). A failing check leaves the
+    server as it was: an ERROR line and a ``server.reload_refused`` event.
+    """
+
+    def __init__(self, audit, wake: gevent.event.Event, options: Optional[List[str]] = None):
+        self.audit = audit
+        self.wake = wake
+        self.options = list(sys.argv[1:] if options is None else options)
+        self.guard = Guard()
+        self.requested = False
+        self.program = ""
+
+    def request(self) -> None:
+        with self.guard as first:
+            if not first or self.requested:
+                log.warning("SIGHUP: a reload is already under way; ignored")
+                return
+            log.info("SIGHUP: checking the installed %s before reloading", PROGRAM)
+            try:
+                program = installed_program()
+            except ReloadRefused as error:
+                return self._refuse(str(error))
+            passed, text = check(program, self.options)
+            if not passed:
+                failed = [line for line in text.splitlines() if "FAIL" in line] or \
+                    text.splitlines()[-1:] or ["no output"]
+                return self._refuse(f"{program} --check failed: {'; '.join(failed)}")
+            self.program, self.requested = program, True
+            self.wake.set()
+
+    def _refuse(self, reason: str) -> None:
+        log.error("reload refused, the server runs on unchanged: %s", reason)
+        self.audit.record("server.reload_refused", pid=os.getpid(), reason=reason)
+
+    def reexec(self, server, manager, port: int, state_dir: str) -> None:
+        """Stop serving, hand the running tasks over and exec the new image.
+
+        Returns only if the exec could not happen (the gRPC server is
+        stopped by then: the caller shuts down as on SIGTERM); raises
+        nothing.
+        """
+        log.info("reloading into %s: new calls refused for a moment, running tasks stay",
+                 self.program)
+        self.audit.record("server.reload", pid=os.getpid(), program=self.program)
+        from taskman import adoption  # it imports this module
+
+        server.stop(grace=STOP_GRACE).wait(STOP_GRACE + 1)
+        uids = {task_id: uid for task_id, (uid, _) in manager.store.processes().items()}
+        entries = manager.running()
+        if not adoption.pause(entries):
+            log.error("reload failed: task output still being written after %gs; "
+                      "stopping as on SIGTERM", adoption.PAUSE_TIMEOUT)
+            adoption.resume(entries)
+            return
+        # From here to the exec nothing may yield: the pumps are paused, and
+        # what the hand-over says must stay true.
+        block_signal()
+        try:
+            state = adoption.capture(entries, port, manager.stop_grace, uids)
+            path = handover_format.write(state, state_dir)
+            exec_image(self.program, self.options, path, state.fds)
+        except (OSError, ReloadRefused) as error:
+            handover_format.remove(handover_format.path_in(state_dir))
+            log.error("reload failed before the exec: %s; stopping as on SIGTERM",
+                      getattr(error, "strerror", None) or error)
+            self.audit.record("server.reload_refused", pid=os.getpid(), reason=str(error))
+            adoption.resume(entries)
+        unblock_signal()

@@ -15,8 +15,9 @@ import docopt
 
 from taskman.cgroups import Limits
 from taskman.cli.settings import Settings, days
-from taskman.defaults import DEFAULT_MAX_STREAMS, version
+from taskman.defaults import DEFAULT_MAX_STREAMS, default_state_dir, version
 from taskman.errors import TaskmanError
+from taskman.handover import VARIABLE as HANDOVER_VARIABLE
 from taskman.pki.names import CLIENT_DAYS, SERVER_DAYS
 from taskman.quotas import QuotaLimits
 
@@ -283,6 +284,9 @@ def main(argv=None) -> int:
     from gevent import monkey
 
     monkey.patch_all()
+    # A reload (SIGHUP) exec'd this image: adopt the running tasks before
+    # anything can yield to the loop (docs/design.md, reload).
+    adopted = adopt_handed_over_tasks()
     import grpc
     import grpc.experimental.gevent
 
@@ -292,10 +296,26 @@ def main(argv=None) -> int:
 
     server.configure_logging(settings.log_level, sys.stderr)
     try:
-        return server.serve(settings)
-    except TaskmanError as error:
+        return server.serve(settings, adopted=adopted)
+    except BaseException as error:
+        if adopted:  # never leave handed-over tasks unsupervised
+            from taskman import adoption
+
+            adoption.last_resort(adopted, settings.state_dir or default_state_dir())
+        if not isinstance(error, TaskmanError):
+            raise
         print(f"taskman-server: {error}", file=sys.stderr)
         return EXIT_FAILED
+
+
+def adopt_handed_over_tasks():
+    """(hand-over, processes) when a reload started this image, else None."""
+    path = os.environ.pop(HANDOVER_VARIABLE, None)
+    if not path:
+        return None
+    from taskman import adoption
+
+    return adoption.adopt(path)
 
 
 def pki_command(options: dict, settings: Settings, out=print) -> int:

@@ -1,0 +1,238 @@
+"""The manager's side of a reload: its running tasks into a hand-over, and back.
+
+The old image pauses every pump (``pause``: the bytes a task writes from
+then on wait in its pipe), waits until none holds bytes it read but did not
+append, and describes each running task (``capture``: no yield from there
+to the exec, so nothing moves meanwhile). The new image adopts the pids
+first thing (``adopt_processes``, before anything can yield: see
+taskman.reload.adopt_children), then the manager rebuilds each task from
+the hand-over: its record, its output log reopened at its size, its
+cgroups, its stop (``resume_stop``: a stop keeps its source and deadline).
+"""
+
+import datetime
+import inspect
+import logging
+import os
+import signal
+import time
+from typing import Dict, Iterable, List
+
+import gevent
+
+from taskman import handover, process, reload
+from taskman.cgroups import Driver, Group
+from taskman.cgroups.hierarchy import CgroupGroup
+from taskman.errors import CgroupError
+from taskman.output import OutputLog, reopen_log
+from taskman.task import Source, Task
+
+log = logging.getLogger("taskman.reload")
+
+PAUSE_TIMEOUT = 5.0  # seconds for the pumps to put down what they read
+
+
+def running(entries: Iterable) -> List:
+    """The manager's entries of tasks not yet ended, with their process."""
+    return [entry for entry in entries
+            if not entry.ended.is_set() and entry.process is not None]
+
+
+def _pipes(entries: Iterable):
+    return [pipe for entry in entries for pipe in entry.process.outputs if pipe.fd >= 0]
+
+
+def pause(entries: List, timeout: float = PAUSE_TIMEOUT) -> bool:
+    """Stop the pumps of ``entries`` reading; True once none holds bytes it
+    read and did not append (the caller must then not yield until the exec)."""
+    pipes = _pipes(entries)
+    for pipe in pipes:
+        pipe.paused = True
+    deadline = time.monotonic() + timeout
+    while any(pipe.holding for pipe in pipes):
+        if time.monotonic() > deadline:
+            return False
+        gevent.sleep(0.001)
+    return True
+
+
+def resume(entries: List) -> None:
+    """Let the pumps read again (the reload did not happen)."""
+    for pipe in _pipes(entries):
+        pipe.paused = False
+
+
+def capture(entries: List, port: int, grace: float, uids: Dict[str, int]) -> handover.Handover:
+    """The hand-over of ``entries`` (paused); never yields."""
+    return handover.Handover(pid=os.getpid(), port=port,
+                             tasks=[_state(entry, grace, uids.get(entry.task.id, -1))
+                                    for entry in entries])
+
+
+def _state(entry, grace: float, uid: int) -> handover.TaskState:
+    task, proc, output, group = entry.task, entry.process, entry.log, entry.group
+    kill_at = None
+    if entry.sent_signal == signal.SIGTERM:
+        kill_at = entry.kill_at or (entry.stop_requested_at or time.monotonic()) + grace
+    return handover.TaskState(
+        id=task.id, owner=task.owner, command=task.command, args=list(task.args), pid=proc.pid,
+        start_time=task.start_time.isoformat(), start_identity=proc.start_identity, uid=uid,
+        pipes=[handover.Pipe(int(pipe.stream), pipe.fd) for pipe in proc.outputs if pipe.fd >= 0],
+        output_size=output.size, output_dropped=output.dropped, output_capped=output.capped,
+        output_error=output.write_error or "", index_records=output.index_records,
+        group_directories=dict(getattr(group, "directories", {}) or {}),
+        slice_name=getattr(group, "slice_name", None),
+        stop_source=entry.stop_source.value if entry.stop_source else "",
+        sent_signal=int(entry.sent_signal), kill_at=kill_at,
+        wait_status=proc.reaped_status())
+
+
+def adopt_processes(state: handover.Handover) -> Dict[str, process.Process]:
+    """Every handed-over task's Process, exit statuses of the exec's time
+    delivered. Call before anything yields to the gevent loop."""
+    by_pid = {}
+
+    def adopt(pid: int) -> None:
+        task = tasks[pid]
+        by_pid[pid] = process.adopt(pid, [(pipe.stream, pipe.fd) for pipe in task.pipes],
+                                    task.start_identity)
+
+    tasks = {task.pid: task for task in state.tasks}
+    exited = reload.adopt_children(tasks, adopt)
+    for pid, status in exited.items():
+        known = tasks[pid].wait_status
+        if status is not None or known is not None:
+            by_pid[pid].deliver(status if status is not None else known)
+        else:  # not our child any more: its status is lost
+            log.error("task %s: adopted pid %d is not a child of this process", tasks[pid].id,
+                      pid)
+            by_pid[pid].deliver(signal.SIGKILL)
+    for pid, task in tasks.items():
+        if task.wait_status is not None:
+            by_pid[pid].deliver(task.wait_status)
+    reload.close_inherited(state.fds)
+    return {tasks[pid].id: proc for pid, proc in by_pid.items()}
+
+
+def task_of(state: handover.TaskState) -> Task:
+    return Task(id=state.id, owner=state.owner, command=state.command, args=list(state.args),
+                pid=state.pid, start_time=datetime.datetime.fromisoformat(state.start_time))
+
+
+def log_of(state: handover.TaskState, output_dir: str, max_bytes: int) -> OutputLog:
+    """The task's output log, live again at the size the old image left."""
+    output = reopen_log(output_dir, state.id)
+    if output.size != state.output_size:
+        log.warning("task %s: output log holds %d bytes, the hand-over said %d", state.id,
+                    output.size, state.output_size)
+    output.dropped, output.capped = state.output_dropped, state.output_capped
+    output.write_error = state.output_error or None
+    output.resume_writing(max_bytes)
+    return output
+
+
+def group_of(state: handover.TaskState, driver: Driver) -> Group:
+    """The task's groups as the old image made them."""
+    if state.group_directories:
+        group = CgroupGroup(state.id, dict(state.group_directories), state.slice_name)
+    else:
+        group = Group(state.id)
+    group.pid = state.pid
+    return group
+
+
+def restore_stop(entry, state: handover.TaskState) -> None:
+    """Put back who asked for the stop and which signal went out."""
+    entry.stop_source = Source(state.stop_source) if state.stop_source else None
+    entry.sent_signal = state.sent_signal
+    entry.kill_at = state.kill_at
+
+
+def resume_stop(entry, terminate, kill) -> None:
+    """Go on with a stop the old image began: SIGKILL at its deadline (at
+    once if past), or the whole stop again (``terminate(entry)``) if no
+    signal went out yet. ``kill(entry)`` SIGKILLs the task."""
+    if entry.sent_signal == 0:
+        terminate(entry)
+        return
+    if entry.sent_signal == signal.SIGTERM and entry.kill_at is not None:
+        remaining = entry.kill_at - time.monotonic()
+        if remaining > 0 and entry.process.wait(remaining) is not None:
+            return  # ended within its grace: the supervisor records it
+    entry.sent_signal = signal.SIGKILL
+    kill(entry)
+
+
+def spared(adopted) -> frozenset:
+    """The ids of the tasks ``adopted`` (hand-over, processes) names."""
+    return frozenset(task.id for task in adopted[0].tasks) if adopted else frozenset()
+
+
+def setup_driver(driver: Driver, spared: frozenset) -> None:
+    """``driver.setup()``, sparing the adopted tasks' groups from its clean-up.
+
+    A driver whose setup() cannot spare them (it would kill them as left by
+    an earlier run) is refused with CgroupError: the tasks are then ended
+    cleanly (``last_resort``), not killed behind the manager's back.
+    """
+    if not spared:
+        driver.setup()
+    elif "spare" in inspect.signature(driver.setup).parameters:
+        driver.setup(spare=spared)
+    elif type(driver).setup is Driver.setup:
+        driver.setup()  # removes nothing (the none driver)
+    else:
+        raise CgroupError(f"the {driver.name} cgroup driver cannot spare the groups of the "
+                          f"{len(spared)} task(s) a reload handed over")
+
+
+def entries(state: handover.Handover, processes: Dict[str, process.Process], make_entry,
+            output_dir: str, max_bytes: int, driver: Driver) -> List:
+    """The manager's entries (``make_entry(task, log, group, process)``)
+    for the handed-over tasks, their stops as the old image left them."""
+    made = []
+    for handed in state.tasks:
+        entry = make_entry(task_of(handed), log_of(handed, output_dir, max_bytes),
+                           group_of(handed, driver), processes[handed.id])
+        restore_stop(entry, handed)
+        made.append(entry)
+    return made
+
+
+def adopt(path: str):
+    """The new image's first act: ``(hand-over, {task id: Process})`` from
+    the hand-over at ``path``, or None if it cannot be used (one ERROR line;
+    its tasks are then ended by crash recovery, as after a crash)."""
+    try:
+        state = handover.read(path)
+    except handover.HandoverError as error:
+        log.error("%s; the tasks it names are ended as after a crash", error)
+        handover.remove(path)
+        return None
+    processes = adopt_processes(state)
+    handover.remove(path)
+    return state, processes
+
+
+def last_resort(adopted, state_dir: str) -> int:
+    """This image was handed tasks but cannot serve: end them (source
+    ``server``) so none is left running unsupervised; return how many."""
+    from taskman.store import TaskStore  # only on this path
+
+    state, _ = adopted
+    store = TaskStore(os.path.join(state_dir, "tasks.db"))
+    try:
+        records = {task.id: task for task in store.load_all()}
+
+        def record(task_id: str, wait_status: int) -> None:
+            task = records.get(task_id)
+            if task is not None and task.running:
+                task.finish(wait_status, Source.SERVER, signal.SIGKILL)
+                store.save(task)
+
+        ended = reload.end_abandoned(state, record)
+    finally:
+        store.close()
+    log.error("the new image could not start: ended the %d task(s) it was handed "
+              "(SIGKILL, source server)", ended)
+    return ended
