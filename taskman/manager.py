@@ -23,11 +23,13 @@ from typing import Dict, Iterable, Iterator, Optional
 import gevent
 import gevent.event
 
-from taskman import confinement, host, listing, process, pump, recovery, retention
+from taskman import confinement, host, listing, output_quota, process, pump, recovery, retention, stopping
 from taskman.cgroups import Driver, Group
 from taskman.cgroups.none import ProcessGroupDriver
+from taskman.cgroups.slices import Owner
 from taskman.defaults import default_state_dir
 from taskman.errors import CgroupError, InvalidArgument, NotFound, Unavailable
+from taskman.holdings import argument_bytes
 from taskman.output import Chunk, OutputLog, Selector, create_log, data_only, ensure_directory
 from taskman.store import TaskStore
 from taskman.task import JobStatus, Source, Task, command_line, now, parse_task_id
@@ -72,14 +74,16 @@ class TaskManager:
     seconds, and oldest first while their output exceeds ``retention_bytes``
     (0 disables either). ``users`` (a taskman.users.Users) runs each user's
     tasks as its own unprivileged uid in the sandbox; None runs them as the
-    server's own user, unconfined (library use).
+    server's own user, unconfined (library use). ``quotas`` (a
+    taskman.quotas.Quotas): each user's quotas on starts, output and finished
+    records; None: no per-user quotas (library use).
     """
 
     def __init__(self, state_dir: Optional[str] = None, driver: Optional[Driver] = None,
                  stop_grace: float = 10.0, admins: Iterable[str] = (ADMIN,),
                  search_path: str = process.DEFAULT_PATH, output_max_bytes: int = 0,
                  retention_age: float = retention.DEFAULT_AGE,
-                 retention_bytes: int = retention.DEFAULT_BUDGET, users=None):
+                 retention_bytes: int = retention.DEFAULT_BUDGET, users=None, quotas=None):
         self.state_dir = ensure_directory(state_dir or default_state_dir())
         self.output_dir = ensure_directory(os.path.join(self.state_dir, "output"))
         self.driver = driver or ProcessGroupDriver()
@@ -89,6 +93,7 @@ class TaskManager:
         self.output_max_bytes = output_max_bytes
         self.retention_age = retention_age
         self.retention_bytes = retention_bytes
+        self.quotas = quotas
         self._tasks: Dict[str, _Entry] = {}
         self._finished_bytes = 0  # output of finished tasks, for the disk budget
         self._closing = False
@@ -103,6 +108,9 @@ class TaskManager:
         self.driver.setup()
         self.prune()
         self._pruner = gevent.spawn(retention.sweep_periodically, self.prune, self.retention_age)
+        if quotas is not None and quotas.limits.output_bytes:
+            gevent.spawn(output_quota.sweep_periodically, self._tasks.values, quotas,
+                         lambda: self._closing)
 
     # -- the API
 
@@ -125,12 +133,16 @@ class TaskManager:
         executable = process.resolve(command, self.search_path, sandbox)
         for argument in args:
             process.validate_argument(argument, "argument")
+        if self.quotas is not None:
+            self.quotas.check_start(owner, argument_bytes(command, args))
         task_id = str(uuid.uuid4())
         output = create_log(self.output_dir, task_id, self.output_max_bytes)
         group = None
         try:
-            # Per-user slices: pass owner=Owner(owner, confinement.uid_of(sandbox)) here.
-            group = self.driver.create(task_id)
+            # Each user's slice: by uid if confined; by name if not (all
+            # unconfined users share one uid, but not one slice).
+            uid = sandbox.uid if sandbox.confined else None
+            group = self.driver.create(task_id, owner=Owner(owner, uid))
             proc = process.spawn(executable, args, confinement.environment(task_id, owner, self.search_path),
                                  place=lambda pid: self.driver.place(group, pid),
                                  separate_streams=separate_streams, sandbox=sandbox)
@@ -204,13 +216,17 @@ class TaskManager:
                 for entry in listing.select(self._tasks, owner, statuses, limit, after)]
 
     def prune(self) -> int:
-        """Forget finished tasks past the retention age or the disk budget.
+        """Forget finished tasks past the retention age, the disk budget or
+        their user's finished-records quota.
 
         Oldest first (see ``taskman.retention``). Returns how many were
         removed; they are NOT_FOUND after.
         """
         doomed = retention.select(self._tasks.values(), self.retention_age,
                                   self.retention_bytes, self._finished_bytes)
+        if self.quotas is not None:
+            doomed += retention.past_record_quota(self._tasks.values(), doomed,
+                                                  self.quotas.records_to_forget)
         for entry in doomed:
             del self._tasks[entry.task.id]
             self._finished_bytes -= entry.log.size
@@ -256,7 +272,7 @@ class TaskManager:
             # The task is its whole tree: what the main process left behind
             # dies with it, which also releases the output pipe they hold.
             self._kill_group(entry.group)
-            source = entry.stop_source or Source.NONE
+            source = stopping.ended_by(entry, wait_status)
             if (source is Source.NONE and os.WIFSIGNALED(wait_status)
                     and os.WTERMSIG(wait_status) == signal.SIGKILL
                     and self._safely(self.driver.oom_killed, entry.group)):
@@ -289,33 +305,15 @@ class TaskManager:
             return
         entry.stop_source = source
         gevent.spawn(self._terminate, entry)
-        stopping = entry.task.snapshot()
-        stopping.source = source
-        self._notify("stopping", stopping)
+        notice = entry.task.snapshot()
+        notice.source = source
+        self._notify("stopping", notice)
 
     def _terminate(self, entry: _Entry) -> None:
-        """SIGTERM the whole task, SIGKILL it after the grace period.
-
-        The main process also gets each signal through its pidfd, in case it
-        left its groups (reported as an ``escaped`` event)."""
-        proc = entry.process
-        if confinement.left_group(entry.group, proc.pid, proc.start_identity):
-            log.warning("task %s: its main process %d is outside the task's cgroups",
-                        entry.task.id, proc.pid)
-            self._notify(confinement.ESCAPED, entry.task.snapshot())
-        if self.stop_grace > 0:
-            entry.sent_signal = signal.SIGTERM
-            self._safely(self.driver.signal, entry.group, signal.SIGTERM)
-            proc.signal(signal.SIGTERM)
-            if proc.wait(self.stop_grace) is not None:
-                return  # the supervisor kills whatever is left
-        entry.sent_signal = signal.SIGKILL
-        self._kill(entry)
+        stopping.terminate(entry, self.driver, self.stop_grace, self._notify, self._safely)
 
     def _kill(self, entry: _Entry) -> None:
-        self._safely(self.driver.kill, entry.group)
-        if entry.process is not None:
-            entry.process.signal(signal.SIGKILL)
+        stopping.kill(entry, self.driver, self._safely)
 
     def _kill_group(self, group: Group) -> None:
         """SIGKILL everything in the group and wait (bounded) until it is empty."""

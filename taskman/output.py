@@ -17,7 +17,7 @@ import datetime
 import errno
 import os
 import time
-from typing import Iterator, NamedTuple, Optional
+from typing import Iterator, Optional
 
 import gevent
 import gevent.event
@@ -35,6 +35,7 @@ from taskman.output_index import (
     read_record,
     write_chunk,
 )
+from taskman.output_reading import Chunk, Held, data_only
 
 __all__ = ["Chunk", "OutputLog", "Selector", "Stream", "create_log", "data_only",
            "ensure_directory", "log_path", "reopen_log"]
@@ -58,15 +59,6 @@ def _writers() -> gevent.threadpool.ThreadPool:
     if _WRITERS is None:
         _WRITERS = gevent.threadpool.ThreadPool(4)
     return _WRITERS
-
-
-class Chunk(NamedTuple):
-    """Output bytes and where they came from; a chunk never mixes two streams."""
-
-    offset: int  # of its first byte in the task's combined output
-    stream: Stream
-    time_ns: int  # when the server read its first byte, ns since the epoch
-    data: bytes
 
 
 _STREAMS = tuple(Stream)
@@ -167,14 +159,28 @@ class OutputLog:
     def _append(self, data: bytes, stream: Stream) -> None:
         if self.finished:
             return
+        if self.capped:
+            self.dropped += len(data)
+            return
         if self.max_bytes and self.size + len(data) > self.max_bytes - len(self._marker()):
-            if self.capped:
-                self.dropped += len(data)
-                return
             room = max(self.max_bytes - len(self._marker()) - self.size, 0)
             self.dropped += len(data) - room
             data = data[:room] + self._marker()
             self.capped = True
+        self._write(data, stream)
+
+    def cap(self) -> None:
+        """Keep no more of this log's output from now on (its owner's output
+        quota is full): the cap's marker line goes at the end, as for
+        ``max_bytes``, and what follows is dropped and counted."""
+        if self.finished or self.capped:
+            return
+        with self._appending:
+            if not (self.finished or self.capped):
+                self.max_bytes, self.capped = self.size, True
+                self._write(self._marker(), Stream.COMBINED)
+
+    def _write(self, data: bytes, stream: Stream) -> None:
         # Never backwards, so readers can search the index by time.
         time_ns = self._last_time_ns = max(time.time_ns(), self._last_time_ns)
         self._writing = _writers().spawn(write_chunk, self._fd, data, self.index_fd,
@@ -262,58 +268,61 @@ class OutputLog:
         Stops when the log is finished and fully read, at the output present
         at the call if not ``follow``, or as soon as ``cancelled`` is set
         (the client went away), so no greenlet is left waiting for output
-        nobody will read.
+        nobody will read. The log is held (retention leaves it alone) from
+        this call, not from the first iteration, until the iterator is
+        exhausted or closed.
         """
-        selector = Selector(selector)
         self._acquire()
-        try:
-            index = IndexReader(self)
-            end = None if follow else self.size
-            if tail_bytes or tail_lines or since is not None:
-                since_ns = int(since.timestamp() * 1e9) if since is not None else None
-                read = lambda start, size: os.pread(self._fd, size, start)  # noqa: E731
-                offset = max(offset, index.view_start(selector, tail_bytes, tail_lines,
-                                                      since_ns, read, chunk_size))
-            number = index.locate(offset)
-            skipped = 0
-            while True:
-                changed = self._changed
-                limit = self.size if end is None else end
-                if offset < limit:
-                    record = index.record(number)
-                    if not selector.wants(record.stream):
-                        offset, number = record.end, number + 1
-                        skipped += 1
-                        if skipped % _SKIPS_PER_YIELD == 0:
-                            gevent.sleep(0)  # a long run of the other stream
-                        continue
-                    stop = min(record.end, offset + chunk_size, limit)
-                    last = record  # merge the same stream's next records into the chunk
-                    while (stop == last.end and stop - offset < chunk_size
-                           and number + 1 < index.count()):
-                        after = index.record(number + 1)
-                        if after.stream != record.stream:
-                            break
-                        number, last = number + 1, after
-                        stop = min(after.end, offset + chunk_size, limit)
-                    data = os.pread(self._fd, stop - offset, offset)
-                    if not data:  # truncated under us: nothing more to give
-                        return
-                    chunk = Chunk(offset, _STREAMS[record.stream], record.time_ns, data)
-                    offset += len(data)
-                    if offset >= last.end:
-                        number += 1
-                    yield chunk
+        return Held(self._chunks(offset, Selector(selector), tail_bytes, tail_lines, since,
+                                 follow, cancelled, chunk_size), self._release)
+
+    def _chunks(self, offset, selector, tail_bytes, tail_lines, since, follow, cancelled,
+                chunk_size) -> Iterator[Chunk]:
+        index = IndexReader(self)
+        end = None if follow else self.size
+        if tail_bytes or tail_lines or since is not None:
+            since_ns = int(since.timestamp() * 1e9) if since is not None else None
+            read = lambda start, size: os.pread(self._fd, size, start)  # noqa: E731
+            offset = max(offset, index.view_start(selector, tail_bytes, tail_lines,
+                                                  since_ns, read, chunk_size))
+        number = index.locate(offset)
+        skipped = 0
+        while True:
+            changed = self._changed
+            limit = self.size if end is None else end
+            if offset < limit:
+                record = index.record(number)
+                if not selector.wants(record.stream):
+                    offset, number = record.end, number + 1
+                    skipped += 1
+                    if skipped % _SKIPS_PER_YIELD == 0:
+                        gevent.sleep(0)  # a long run of the other stream
                     continue
-                if (self.finished or end is not None
-                        or (cancelled is not None and cancelled.is_set())):
+                stop = min(record.end, offset + chunk_size, limit)
+                last = record  # merge the same stream's next records into the chunk
+                while (stop == last.end and stop - offset < chunk_size
+                       and number + 1 < index.count()):
+                    after = index.record(number + 1)
+                    if after.stream != record.stream:
+                        break
+                    number, last = number + 1, after
+                    stop = min(after.end, offset + chunk_size, limit)
+                data = os.pread(self._fd, stop - offset, offset)
+                if not data:  # truncated under us: nothing more to give
                     return
-                if cancelled is None:
-                    changed.wait()
-                else:
-                    gevent.wait([changed, cancelled], count=1)
-        finally:
-            self._release()
+                chunk = Chunk(offset, _STREAMS[record.stream], record.time_ns, data)
+                offset += len(data)
+                if offset >= last.end:
+                    number += 1
+                yield chunk
+                continue
+            if (self.finished or end is not None
+                    or (cancelled is not None and cancelled.is_set())):
+                return
+            if cancelled is None:
+                changed.wait()
+            else:
+                gevent.wait([changed, cancelled], count=1)
 
     def _acquire(self) -> None:
         if self._fd < 0:
@@ -345,15 +354,6 @@ class OutputLog:
             if self.index_fd >= 0:
                 os.close(self.index_fd)
                 self.index_fd = -1
-
-
-def data_only(chunks: Iterator[Chunk]) -> Iterator[bytes]:
-    """The bytes of ``chunks``; closing this closes them (and frees their log)."""
-    try:
-        for chunk in chunks:
-            yield chunk.data
-    finally:
-        chunks.close()
 
 
 def log_path(directory: str, task_id: str) -> str:

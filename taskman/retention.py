@@ -2,7 +2,8 @@
 
 A finished task keeps its record and output on disk until it is forgotten:
 once it ended longer ago than the retention age, or, oldest first, while the
-output of all finished tasks exceeds the disk budget. This module chooses and
+output of all finished tasks exceeds the disk budget, or while its user keeps
+more finished records than their quota. This module chooses and
 keeps time; the manager, which owns the tasks, forgets what it is told to
 (the record in memory and in the store, and the output file).
 """
@@ -45,6 +46,30 @@ def select(entries: Iterable, age: float, budget: int, finished_bytes: int) -> l
                 total -= entry.log.size
                 doomed.append(entry)
     return doomed
+
+
+def past_record_quota(entries: Iterable, doomed: list,
+                      records_to_forget: Callable[[str, int], int]) -> list:
+    """Each user's oldest finished entries past their finished-records quota,
+    besides those already ``doomed``.
+
+    ``records_to_forget(user, finished)`` says how many of ``user``'s
+    ``finished`` records to drop (``Quotas.records_to_forget``). Records
+    being read are kept, as for the other rules: the user is then briefly
+    over the quota.
+    """
+    going = set(map(id, doomed))
+    finished: dict = {}
+    for entry in entries:
+        if entry.ended.is_set() and id(entry) not in going:
+            finished.setdefault(entry.task.owner, []).append(entry)
+    extra = []
+    for user, kept in finished.items():
+        excess = records_to_forget(user, len(kept))
+        if excess:
+            idle = sorted((entry for entry in kept if not entry.log.in_use), key=_ended_at)
+            extra.extend(idle[:excess])
+    return extra
 
 
 def sweep_periodically(prune: Callable[[], int], age: float) -> None:

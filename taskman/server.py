@@ -97,19 +97,19 @@ def serve(settings: "Settings") -> int:
         task_users = _setting_up(lambda: users.for_server(settings.user_map, settings.uid_range))
         _setting_up(lambda: private.close_to_tasks((state_dir, settings.audit_path(state_dir),
                                                     settings.server_key, settings.ca_key)))
+        # The one Quotas of this server, the manager's and the servicer's;
+        # Holdings counts for it once attached to the manager.
+        holdings = Holdings()
+        quotas = Quotas(settings.quotas, holdings.measure)
         manager = _setting_up(lambda: TaskManager(
             state_dir=state_dir, driver=driver, stop_grace=settings.stop_grace,
             admins=settings.admins,
             output_max_bytes=settings.task_output_max, retention_age=settings.retention,
-            retention_bytes=settings.output_budget, users=task_users))
+            retention_bytes=settings.output_budget, users=task_users, quotas=quotas))
     except ConfigError:
         audit.close()
         raise
     manager.listeners.append(audit.task_event)
-    # The one Quotas of this server: the servicer's now; the manager's too
-    # once it takes one (TaskManager(quotas=...)). Holdings counts for it.
-    holdings = Holdings()
-    quotas = Quotas(settings.quotas, holdings.measure)
     holdings.attach(manager, settings.admins[0])
     log.info("audit log %s", audit.path)
     try:

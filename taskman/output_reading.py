@@ -1,0 +1,63 @@
+"""What readers of an output log get: Chunks, through iterators that hold
+the log from the moment they are made.
+
+A plain generator runs nothing until first iterated, and a generator closed
+before that never runs its ``finally``: a reader reference taken inside one
+would leave a stream accepted but not yet reading unprotected (retention
+could delete its log: "output unavailable"), and one released inside one
+could leak. ``Held`` takes the reference's release from its creator, who
+acquired it already, and gives it back exactly once: when the iterator is
+exhausted, fails, is closed or is collected.
+"""
+
+from typing import Callable, Iterator, NamedTuple
+
+from taskman.output_index import Stream
+
+
+class Chunk(NamedTuple):
+    """Output bytes and where they came from; a chunk never mixes two streams."""
+
+    offset: int  # of its first byte in the task's combined output
+    stream: Stream
+    time_ns: int  # when the server read its first byte, ns since the epoch
+    data: bytes
+
+
+class Held:
+    """Iterate ``iterator``; call ``release`` once when it is done or closed."""
+
+    def __init__(self, iterator: Iterator, release: Callable[[], None]):
+        self._iterator = iterator
+        self._release = release
+
+    def __iter__(self) -> "Held":
+        return self
+
+    def __next__(self):
+        if self._release is None:
+            raise StopIteration
+        try:
+            return next(self._iterator)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        release, self._release = self._release, None
+        if release is None:
+            return
+        try:
+            close = getattr(self._iterator, "close", None)
+            if close is not None:
+                close()
+        finally:
+            release()
+
+    def __del__(self):
+        self.close()
+
+
+def data_only(chunks) -> Held:
+    """The bytes of ``chunks`` (Chunks); closing this closes them (and frees their log)."""
+    return Held((chunk.data for chunk in chunks), chunks.close)
