@@ -6,6 +6,7 @@ oracle; StopTask never holds a worker; the audit log reopens on SIGUSR1.
 Tasks run as unprivileged uids: they use /bin/sh and /usr/bin/python3.
 """
 
+import glob
 import json
 import os
 import signal
@@ -159,8 +160,6 @@ def test_fork_bomb_memory_hog_and_output_flood_leave_another_user_working(start_
     flooder.close()
 
 
-@pytest.mark.xfail(reason="needs the manager's quota check in start (#16 manager wiring)",
-                   strict=False)
 def test_tasks_past_the_running_quota_and_huge_arguments_are_refused(start_server):
     server = start_server("--quota-running-tasks", "2", "--quota-argument-bytes", "64K")
     with client(server) as flooder:
@@ -279,3 +278,57 @@ def test_page_token_reading_is_one_sentence_for_every_bad_token():
         with pytest.raises(InvalidArgument) as error:
             tokens.read(caller, bad)
         assert str(error.value) == INVALID_TOKEN
+
+
+# -- per-user slices, read back from the kernel's files
+
+PYTHON = "/usr/bin/python3"  # tasks run as other uids: never the test's own interpreter
+MiB = 1 << 20
+
+
+def slice_of(server, task_id: str, controller: str = "memory") -> str:
+    """The user slice holding the task's group in a v1 ``controller``
+    hierarchy (under the server's cgroup root there); skips without one."""
+    root = server.command[server.command.index("--cgroup-root") + 1]
+    found = []
+    for depth in range(0, 6):
+        found += glob.glob(os.path.join("/sys/fs/cgroup", controller, *["*"] * depth, root,
+                                        "user-*", task_id))
+    if not found:
+        pytest.skip(f"no v1 {controller} hierarchy holds the task's group on this host")
+    [directory] = found
+    return os.path.dirname(directory)
+
+
+def uid_of(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return int(next(line for line in status if line.startswith("Uid:")).split()[1])
+
+
+def read(directory: str, name: str) -> str:
+    with open(os.path.join(directory, name)) as file:
+        return file.read().strip()
+
+
+def test_the_user_slice_limit_is_in_the_cgroup_files(start_server):
+    server = start_server("--user-memory-max", "512M")
+    with client(server) as own:
+        task_id = started(own, "sh", "-c", "echo ready; exec sleep 60")
+        user_slice = slice_of(server, task_id)
+        uid = uid_of(own.status(task_id).process_id)
+        assert os.path.basename(user_slice) == f"user-{uid}" and uid != 0
+        assert int(read(user_slice, "memory.limit_in_bytes")) == 512 * MiB
+        own.stop(task_id)
+
+
+def test_two_tasks_that_fit_alone_but_not_in_the_user_slice_one_is_oom_killed(start_server):
+    server = start_server("--user-memory-max", "512M")
+    hog = "b = bytearray(400 << 20); print('allocated', flush=True); import time; time.sleep(5)"
+    with client(server) as own:
+        tasks = [own.start(PYTHON, ["-c", hog]) for _ in range(2)]
+        for task_id in tasks:
+            wait_for(lambda task_id=task_id: not own.status(task_id).running, 90, "ended")
+        ends = sorted(((own.status(task_id).status, own.status(task_id).termination_signal,
+                        own.status(task_id).termination_source) for task_id in tasks))
+        assert ends == [("JOB_STATUS_EXITED_OK", "", ""),
+                        ("JOB_STATUS_SIGNALED", "SIGKILL", "oom")], ends
