@@ -88,8 +88,9 @@ def rebuild_error(record: Record) -> TaskmanError:
 class Claimer:
     """A host's half: pull starts while there is room, claim, run, report.
 
-    ``run(record)`` starts the task locally and returns its pid, raising a
-    TaskmanError if it cannot (the record is then ``refused`` with it).
+    ``run(record)`` starts the task locally and returns its pid (setting
+    ``record.local_id`` to the host's own id for it, if it has one), raising
+    a TaskmanError if it cannot (the record is then ``refused`` with it).
     ``room()`` says how many more tasks this host takes now.
     """
 
@@ -160,17 +161,18 @@ class Claimer:
             self._settle(task_id, REFUSED, error=error)
             self._ack(message)
             return False
-        self._settle(task_id, RUNNING, pid=pid)
+        self._settle(task_id, RUNNING, pid=pid, local_id=record.local_id)
         self._ack(message)
         return True
 
-    def _settle(self, task_id: str, phase: str, pid: int = 0,
+    def _settle(self, task_id: str, phase: str, pid: int = 0, local_id: str = "",
                 error: Optional[TaskmanError] = None) -> None:
         def settle(record: Record) -> bool:
             if record.phase != CLAIMED or record.host != self.node:
                 return False  # already ended (a very short task) or taken as lost
             record.phase = phase
             record.pid = pid
+            record.local_id = local_id
             if phase == RUNNING:
                 record.start_time = time.time()
             if error is not None:

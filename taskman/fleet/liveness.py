@@ -168,26 +168,18 @@ def mark_lost(records: Records, live) -> list:
     return marked
 
 
-def end_previous_life(records: Records, node: str, keep=frozenset()) -> list:
-    """Record ``node``'s active tasks, other than ``keep``, as lost.
+def record_lost_on(records: Records, task_id: str, node: str) -> bool:
+    """Record the task lost if it is still active on ``node``; True if this
+    call did. For a host taking back its tasks after a restart: one its
+    manager cannot account for is lost (its heartbeat name stayed alive, so
+    no detector would find it)."""
+    def lose(current: Record) -> bool:
+        return current.on_host and current.host == node and _record_lost(current)
 
-    Called by a host as it (re)joins: a server restarted within the TTL
-    keeps its heartbeat alive under the same name, so nobody else would ever
-    find the tasks of its earlier life lost; its crash recovery ended them
-    locally, and the fleet id to local id map died with it. Returns the ids.
-    """
-    marked = []
-    for record in records.all():
-        if record.host != node or not record.on_host or record.id in keep:
-            continue
-
-        def lose(current: Record) -> bool:
-            return current.on_host and current.host == node and _record_lost(current)
-
-        if records.modify(record.id, lose)[1]:
-            marked.append(record.id)
-            log.warning("task %s recorded lost: its host %s restarted", record.id, node)
-    return marked
+    if records.modify(task_id, lose)[1]:
+        log.warning("task %s recorded lost: its host %s restarted without it", task_id, node)
+        return True
+    return False
 
 
 class LostDetector:

@@ -13,11 +13,12 @@ import asyncio
 import collections
 import logging
 import time
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, Optional, Tuple
 
 import gevent
 import gevent.event
 import nats.errors
+import nats.js.errors
 from nats.js.api import DeliverPolicy
 
 from taskman.errors import Unavailable
@@ -49,11 +50,11 @@ class Publisher:
     one was stored comes after it, which the follower puts back in order.
     """
 
-    def __init__(self, connection: Connection, task_id: str):
+    def __init__(self, connection: Connection, task_id: str, published: int = 0):
         self.connection = connection
         self.task_id = task_id
         self.subject = output_subject(task_id)
-        self.published = 0  # bytes handed to the fleet
+        self.published = published  # bytes handed to the fleet
         self._unconfirmed: collections.deque = collections.deque()  # [data, headers, future]
 
     def publish(self, chunk: Chunk) -> None:
@@ -234,6 +235,20 @@ async def _next_batch(subscription) -> list:
     while subscription.pending_msgs > 0 and len(batch) < BATCH:
         batch.append(await subscription.next_msg(timeout=POLL))
     return batch
+
+
+def stored_end(connection: Connection, task_id: str) -> Tuple[int, bool]:
+    """(where the output stored for the task ends, whether its end marker is
+    stored): where a host that re-adopts a task goes on publishing."""
+    try:
+        message = connection.call(connection.jetstream.get_last_msg(
+            OUTPUT_STREAM, output_subject(task_id)))
+    except nats.js.errors.NotFoundError:
+        return 0, False
+    headers = message.headers or {}
+    if END in headers:
+        return int(headers[END]), True
+    return int(headers[OFFSET]) + len(message.data or b""), False
 
 
 def forget(connection: Connection, task_id: str) -> None:

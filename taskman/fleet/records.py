@@ -73,6 +73,7 @@ class Record:
     phase: str = PENDING
     host: str = ""
     pid: int = 0
+    local_id: str = ""  # the id the host's own manager gave the task
     status: int = int(JobStatus.STARTED)
     exit_code: Optional[int] = None
     signal: str = ""

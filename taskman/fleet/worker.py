@@ -54,10 +54,8 @@ class Worker:
         return {"capacity": self.capacity, "running": len(self._running)}
 
     def start(self) -> "Worker":
-        # Tasks recorded on this node by an earlier life of this server were
-        # ended by its crash recovery: say so before claiming anything new.
-        liveness.end_previous_life(self.records, self.node, keep=set(self._local))
         self.heartbeat.start()
+        self.readopt()
 
         async def on_stop(message) -> None:
             gevent.spawn(self._answer_stop, message)  # manager calls block: a greenlet
@@ -86,16 +84,40 @@ class Worker:
         """The Claimer's ``run``: start locally; TaskmanError refuses."""
         task = self.manager.start(record.owner, record.command, record.args,
                                   separate_streams=record.separate_streams)
+        record.local_id = task.id
         self._local[record.id] = (task.id, record.owner)
         self._running[record.id] = record.owner
         gevent.spawn(self._follow_through, record.id, record.owner, task.id)
         return task.pid
 
-    def _follow_through(self, task_id: str, owner: str, local_id: str) -> None:
+    def readopt(self) -> None:
+        """Take back this node's tasks from an earlier life of this server
+        (a restart, a reload in place): its manager still knows them (still
+        running if adopted, ended by crash recovery otherwise), so their
+        output goes on from where the fleet's copy ends and their end is
+        recorded as it was. One its manager does not know is recorded lost."""
+        for record in self.records.all():
+            if record.host != self.node or not record.on_host or record.id in self._local:
+                continue
+            try:
+                self.manager.status(record.owner, record.local_id)
+            except TaskmanError:  # no local id yet, or forgotten: nobody can tell
+                liveness.record_lost_on(self.records, record.id, self.node)
+                continue
+            self._local[record.id] = (record.local_id, record.owner)
+            self._running[record.id] = record.owner
+            gevent.spawn(self._follow_through, record.id, record.owner, record.local_id,
+                         resume=True)
+            log.info("worker: task %s taken back from an earlier life", record.id)
+
+    def _follow_through(self, task_id: str, owner: str, local_id: str,
+                        resume: bool = False) -> None:
         """Pump the output to the fleet, then record how the task ended."""
         try:
-            output.Publisher(self.connection, task_id).pump(
-                self.manager.chunks(owner, local_id, follow=True))
+            offset, complete = output.stored_end(self.connection, task_id) if resume else (0, False)
+            if not complete:
+                output.Publisher(self.connection, task_id, offset).pump(
+                    self.manager.chunks(owner, local_id, offset=offset, follow=True))
             task = self.manager.status(owner, local_id)
             while task.running:  # the log ends a moment before the record
                 gevent.sleep(0.02)

@@ -1,14 +1,18 @@
 """FleetNode, what the composition root will build: parsing its options,
 joining, serving through the Backend interface, leaving."""
 
+import uuid
+
 import gevent
 import pytest
 
 from taskman.errors import ConfigError, NotFound
 from taskman.fleet import liveness, output
-from taskman.fleet.backend import wait_ended
+from taskman.fleet.backend import FleetBackend, wait_ended
 from taskman.fleet.connection import Settings
 from taskman.fleet.node import FleetNode, check_node_name, parse_servers
+from taskman.fleet.records import RUNNING, Record, Records
+from taskman.fleet.worker import Worker
 from taskman.manager import TaskManager
 from taskman.task import JobStatus
 
@@ -73,3 +77,33 @@ def test_retention_removes_the_record_and_output_from_the_fleet(cluster, tmp_pat
     finally:
         manager.shutdown(timeout=5)
         node.close()
+
+
+def test_a_restarted_host_takes_its_tasks_back(cluster, connect, tmp_path):
+    """A server restarted (or reloaded) under the same node name: a task its
+    manager knows gets its output and end into the fleet; one it does not
+    is recorded lost."""
+    manager = TaskManager(state_dir=str(tmp_path / "state"), stop_grace=1.0)
+    connection = connect("again")
+    records = Records(connection)
+    try:
+        local = manager.start("alice", "sh", ["-c", "echo from the earlier life"])
+        while manager.status("alice", local.id).running:
+            gevent.sleep(0.05)
+        known = Record(id=str(uuid.uuid4()), owner="alice", command="sh", args=[],
+                       phase=RUNNING, host=connection.settings.node, local_id=local.id)
+        unknown = Record(id=str(uuid.uuid4()), owner="alice", command="sh", args=[],
+                         phase=RUNNING, host=connection.settings.node)
+        records.create(known)
+        records.create(unknown)
+        worker = Worker(connection, manager, capacity=1).start()
+        try:
+            backend = FleetBackend(connection)
+            assert b"".join(backend.stream("alice", known.id)) == b"from the earlier life\n"
+            assert wait_ended(backend, "alice", known.id, 20).status == JobStatus.EXITED_OK
+            lost = backend.status("alice", unknown.id)
+            assert (lost.status, lost.source.value) == (JobStatus.UNKNOWN, "lost")
+        finally:
+            worker.stop()
+    finally:
+        manager.shutdown(timeout=5)
