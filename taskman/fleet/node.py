@@ -44,11 +44,15 @@ class FleetNode:
         self.worker = Worker(self.connection, self.manager, self.capacity).start()
         return self
 
-    def close(self) -> None:
-        """Leave the fleet: no more claims, heartbeat removed, connection closed."""
+    def close(self, leave: bool = True) -> None:
+        """Leave the fleet: no more claims, heartbeat removed, connection closed.
+
+        ``leave=False`` for a reload in place: the heartbeat key is left to
+        expire, so the tasks the next image takes back are not recorded lost
+        meanwhile (the reload must take less than the heartbeat TTL)."""
         if self.backend is not None:
             self.backend.shutdown()
         if self.worker is not None:
-            self.worker.stop()
+            self.worker.stop(leave=leave)
         if self.connection is not None:
             self.connection.close()

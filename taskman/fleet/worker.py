@@ -67,8 +67,9 @@ class Worker:
         self._sweeper = gevent.spawn(self._sweep_periodically)
         return self
 
-    def stop(self) -> None:
-        """Leave the fleet: take no more work; stop beating (a clean leave)."""
+    def stop(self, leave: bool = True) -> None:
+        """Take no more work; stop beating (``leave``: remove the heartbeat,
+        a clean leave; otherwise it expires after the TTL)."""
         self.claimer.stop()
         self.detector.stop()
         if self._sweeper is not None:
@@ -78,7 +79,7 @@ class Worker:
                 self.connection.call(self._subscription.unsubscribe(), 5.0)
             except Exception as error:  # the connection is going anyway
                 log.debug("worker: unsubscribe failed: %r", error)
-        self.heartbeat.stop(remove=True)
+        self.heartbeat.stop(remove=leave)
 
     def _run(self, record: Record) -> int:
         """The Claimer's ``run``: start locally; TaskmanError refuses."""
