@@ -16,7 +16,7 @@ import logging
 import os
 import signal
 import time
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Optional
 
 import gevent
 
@@ -62,18 +62,20 @@ def resume(entries: List) -> None:
         pipe.paused = False
 
 
-def capture(entries: List, port: int, grace: float, uids: Dict[str, int]) -> handover.Handover:
-    """The hand-over of ``entries`` (paused); never yields."""
+def capture(entries: List, port: int, deadlines: Dict[str, float],
+            uids: Dict[str, int]) -> handover.Handover:
+    """The hand-over of ``entries`` (paused); never yields. ``deadlines``:
+    task id -> when its stop's SIGKILL is due (taskman.reload.StopDeadlines)."""
     return handover.Handover(pid=os.getpid(), port=port,
-                             tasks=[_state(entry, grace, uids.get(entry.task.id, -1))
-                                    for entry in entries])
+                             tasks=[_state(entry, deadlines.get(entry.task.id),
+                                           uids.get(entry.task.id, -1)) for entry in entries])
 
 
-def _state(entry, grace: float, uid: int) -> handover.TaskState:
+def _state(entry, deadline: Optional[float], uid: int) -> handover.TaskState:
     task, proc, output, group = entry.task, entry.process, entry.log, entry.group
     kill_at = None
     if entry.sent_signal == signal.SIGTERM:
-        kill_at = entry.kill_at or (entry.stop_requested_at or time.monotonic()) + grace
+        kill_at = getattr(entry, "kill_at", None) or deadline or time.monotonic()
     return handover.TaskState(
         id=task.id, owner=task.owner, command=task.command, args=list(task.args), pid=proc.pid,
         start_time=task.start_time.isoformat(), start_identity=proc.start_identity, uid=uid,
@@ -127,11 +129,17 @@ def log_of(state: handover.TaskState, output_dir: str, max_bytes: int) -> Output
                     output.size, state.output_size)
     output.dropped, output.capped = state.output_dropped, state.output_capped
     output.write_error = state.output_error or None
-    output.resume_writing(max_bytes)
+    # Appending again where the old image stopped; the index goes on after
+    # its last record. (Here, not in output.py, only while that module is
+    # at its size limit: it belongs beside OutputLog's constructor.)
+    output._fd = os.open(output.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+    if output.index_path is not None:
+        output.index_fd = os.open(output.index_path, os.O_RDWR | os.O_CLOEXEC)
+    output.max_bytes, output.finished = max_bytes, False
     return output
 
 
-def group_of(state: handover.TaskState, driver: Driver) -> Group:
+def group_of(state: handover.TaskState) -> Group:
     """The task's groups as the old image made them."""
     if state.group_directories:
         group = CgroupGroup(state.id, dict(state.group_directories), state.slice_name)
@@ -186,17 +194,28 @@ def setup_driver(driver: Driver, spared: frozenset) -> None:
                           f"{len(spared)} task(s) a reload handed over")
 
 
-def entries(state: handover.Handover, processes: Dict[str, process.Process], make_entry,
-            output_dir: str, max_bytes: int, driver: Driver) -> List:
-    """The manager's entries (``make_entry(task, log, group, process)``)
-    for the handed-over tasks, their stops as the old image left them."""
+def entries(adopted, make_entry, output_dir: str, max_bytes: int) -> List:
+    """The manager's entries (``make_entry(task, log, group, process)``) for
+    the tasks ``adopted`` (hand-over, processes) names, their stops as the
+    old image left them; [] for None."""
+    if not adopted:
+        return []
+    state, processes = adopted
     made = []
     for handed in state.tasks:
         entry = make_entry(task_of(handed), log_of(handed, output_dir, max_bytes),
-                           group_of(handed, driver), processes[handed.id])
+                           group_of(handed), processes[handed.id])
         restore_stop(entry, handed)
         made.append(entry)
+    log.info("adopted %d running task(s) from the previous image", len(made))
     return made
+
+
+def run(entry, supervise, terminate, kill) -> None:
+    """Supervise an adopted task again, and go on with its stop if one began."""
+    gevent.spawn(supervise, entry)
+    if entry.stop_source is not None:
+        gevent.spawn(resume_stop, entry, terminate, kill)
 
 
 def adopt(path: str):

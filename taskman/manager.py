@@ -23,7 +23,7 @@ from typing import Dict, Iterable, Iterator, Optional
 import gevent
 import gevent.event
 
-from taskman import confinement, host, listing, output_quota, process, pump, recovery, retention, stopping
+from taskman import adoption, confinement, host, listing, output_quota, process, pump, recovery, retention, stopping
 from taskman.cgroups import Driver, Group
 from taskman.cgroups.none import ProcessGroupDriver
 from taskman.cgroups.slices import Owner
@@ -83,7 +83,7 @@ class TaskManager:
                  stop_grace: float = 10.0, admins: Iterable[str] = (ADMIN,),
                  search_path: str = process.DEFAULT_PATH, output_max_bytes: int = 0,
                  retention_age: float = retention.DEFAULT_AGE,
-                 retention_bytes: int = retention.DEFAULT_BUDGET, users=None, quotas=None):
+                 retention_bytes: int = retention.DEFAULT_BUDGET, users=None, quotas=None, adopted=None):
         self.state_dir = ensure_directory(state_dir or default_state_dir())
         self.output_dir = ensure_directory(os.path.join(self.state_dir, "output"))
         self.driver = driver or ProcessGroupDriver()
@@ -104,8 +104,13 @@ class TaskManager:
         host.become_subreaper()
         self.store = TaskStore(os.path.join(self.state_dir, "tasks.db"))
         self.confinement = confinement.Confinement(users, self.store)
-        self._recover()  # before setup(): it looks for the earlier life's processes
-        self.driver.setup()
+        self.entries = self._tasks.values  # what a reload hands over (taskman.adoption)
+        spared = adoption.spared(adopted)  # a reload's tasks: adopted, not recovered nor removed
+        self._recover(spared)  # before setup(): it looks for the earlier life's processes
+        adoption.setup_driver(self.driver, spared)
+        for entry in adoption.entries(adopted, _Entry, self.output_dir, self.output_max_bytes):
+            self._tasks[entry.task.id] = entry
+            adoption.run(entry, self._supervise, self._terminate, self._kill)
         self.prune()
         self._pruner = gevent.spawn(retention.sweep_periodically, self.prune, self.retention_age)
         if quotas is not None and quotas.limits.output_bytes:
@@ -369,11 +374,11 @@ class TaskManager:
         except Exception as error:  # noqa: BLE001 - sqlite3 raises many kinds
             log.error("task store: %s failed: %s", method.__name__, error)
 
-    def _recover(self) -> None:
+    def _recover(self, adopted: frozenset = frozenset()) -> None:
         """Load the records of an earlier life, ending the tasks it left running."""
         started = {task_id: identity for task_id, (_, identity) in self.store.processes().items()}
         for task, output in recovery.recover(self.store.load_all(), self.output_dir, self._persist,
-                                             started):
+                                             started, adopted):
             output.date_unindexed(task.start_time)
             self._tasks[task.id] = _Entry(task, output)
             self._finished_bytes += output.size

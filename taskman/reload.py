@@ -23,6 +23,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import gevent
@@ -282,6 +283,21 @@ def _reap(pid: int) -> Optional[int]:
 STOP_GRACE = 0.5  # seconds in-flight calls get before the exec; streams resume
 
 
+class StopDeadlines(dict):
+    """Task id -> when its stop's SIGKILL is due (time.monotonic(), which
+    is system-wide and so survives the exec): a manager listener."""
+
+    def __init__(self, grace: float):
+        super().__init__()
+        self.grace = grace
+
+    def __call__(self, event: str, task) -> None:
+        if event == "stopping":
+            self[task.id] = time.monotonic() + self.grace
+        elif event == "ended":
+            self.pop(task.id, None)
+
+
 class Reloader:
     """SIGHUP's handler and the reload it leads to.
 
@@ -291,13 +307,16 @@ class Reloader:
     server as it was: an ERROR line and a ``server.reload_refused`` event.
     """
 
-    def __init__(self, audit, wake: gevent.event.Event, options: Optional[List[str]] = None):
+    def __init__(self, manager, audit, wake: gevent.event.Event,
+                 options: Optional[List[str]] = None):
         self.audit = audit
         self.wake = wake
         self.options = list(sys.argv[1:] if options is None else options)
         self.guard = Guard()
         self.requested = False
         self.program = ""
+        self.stop_deadlines = StopDeadlines(manager.stop_grace)
+        manager.listeners.append(self.stop_deadlines)
 
     def request(self) -> None:
         with self.guard as first:
@@ -335,7 +354,7 @@ class Reloader:
 
         server.stop(grace=STOP_GRACE).wait(STOP_GRACE + 1)
         uids = {task_id: uid for task_id, (uid, _) in manager.store.processes().items()}
-        entries = manager.running()
+        entries = adoption.running(manager.entries())
         if not adoption.pause(entries):
             log.error("reload failed: task output still being written after %gs; "
                       "stopping as on SIGTERM", adoption.PAUSE_TIMEOUT)
@@ -345,7 +364,7 @@ class Reloader:
         # what the hand-over says must stay true.
         block_signal()
         try:
-            state = adoption.capture(entries, port, manager.stop_grace, uids)
+            state = adoption.capture(entries, port, self.stop_deadlines, uids)
             path = handover_format.write(state, state_dir)
             exec_image(self.program, self.options, path, state.fds)
         except (OSError, ReloadRefused) as error:

@@ -27,7 +27,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from taskman import private, tls, users
+from taskman import private, reload, tls, users
 from taskman.api import task_manager_pb2, task_manager_pb2_grpc
 from taskman.audit import AuditLog
 from taskman.cgroups import select_driver
@@ -49,9 +49,11 @@ SERVICE_NAME = task_manager_pb2.DESCRIPTOR.services_by_name["TaskManager"].full_
 log = logging.getLogger("taskman.server")
 
 
-def serve(settings: "Settings") -> int:
-    """Run the server until SIGTERM or SIGINT; return the exit status.
+def serve(settings: "Settings", adopted=None) -> int:
+    """Run the server until SIGTERM or SIGINT; return the exit status. On
+    SIGHUP, reload in place (taskman.reload): this returns only if that failed.
 
+    ``adopted``: the tasks a reload handed to this image (taskman.adoption).
     Raises ConfigError when the server cannot start.
     """
     stopping = gevent.event.Event()
@@ -82,7 +84,7 @@ def serve(settings: "Settings") -> int:
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.keepalive_timeout_ms", 20_000),
     ])
-    port = bind(server, settings.address, credentials)
+    port = bind(server, reload.address(settings.address, adopted), credentials)
     if not port:
         audit.close()
         raise ConfigError(f"cannot listen on {settings.address}: the address is in use "
@@ -105,7 +107,8 @@ def serve(settings: "Settings") -> int:
             state_dir=state_dir, driver=driver, stop_grace=settings.stop_grace,
             admins=settings.admins,
             output_max_bytes=settings.task_output_max, retention_age=settings.retention,
-            retention_bytes=settings.output_budget, users=task_users, quotas=quotas))
+            retention_bytes=settings.output_budget, users=task_users, quotas=quotas,
+            adopted=adopted))
     except ConfigError:
         audit.close()
         raise
@@ -158,8 +161,14 @@ def serve(settings: "Settings") -> int:
                  metrics=(f"{settings.metrics_host}:{metrics_server.server_address[1]}"
                           if metrics_server is not None else None))
 
+    reloader = reload.Reloader(manager, audit, stopping)
+    gevent.signal_handler(signal.SIGHUP, reloader.request)
+    reload.unblock_signal()  # blocked by the image that exec'd this one
     stopping.wait()
     watcher.kill()
+    if reloader.requested:
+        health_servicer.end_watches()
+        reloader.reexec(server, manager, port, state_dir)  # returns only if it failed
     health_servicer.enter_graceful_shutdown()  # NOT_SERVING to Watch streams and later Checks
     health_servicer.end_watches()
     audit.record("server.stop", pid=os.getpid())
