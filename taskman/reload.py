@@ -280,7 +280,7 @@ def _reap(pid: int) -> Optional[int]:
 # -- the procedure, for taskman.server (which passes its gRPC server in:
 # nothing here imports grpc)
 
-STOP_GRACE = 0.5  # seconds in-flight calls get before the exec; streams resume
+STOP_GRACE = 0.25  # seconds in-flight (unary, fast) calls get before the exec; streams resume
 
 
 class StopDeadlines(dict):

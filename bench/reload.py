@@ -1,0 +1,190 @@
+"""Reload in place under load: time from SIGHUP to the first answered call,
+the window in which calls were refused, and the longest pause a follower saw.
+
+Starts a taskman-server on a free loopback port with --tasks running tasks
+(``--counters`` of them write a counter every millisecond, the rest a line a
+second) and --followers ``taskman stream`` processes on the counters, then
+sends SIGHUP --reloads times. A probe thread calls GetTaskStatus every 10 ms;
+each follower's lines are timestamped as they arrive and checked to be the
+counter with no gap and no repeat.
+
+    /work/venv/bin/python bench/reload.py --tasks 1000 --followers 20
+
+The cgroup driver defaults to none: the cgroup drivers spare adopted tasks'
+groups only once their setup() takes ``spare`` (docs/operations.md).
+"""
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import certs_dir, fmt_ms, free_port, percentile  # noqa: E402
+
+COUNTER = ("import time\ni = 0\nwhile True:\n    print(i, flush=True)\n    i += 1\n"
+           "    time.sleep(0.001)\n")
+SLOW = "while :; do echo tick; sleep 1; done"
+BIN = os.path.dirname(sys.executable)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tasks", type=int, default=200)
+    parser.add_argument("--counters", type=int, default=4)
+    parser.add_argument("--followers", type=int, default=16)
+    parser.add_argument("--reloads", type=int, default=3)
+    parser.add_argument("--driver", default="none")
+    options = parser.parse_args()
+
+    os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "0"
+    certs = certs_dir()
+    from taskman.client import ClientError, TaskmanClient
+
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    workdir = tempfile.mkdtemp(prefix="taskman-bench-reload-")
+    log_path = os.path.join(workdir, "server.log")
+    env = dict(os.environ, TASKMAN_CERTS_DIR=certs)
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(
+            [os.path.join(BIN, "taskman-server"), "--server-address", address,
+             "--state-dir", os.path.join(workdir, "state"), "--cgroup-driver", options.driver,
+             "--cgroup-root", f"taskman-bench-{os.getpid()}", "--quota-running-tasks", "0",
+             "--quota-open-streams", "0", "--quota-calls-in-flight", "0", "--stop-grace", "2"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    # grpcio's default reconnect backoff (1 s, growing) would be measured
+    # instead of the server's own outage: the probe retries every 100 ms.
+    client = TaskmanClient(address, "client001", certs_dir=certs, timeout=5, options=[
+        ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 200)])
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client.list(limit=1)
+                break
+            except ClientError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise SystemExit(f"server did not start; see {log_path}") from None
+                time.sleep(0.1)
+        started = time.monotonic()
+        counters = [client.start("/usr/bin/python3", ["-c", COUNTER])
+                    for _ in range(options.counters)]
+        others = [client.start("sh", ["-c", SLOW])
+                  for _ in range(max(options.tasks - options.counters, 0))]
+        print(f"{len(counters) + len(others)} tasks started in "
+              f"{time.monotonic() - started:.1f}s", flush=True)
+        followers = [Follower(address, counters[index % len(counters)], env)
+                     for index in range(options.followers)]
+        for follower in followers:
+            follower.connected.wait(60)
+        probe = Probe(client, counters[0])
+        probe.start()
+        results = []
+        for _ in range(options.reloads):
+            time.sleep(2)
+            sent = time.monotonic()
+            server.send_signal(signal.SIGHUP)
+            answered = probe.first_answer_after(sent, timeout=60)
+            refused = probe.refused_window(sent)
+            results.append((answered - sent, refused))
+            print(f"SIGHUP -> first answered call {fmt_ms(answered - sent)}; calls refused "
+                  f"for {fmt_ms(refused)}", flush=True)
+        time.sleep(2)
+        probe.stop()
+        for task_id in counters + others:
+            client.stop(task_id, wait=0)
+        pauses = []
+        for follower in followers:
+            follower.process.wait(60)
+            pauses.append(follower.longest_pause())
+            follower.check()
+        print(f"followers: {len(followers)}, every one saw the counter with no gap and no "
+              f"repeat; longest pause p50 {fmt_ms(percentile(pauses, 0.5))}, "
+              f"max {fmt_ms(max(pauses))}")
+        print(f"SIGHUP -> first answer: max {fmt_ms(max(r[0] for r in results))}; "
+              f"refused window max {fmt_ms(max(r[1] for r in results))} "
+              f"({options.tasks} tasks, {options.reloads} reloads)")
+        return 0
+    finally:
+        client.close()
+        if server.poll() is None:
+            server.send_signal(signal.SIGTERM)
+            server.wait(60)
+
+
+class Follower:
+    """``taskman stream`` on a task; every line's arrival time is kept."""
+
+    def __init__(self, address: str, task_id: str, env: dict):
+        self.process = subprocess.Popen(
+            [os.path.join(BIN, "taskman"), "stream", task_id, "--user-id", "client001",
+             "--server-address", address], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            env=env)
+        self.lines = []
+        self.times = []
+        self.connected = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.times.append(time.monotonic())
+            self.lines.append(line)
+            self.connected.set()
+
+    def longest_pause(self) -> float:
+        return max((b - a for a, b in zip(self.times, self.times[1:], strict=False)), default=0.0)
+
+    def check(self) -> None:
+        numbers = [int(line) for line in self.lines]
+        if numbers != list(range(len(numbers))):
+            raise SystemExit("a follower saw a gap or a repeat")
+
+
+class Probe(threading.Thread):
+    """GetTaskStatus every 10 ms: (time, answered) for each attempt."""
+
+    def __init__(self, client, task_id: str):
+        super().__init__(daemon=True)
+        self.client, self.task_id = client, task_id
+        self.attempts = []
+        self.running = True
+
+    def run(self) -> None:
+        while self.running:
+            at = time.monotonic()
+            try:
+                self.client.status(self.task_id)
+                self.attempts.append((at, time.monotonic(), True))
+            except Exception:  # noqa: BLE001 - any failure is a refused call here
+                self.attempts.append((at, time.monotonic(), False))
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.running = False
+        self.join(10)
+
+    def first_answer_after(self, sent: float, timeout: float) -> float:
+        """When the first call that started after a refusal following ``sent`` was answered."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            after = [attempt for attempt in list(self.attempts) if attempt[0] >= sent]
+            failed = [index for index, attempt in enumerate(after) if not attempt[2]]
+            if failed and any(attempt[2] for attempt in after[failed[0]:]):
+                return next(attempt[1] for attempt in after[failed[0]:] if attempt[2])
+            time.sleep(0.05)
+        raise SystemExit("no answer after the reload")
+
+    def refused_window(self, sent: float) -> float:
+        failed = [attempt for attempt in self.attempts if attempt[0] >= sent and not attempt[2]]
+        return failed[-1][1] - failed[0][0] if failed else 0.0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
