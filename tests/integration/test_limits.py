@@ -43,11 +43,13 @@ def cli(limited):
 
 
 def task_directories(server: Server, task_id: str) -> list:
-    """The task's group in every hierarchy (v1 controllers, unified or v2)."""
+    """The task's group in every hierarchy (v1 controllers, unified or v2), inside
+    its user's slice."""
     root = server.command[server.command.index("--cgroup-root") + 1]
     found = []
     for depth in range(0, 6):
-        found += glob.glob(os.path.join("/sys/fs/cgroup", *["*"] * depth, root, task_id))
+        found += glob.glob(os.path.join("/sys/fs/cgroup", *["*"] * depth, root, "user-*",
+                                        task_id))
     return found
 
 

@@ -54,10 +54,11 @@ def owned_by(driver, owner):
     """Make every group the driver creates go into ``owner``'s slice; keep
     them, by task id, in ``driver.made``."""
     create = driver.create
+    forced = owner
     driver.made = {}
 
-    def create_owned(task_id, owner_=None):
-        group = driver.made[task_id] = create(task_id, owner=owner_ or owner)
+    def create_owned(task_id, owner=owner):  # the manager's owner, overridden by ours
+        group = driver.made[task_id] = create(task_id, owner=forced)
         return group
     driver.create = create_owned
     return driver
