@@ -120,11 +120,13 @@ def test_list_shows_own_tasks_newest_first_admin_sees_all(start_server):
 
 
 def test_retention_by_age_makes_finished_tasks_not_found(start_server):
-    cli = Cli(start_server("--retention", "1s"))
+    # Long enough that the ended task is seen before it expires, even when each
+    # CLI call takes a second on a loaded machine (1 s lost that race).
+    cli = Cli(start_server("--retention", "6s"))
     old = cli.start_id("client001", "echo", "old")
     running = cli.start_id("client001", "sleep", "300")
     cli.wait_ended(old)
-    wait_for(lambda: cli.run("get-status", old).returncode == 4, timeout=5,
+    wait_for(lambda: cli.run("get-status", old).returncode == 4, timeout=20,
              message="the finished task to expire")
     assert cli.status_row(running)["STATUS"] == "JOB_STATUS_STARTED"
 
