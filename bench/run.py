@@ -760,6 +760,9 @@ def render(bench: Bench, info: Dict[str, str], command: str, failures: Dict[str,
         "measurements taken side by side in that run; absolute times on a shared 2-core "
         "machine move from run to run.")
     add("")
+    add("Rows other issues record (fair sharing, the sandbox's start cost, before/after "
+        "comparisons) are in [benchmark-history.md](benchmark-history.md), which this bench "
+        "never overwrites.\n")
     add("## Machine")
     add("")
     for key in ("date", "cpus", "memory", "kernel", "cgroups", "driver", "server", "disk",
