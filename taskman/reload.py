@@ -145,16 +145,22 @@ class Guard:
         self.running = False
 
 
+# Blocked from just before the exec until the new image has its handlers.
+_HELD = {SIGNAL, signal.SIGTERM, signal.SIGINT}
+
+
 def block_signal() -> None:
-    """Block SIGHUP until the new image has its handler: a SIGHUP between
-    here and then would otherwise kill the server (its default action) and
-    orphan every task. The mask survives exec; spawned tasks get an empty one."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, {SIGNAL})
+    """Block SIGHUP (and SIGTERM, SIGINT) until the new image has its
+    handlers: a SIGHUP between here and then would kill the server (its
+    default action) and orphan every task; a SIGTERM would be lost, or kill
+    the new image before it could stop the tasks. The mask survives exec;
+    spawned tasks get an empty one."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
 
 
 def unblock_signal() -> None:
-    """After SIGHUP has its handler: a SIGHUP that came meanwhile is delivered now."""
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {SIGNAL})
+    """After the handlers are in: a signal that came meanwhile is delivered now."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)
 
 
 def exec_image(program: str, options: List[str], handover_path: str,
@@ -280,6 +286,7 @@ def _reap(pid: int) -> Optional[int]:
 # -- the procedure, for taskman.server (which passes its gRPC server in:
 # nothing here imports grpc)
 
+PAUSE_TIMEOUT = 10.0  # seconds for the pumps to put down what they read
 STOP_GRACE = 0.25  # seconds in-flight (unary, fast) calls get before the exec; streams resume
 
 
@@ -314,9 +321,16 @@ class Reloader:
         self.options = list(sys.argv[1:] if options is None else options)
         self.guard = Guard()
         self.requested = False
+        self.terminating = False  # SIGTERM or SIGINT came: no reload, a stop
         self.program = ""
+        self.manager = manager
         self.stop_deadlines = StopDeadlines(manager.stop_grace)
         manager.listeners.append(self.stop_deadlines)
+        for number in (signal.SIGTERM, signal.SIGINT):
+            gevent.signal_handler(number, self._terminate)
+
+    def _terminate(self) -> None:
+        self.terminating = True
 
     def request(self) -> None:
         with self.guard as first:
@@ -333,8 +347,29 @@ class Reloader:
                 failed = [line for line in text.splitlines() if "FAIL" in line] or \
                     text.splitlines()[-1:] or ["no output"]
                 return self._refuse(f"{program} --check failed: {'; '.join(failed)}")
+            # Paused while still serving: if the output cannot be put down,
+            # the server runs on as it was.
+            if not self._pause():
+                return self._refuse("task output still being written after "
+                                    f"{PAUSE_TIMEOUT:g}s")
+            if self.terminating:
+                self._resume()
+                return
             self.program, self.requested = program, True
             self.wake.set()
+
+    def _pause(self) -> bool:
+        from taskman import adoption  # loaded with the manager, long before any upgrade
+
+        if adoption.pause(adoption.running(self.manager.entries()), PAUSE_TIMEOUT):
+            return True
+        self._resume()
+        return False
+
+    def _resume(self) -> None:
+        from taskman import adoption
+
+        adoption.resume(adoption.running(self.manager.entries()))
 
     def _refuse(self, reason: str) -> None:
         log.error("reload refused, the server runs on unchanged: %s", reason)
@@ -350,14 +385,16 @@ class Reloader:
         log.info("reloading into %s: new calls refused for a moment, running tasks stay",
                  self.program)
         self.audit.record("server.reload", pid=os.getpid(), program=self.program)
-        from taskman import adoption  # it imports this module
+        from taskman import adoption  # loaded with the manager, long before any upgrade
 
         server.stop(grace=STOP_GRACE).wait(STOP_GRACE + 1)
         uids = {task_id: uid for task_id, (uid, _) in manager.store.processes().items()}
         entries = adoption.running(manager.entries())
-        if not adoption.pause(entries):
-            log.error("reload failed: task output still being written after %gs; "
-                      "stopping as on SIGTERM", adoption.PAUSE_TIMEOUT)
+        # Again: tasks started before the server stopped have pumps too.
+        if not adoption.pause(entries, PAUSE_TIMEOUT) or self.terminating:
+            if not self.terminating:
+                log.error("reload failed: task output still being written after %gs; "
+                          "stopping as on SIGTERM", PAUSE_TIMEOUT)
             adoption.resume(entries)
             return
         # From here to the exec nothing may yield: the pumps are paused, and
