@@ -2,9 +2,9 @@
 the window in which calls were refused, and the longest pause a follower saw.
 
 Starts a taskman-server on a free loopback port with --tasks running tasks
-(``--counters`` of them write a counter every millisecond, the rest a line a
-second) and --followers ``taskman stream`` processes on the counters, then
-sends SIGHUP --reloads times. A probe thread calls GetTaskStatus every 10 ms;
+(``--counters`` of them write a counter every millisecond, the rest sleep)
+and --followers ``taskman stream`` processes on the counters, then sends
+SIGHUP --reloads times. A probe thread calls GetTaskStatus every 10 ms;
 each follower's lines are timestamped as they arrive and checked to be the
 counter with no gap and no repeat.
 
@@ -29,7 +29,7 @@ from bench.common import certs_dir, fmt_ms, free_port, percentile  # noqa: E402
 
 COUNTER = ("import time\ni = 0\nwhile True:\n    print(i, flush=True)\n    i += 1\n"
            "    time.sleep(0.001)\n")
-SLOW = "while :; do echo tick; sleep 1; done"
+SLOW = "exec sleep 3600"
 BIN = os.path.dirname(sys.executable)
 
 
