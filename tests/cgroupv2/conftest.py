@@ -57,6 +57,17 @@ def service(delegated):
     guest.remove_tree(cg)
 
 
+@pytest.fixture(scope="session")
+def session_pki(tmp_path_factory):
+    """One PKI for the run, made with 2048-bit keys: under QEMU's emulation the
+    five RSA-4096 keys a server makes at first start took minutes, and timed
+    out the start of every end-to-end server on a loaded host. Each server
+    gets a copy in its state directory and loads it as a real one."""
+    from taskman import pki
+
+    return pki.PKI.open(str(tmp_path_factory.mktemp("pki") / "pki"), key_size=2048)
+
+
 @pytest.fixture(scope="module")
 def vda():
     """In the VM: its scratch disk /dev/vda (254:0) formatted ext4 and mounted

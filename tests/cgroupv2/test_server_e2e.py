@@ -55,10 +55,12 @@ if not (SERVER and CLI):
 
 
 @pytest.fixture
-def server(delegated, state_dir):
-    """taskman-server alone in a fresh group <own>/e2e-<pid>; SIGTERM at the end
-    must exit 0 and leave no task group behind."""
+def server(delegated, state_dir, session_pki):
+    """taskman-server alone in a fresh group <own>/e2e-<pid>, with a copy of the
+    run's PKI in its state directory; SIGTERM at the end must exit 0 and leave
+    no task group behind."""
     own, _ = delegated
+    session_pki.copy_to(os.path.join(state_dir, "pki"))
     service = f"{own}/e2e-{os.getpid()}"
     os.mkdir(service)
     device = detect.backing_devices([state_dir])[0]
@@ -111,7 +113,7 @@ def taskman(server, *args, timeout=120):
         argv = [CLI, "start", *options, "--", *rest]
     else:
         argv = [CLI, command, *rest, *options]
-    # The client bundles the server generated in its own state directory.
+    # The client bundles in the server's own state directory.
     env = {**os.environ, "TASKMAN_CERTS_DIR": server["certs"]}
     result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
     return result.returncode, result.stdout, result.stderr
