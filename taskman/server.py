@@ -27,7 +27,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from taskman import private, reload, tls, users
+from taskman import private, reload, reloading, tls, users
 from taskman.api import task_manager_pb2, task_manager_pb2_grpc
 from taskman.audit import AuditLog
 from taskman.cgroups import select_driver
@@ -51,7 +51,7 @@ log = logging.getLogger("taskman.server")
 
 def serve(settings: "Settings", adopted=None) -> int:
     """Run the server until SIGTERM or SIGINT; return the exit status. On
-    SIGHUP, reload in place (taskman.reload): this returns only if that failed.
+    SIGHUP, reload in place (taskman.reloading): this returns only if that failed.
 
     ``adopted``: the tasks a reload handed to this image (taskman.adoption).
     Raises ConfigError when the server cannot start.
@@ -161,7 +161,7 @@ def serve(settings: "Settings", adopted=None) -> int:
                  metrics=(f"{settings.metrics_host}:{metrics_server.server_address[1]}"
                           if metrics_server is not None else None))
 
-    reloader = reload.Reloader(manager, audit, stopping)
+    reloader = reloading.Reloader(manager, audit, stopping)
     gevent.signal_handler(signal.SIGHUP, reloader.request)
     reload.unblock_signal()  # blocked by the image that exec'd this one
     stopping.wait()
