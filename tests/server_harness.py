@@ -29,7 +29,7 @@ from support import poll_for
 from taskman import pki as pki_module
 from taskman.defaults import CERTS_DIR_VARIABLE
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 # The contract: the design document kept in docs/.
 RFD = REPO / "docs" / "RFD.md"
 DRIVER = os.environ.get("TASKMAN_TEST_CGROUP_DRIVER", "auto")

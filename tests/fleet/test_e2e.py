@@ -12,7 +12,6 @@ import hashlib
 import json
 import re
 import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -20,12 +19,10 @@ from pathlib import Path
 
 import nats_cluster
 import pytest
+import server_harness
 from cryptography import x509
 
 from taskman import pki
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-import server_harness  # noqa: E402
 
 CAPACITY = 4
 TTL = 15.0  # the default --fleet-heartbeat-ttl

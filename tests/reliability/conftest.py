@@ -1,5 +1,5 @@
 """Fixtures for the reliability tests: real taskman-server processes (reusing
-tests/integration/server_harness.py), raw gRPC stubs over mTLS, and probes
+tests/server_harness.py, shared with the integration and fleet suites), raw gRPC stubs over mTLS, and probes
 of what a server leaves behind (descriptors, zombies, output files, cgroups).
 
 As in tests/integration: gRPC's fork handlers off (the tests fork the CLI and
@@ -7,10 +7,8 @@ servers) and grpc's gevent integration on (tests/conftest.py patched gevent).
 """
 
 import os
-import sys
 
 os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "0"
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "integration"))
 
 import grpc  # noqa: E402
 import grpc.experimental.gevent  # noqa: E402

@@ -35,7 +35,7 @@ MAX_RECEIVE = 4 * 1024 * 1024
 # These suites load one user far past a person's normal work (200 streams,
 # 1,000 tasks at once): the per-user quotas are tested in test_fair_sharing.
 NO_USER_QUOTAS = ("--quota-open-streams", "0", "--quota-running-tasks", "0",
-                  "--quota-calls-in-flight", "0")
+                  "--quota-calls-in-flight", "0", "--quota-argument-bytes", "0")
 
 
 class ReliableServer(Server):
