@@ -226,3 +226,41 @@ def test_end_abandoned_kills_reaps_and_records(state_dir):
         assert os.fstat(read_end).st_ino != pipe_inode
     except OSError:
         pass
+
+
+# -- taskman.adoption: the manager's running tasks into a hand-over, and a log back
+
+def test_capture_after_pause_and_the_log_reopened_live(state_dir):
+    from taskman import adoption
+    from taskman.cgroups import select_driver
+    from taskman.manager import TaskManager
+    from taskman.output import Stream
+
+    manager = TaskManager(state_dir=state_dir, driver=select_driver("none"), stop_grace=1)
+    try:
+        task = manager.start("client001", "/bin/sh", ["-c", "seq 1 200; exec sleep 30"])
+        with gevent.Timeout(10):
+            while manager.status("client001", task.id).output_size < len(
+                    "".join(f"{i}\n" for i in range(1, 201))):
+                gevent.sleep(0.01)
+        entries = adoption.running(manager.entries())
+        assert [entry.task.id for entry in entries] == [task.id]
+        assert adoption.pause(entries, timeout=5)
+        state = adoption.capture(entries, 4321, {}, {task.id: 70001})
+        handed = state.tasks[0]
+        entry = entries[0]
+        assert (state.port, handed.pid, handed.uid) == (4321, task.pid, 70001)
+        assert handed.output_size == entry.log.size == 692
+        assert handed.index_records == entry.log.index_records >= 1
+        assert [pipe.fd for pipe in handed.pipes] == [pipe.fd for pipe in entry.process.outputs]
+        assert handed.stop_source == "" and handed.wait_status is None
+        # The next image's log: live, at the same size, its index going on.
+        reopened = adoption.log_of(handed, manager.output_dir, 0)
+        assert (reopened.size, reopened.index_records) == (692, handed.index_records)
+        reopened.append(b"after\n", Stream.COMBINED)
+        assert reopened.size == 698 and reopened.index_records == handed.index_records + 1
+        assert reopened.read(688) == b"200\nafter\n"
+        reopened.finish()
+        adoption.resume(entries)
+    finally:
+        manager.shutdown(timeout=1)
