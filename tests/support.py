@@ -102,3 +102,31 @@ def small_tmpfs(path, size):
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+
+
+def fixture(name: str) -> str:
+    """The path of fixture program ``name`` (tests/fixtures/), copied into a
+    0755 directory under /dev/shm that any task's uid can read (tasks may run
+    unprivileged, with a private /tmp, and the checkout may be unreadable)."""
+    global _fixture_copies
+    if _fixture_copies is None:
+        import atexit
+        import shutil
+        import tempfile
+
+        _fixture_copies = tempfile.mkdtemp(prefix="taskman-test-fixtures-", dir="/dev/shm")
+        os.chmod(_fixture_copies, 0o755)
+        atexit.register(shutil.rmtree, _fixture_copies, True)
+    path = os.path.join(_fixture_copies, name)
+    if not os.path.exists(path):
+        with open(os.path.join(FIXTURES, name), "rb") as source, open(path + ".new", "wb") as copy:
+            copy.write(source.read())
+        os.chmod(path + ".new", 0o755)
+        os.replace(path + ".new", path)
+    return path
+
+
+_fixture_copies = None

@@ -18,12 +18,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server_harness import Cli, Server, wait_for
 
+from support import fixture
 from taskman.api import task_manager_pb2 as pb
 from taskman.client import ClientError, TaskmanClient
 
 pytestmark = pytest.mark.timeout(240)
 
-TRAP_TERM = "trap '' TERM; echo ready; while :; do sleep 1; done"
 
 
 def client(server, user="client001"):
@@ -121,7 +121,7 @@ def test_many_slow_stops_do_not_hold_workers(tmp_path):
 
 def _slow_stops(server):
     flooder = client(server)
-    task_id = started(flooder, "sh", "-c", TRAP_TERM)
+    task_id = started(flooder, fixture("unkillable.sh"))
     stops = [gevent.spawn(flooder.stop, task_id, 0) for _ in range(40)]
     gevent.joinall(stops, timeout=60)
     # Every StopTask returned at once, though the task ignores SIGTERM for 30 s.

@@ -14,7 +14,7 @@ import gevent
 import gevent.event
 import pytest
 
-from support import poll_for, process_running
+from support import fixture, poll_for, process_running
 from taskman import cgroups
 from taskman.errors import CommandNotFound, InvalidArgument, NotExecutable, NotFound, Unavailable
 from taskman.manager import TaskManager
@@ -210,7 +210,7 @@ def test_stop_escalates_to_sigkill_when_sigterm_is_ignored(manager):
 
 
 def test_task_that_exits_cleanly_on_sigterm_reports_the_stop(manager):
-    task = manager.start("alice", "sh", ["-c", "trap 'exit 0' TERM; echo ready; while :; do sleep 0.05; done"])
+    task = manager.start("alice", fixture("term_then_exit.sh"))
     next(manager.stream("alice", task.id))
     done = manager.stop("alice", task.id)
     assert (done.status, done.exit_code, done.signal, done.source) == \
@@ -218,7 +218,7 @@ def test_task_that_exits_cleanly_on_sigterm_reports_the_stop(manager):
 
 
 def test_stop_kills_the_whole_tree(manager):
-    task = manager.start("alice", "sh", ["-c", "sleep 1000 & sleep 1000 & echo $!; wait"])
+    task = manager.start("alice", fixture("orphans.sh"))
     stream = manager.stream("alice", task.id)
     with gevent.Timeout(5):
         child = int(next(stream))
@@ -359,7 +359,7 @@ def test_stop_returns_within_its_bound_when_the_grace_is_long(state_dir, monkeyp
     monkeypatch.setattr(manager_module, "STOP_WAIT_MAX", 0.5)
     mgr = TaskManager(state_dir, driver=cgroups.select_driver("none"), stop_grace=60)
     try:
-        task = mgr.start("alice", "sh", ["-c", "trap '' TERM; echo ready; sleep 300"])
+        task = mgr.start("alice", fixture("unkillable.sh"))
         next(mgr.stream("alice", task.id))
         started = time.monotonic()
         assert mgr.stop("alice", task.id).running  # still in its grace period

@@ -16,13 +16,12 @@ import pytest
 from reliability_support import ReliableServer, wait_ended, wait_for
 from server_harness import Cli
 
-from support import process_running
+from support import fixture, process_running
 from taskman.api import task_manager_pb2 as pb
 
 pytestmark = pytest.mark.timeout(240)
 
 # ~6 MB/s: fast enough to matter, slow enough not to fill the disk in a test.
-FOREVER = "while :; do head -c 65536 /dev/zero; sleep 0.01; done"
 
 
 def start(stub, *command):
@@ -83,7 +82,7 @@ def test_clients_disconnecting_mid_stream_give_their_slots_back(start_server):
     limit = 4
     server = start_server("--max-streams", str(limit))
     channel, stub = server.stub()
-    task_id = start(stub, "sh", "-c", FOREVER)
+    task_id = start(stub, fixture("spew.sh"))
     disconnects = 0
     for round_ in range(20):  # cancelled calls and closed channels
         other, other_stub = server.stub()
