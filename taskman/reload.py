@@ -247,6 +247,8 @@ def end_abandoned(state: handover_format.Handover, record: Callable[[str, int], 
         for directory in directories:
             try:
                 cgroupfs.remove_directory(directory)
+                if task.slice_name:  # the user's slice, once no task is left in it
+                    cgroupfs.remove_if_unused(os.path.dirname(directory))
             except TaskmanError:
                 pass  # the next start's clean-up removes it
         record(task.id, status if status is not None else _KILLED)
