@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """Fair sharing (#16): a quiet user's GetTaskStatus while another user floods.
 
-    python bench/fairness.py [--rounds 2] [--phase-seconds 8] [--server PATH]
+    python bench/fairness.py [--rounds 3] [--phase-seconds 8] [--server PATH]
 
 Starts a real taskman-server (default quotas and limits, its own temp
 --state-dir and --cgroup-root, a free loopback port; needs root). client002
-starts one task of its own and calls GetTaskStatus on it in a loop. Rounds
-alternate a quiet phase (nothing else on the server) and a flood phase, in
-which a separate process (this script with --flood, so the flooder's threads
+starts one task of its own and calls GetTaskStatus on it in a loop. Each
+round (a fresh server) has a quiet phase (nothing else on the server), then a
+flood phase, in which a separate process (this script with --flood, so the flooder's threads
 never share a GIL with the timed calls) floods as client001:
 
 - tasks up to its running quota, refills refused at the quota;
@@ -51,12 +51,19 @@ HUGE_ARGUMENT = "x" * (300 * 1024)  # past the default 256 KiB argument quota
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=2, help="quiet+flood pairs")
+    parser.add_argument("--rounds", type=int, default=3, help="quiet+flood pairs")
     parser.add_argument("--phase-seconds", type=float, default=8.0,
                         help="seconds of timed calls in each phase")
     parser.add_argument("--pause", type=float, default=0.005,
                         help="seconds between the quiet user's calls")
     parser.add_argument("--server", default=None, help="taskman-server script to run")
+    parser.add_argument("--flood-nice", type=int, default=19,
+                        help="niceness of the flooding client process: its TLS and threads "
+                             "share this host's CPUs with the server, which a remote "
+                             "flooder's would not (0: compete as an equal)")
+    parser.add_argument("--skip", default=[], type=lambda text: [x for x in text.split(",") if x],
+                        help="kinds of flood left out, comma-separated: "
+                             "output,bomb,streams,stops,huge (to find what costs)")
     parser.add_argument("--flood", default=None, metavar="ADDRESS",
                         help=argparse.SUPPRESS)  # the flooding child process
     return parser.parse_args(argv)
@@ -68,13 +75,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 class Server:
     """taskman-server with default quotas, its own state dir and cgroup root."""
 
-    def __init__(self, workdir: str, script: str):
+    def __init__(self, workdir: str, script: str, name: str):
         self.port = common.free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = os.path.join(workdir, "taskman-server.log")
         self.command = [sys.executable, script, "--server-address", self.address,
                         "--state-dir", os.path.join(workdir, "state"),
-                        "--cgroup-root", f"taskman-fairness-{os.getpid()}",
+                        "--cgroup-root", f"taskman-fairness-{os.getpid()}-{name}",
                         "--stop-grace", "2", "--quota-output-bytes", OUTPUT_QUOTA]
         self.proc = None
 
@@ -107,8 +114,8 @@ def _script(explicit) -> str:
 # -- the flooding process
 
 
-def flood(address: str) -> None:
-    """Run every kind of flood as FLOOD_USER until stdin closes."""
+def flood(address: str, skip: List[str]) -> None:
+    """Run every kind of flood (but ``skip``) as FLOOD_USER until stdin closes."""
     from taskman.client import ClientError, TaskmanClient
 
     client = TaskmanClient(address, FLOOD_USER, timeout=30)
@@ -120,23 +127,27 @@ def flood(address: str) -> None:
         with lock:
             counts[name] = counts.get(name, 0) + 1
 
-    def start(command: str, *args: str):
+    def start(kind: str, command: str, *args: str):
         try:
-            return client.start(command, list(args))
+            task = client.start(command, list(args))
+            count(f"{kind} started")
+            return task
         except ClientError as error:
-            count(f"start refused ({error.code.name})")
+            count(f"{kind} refused ({error.code.name})")
             return None
 
-    writer = start(PYTHON, "-c", FAST_WRITER)
-    start(PYTHON, "-c", FAST_WRITER)  # the output flood: capped by the output quota
-    start("/bin/sh", "-c", FORK_BOMB)
+    writer = start("fast writer", PYTHON, "-c", FAST_WRITER)
+    if "output" not in skip:
+        start("output flood", PYTHON, "-c", FAST_WRITER)  # capped by the output quota
+    if "bomb" not in skip:
+        start("fork bomb", "/bin/sh", "-c", FORK_BOMB)
     trapping: List[str] = []
     for _ in range(STOP_THREADS * 2):
-        task = start("/bin/sh", "-c", TRAP_TERM)
+        task = start("TERM trap", "/bin/sh", "-c", TRAP_TERM)
         if task:
             trapping.append(task)
-    while start("/bin/sleep", "600"):  # the rest of the running quota
-        count("quota filler")
+    while start("quota filler", "/bin/sleep", "600"):  # the rest of the running quota
+        pass
 
     def stream() -> None:
         try:
@@ -148,7 +159,7 @@ def flood(address: str) -> None:
             count(f"stream ended ({error.code.name})")
 
     def stopper(index: int) -> None:
-        while not done.is_set():
+        while not done.is_set() and trapping:
             task = trapping[index % len(trapping)]
             try:
                 client.stop(task, wait=0)
@@ -159,7 +170,7 @@ def flood(address: str) -> None:
 
     def refill() -> None:
         while not done.is_set():
-            task = start("/bin/sh", "-c", TRAP_TERM)
+            task = start("TERM trap refill", "/bin/sh", "-c", TRAP_TERM)
             if task:
                 trapping.append(task)
             else:
@@ -167,13 +178,17 @@ def flood(address: str) -> None:
 
     def huge() -> None:
         while not done.is_set():
-            start("/bin/echo", HUGE_ARGUMENT)
+            start("huge argument", "/bin/echo", HUGE_ARGUMENT)
 
-    threads = [threading.Thread(target=stream, daemon=True) for _ in range(33)]
-    threads += [threading.Thread(target=stopper, args=(i,), daemon=True)
-                for i in range(STOP_THREADS)]
-    threads += [threading.Thread(target=refill, daemon=True),
-                threading.Thread(target=huge, daemon=True)]
+    threads = []
+    if "streams" not in skip:
+        threads += [threading.Thread(target=stream, daemon=True) for _ in range(33)]
+    if "stops" not in skip:
+        threads += [threading.Thread(target=stopper, args=(i,), daemon=True)
+                    for i in range(STOP_THREADS)]
+        threads.append(threading.Thread(target=refill, daemon=True))
+    if "huge" not in skip:
+        threads.append(threading.Thread(target=huge, daemon=True))
     for thread in threads:
         thread.start()
     time.sleep(1)  # every kind under way before the timed calls begin
@@ -198,36 +213,50 @@ def timed_status(client, task_id: str, seconds: float, pause: float) -> List[flo
     return samples
 
 
-def end_flood(admin, timeout: float = 60) -> None:
-    """Stop every running task of FLOOD_USER and wait until none runs."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        running = admin.list(statuses=["JOB_STATUS_STARTED"], owner=FLOOD_USER)
-        if not running:
-            return
-        for task in running:
-            try:
-                admin.stop(task.task_id, wait=0)
-            except Exception:  # noqa: BLE001 - it may have ended meanwhile
-                pass
-        time.sleep(1)
-    raise TimeoutError(f"{FLOOD_USER}'s tasks still running after {timeout}s")
-
-
 def loadavg() -> str:
     with open("/proc/loadavg") as handle:
         return " ".join(handle.read().split()[:3])
 
 
+def one_round(args, workdir: str, script: str):
+    """A quiet phase then a flood phase on one fresh server: (quiet, flooded, counts)."""
+    from taskman.client import TaskmanClient
+
+    os.makedirs(workdir)
+    with Server(workdir, script, os.path.basename(workdir)) as server:
+        try:
+            with TaskmanClient(server.address, QUIET_USER) as client:
+                own = client.start("/bin/sleep", "3600")
+                timed_status(client, own, 1.0, args.pause)  # warm the channel
+                calm = timed_status(client, own, args.phase_seconds, args.pause)
+                flooder = subprocess.Popen(
+                    [sys.executable, os.path.abspath(__file__), "--flood", server.address,
+                     "--skip", ",".join(args.skip)],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                    start_new_session=True, preexec_fn=lambda: os.nice(args.flood_nice))
+                try:
+                    ready = flooder.stdout.readline()
+                    if "flooding" not in ready:
+                        raise RuntimeError(f"flooder did not start: {ready!r}")
+                    busy = timed_status(client, own, args.phase_seconds, args.pause)
+                    flooder.stdin.close()
+                    counts = json.loads(flooder.stdout.readline() or "{}").get("counts", {})
+                finally:
+                    common.stop_process(flooder, grace=5)
+        except BaseException:
+            print(server.log_tail(), file=sys.stderr)
+            raise
+    return calm, busy, counts
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.flood:
-        flood(args.flood)
+        flood(args.flood, args.skip)
         return 0
     if os.geteuid() != 0:
         raise SystemExit("needs root (cgroups, tasks as unprivileged uids)")
     common.certs_dir()  # the server and the flooder inherit $TASKMAN_CERTS_DIR
-    from taskman.client import TaskmanClient
 
     workdir = tempfile.mkdtemp(prefix="taskman-bench-fairness-")
     script = _script(args.server)
@@ -237,61 +266,34 @@ def main(argv=None) -> int:
     loads = [loadavg()]
     began = time.monotonic()
     try:
-        with Server(workdir, script) as server:
-            with TaskmanClient(server.address, QUIET_USER) as client, \
-                    TaskmanClient(server.address, "admin") as admin:
-                own = client.start("/bin/sleep", "3600")
-                timed_status(client, own, 1.0, args.pause)  # warm the channel
-                for _ in range(args.rounds):
-                    calm = timed_status(client, own, args.phase_seconds, args.pause)
-                    flooder = subprocess.Popen(
-                        [sys.executable, os.path.abspath(__file__), "--flood", server.address],
-                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                        start_new_session=True)
-                    try:
-                        ready = flooder.stdout.readline()
-                        if "flooding" not in ready:
-                            raise RuntimeError(f"flooder did not start: {ready!r}")
-                        loads.append(loadavg())
-                        busy = timed_status(client, own, args.phase_seconds, args.pause)
-                        flooder.stdin.close()
-                        counts = json.loads(flooder.stdout.readline() or "{}").get("counts", {})
-                    finally:
-                        common.stop_process(flooder, grace=5)
-                    end_flood(admin)
-                    quiet += calm
-                    flooded += busy
-                    rounds.append((calm, busy, counts))
-                    print(f"round {len(rounds)}: quiet p99 {percentile(calm, 0.99) * 1000:.2f} ms, "
-                          f"flood p99 {percentile(busy, 0.99) * 1000:.2f} ms; flood: {counts}",
-                          file=sys.stderr, flush=True)
-                client.stop(own, wait=0)
-    except BaseException:
-        print(server_log_tail(workdir), file=sys.stderr)
-        raise
+        for index in range(args.rounds):
+            # A fresh server each round: the flood leaves client001 over its
+            # output quota (finished logs stay on disk), refusing its next starts.
+            calm, busy, counts = one_round(args, os.path.join(workdir, str(index)), script)
+            loads.append(loadavg())
+            quiet += calm
+            flooded += busy
+            rounds.append((calm, busy, counts))
+            print(f"round {len(rounds)}: quiet p99 {percentile(calm, 0.99) * 1000:.2f} ms, "
+                  f"flood p99 {percentile(busy, 0.99) * 1000:.2f} ms; flood: {counts}",
+                  file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    loads.append(loadavg())
-    print(report(quiet, flooded, rounds, loads, time.monotonic() - began))
+    print(report(quiet, flooded, rounds, loads, time.monotonic() - began, args.flood_nice,
+                 args.skip))
     return 0
 
 
-def server_log_tail(workdir: str) -> str:
-    try:
-        with open(os.path.join(workdir, "taskman-server.log"), errors="replace") as handle:
-            return handle.read()[-2000:]
-    except OSError:
-        return ""
-
-
-def report(quiet, flooded, rounds, loads, elapsed) -> str:
+def report(quiet, flooded, rounds, loads, elapsed, nice, skip) -> str:
     def ms(values, fraction):
         return f"{percentile(values, fraction) * 1000:.2f} ms"
 
     ratio = common.ratio(percentile(flooded, 0.99), percentile(quiet, 0.99))
     lines = [
         f"GetTaskStatus of {QUIET_USER} on its own task, {len(rounds)} interleaved quiet/flood "
-        f"rounds, {elapsed:.0f} s; load average (1/5/15 min) {' -> '.join(loads)}",
+        f"rounds, {elapsed:.0f} s, flooding client at nice {nice}"
+        f"{', without ' + ','.join(skip) if skip else ''}; load average "
+        f"(1/5/15 min, the flood's own fork bomb included) {' -> '.join(loads)}",
         "",
         "| phase | calls | p50 | p99 |",
         "|---|---|---|---|",
