@@ -11,7 +11,6 @@ cgroups, its stop (``resume_stop``: a stop keeps its source and deadline).
 """
 
 import datetime
-import inspect
 import logging
 import os
 import signal
@@ -23,7 +22,6 @@ import gevent
 from taskman import handover, process, reload
 from taskman.cgroups import Driver, Group
 from taskman.cgroups.hierarchy import CgroupGroup
-from taskman.errors import CgroupError
 from taskman.output import OutputLog, reopen_log
 from taskman.task import Source, Task
 
@@ -177,21 +175,8 @@ def spared(adopted) -> frozenset:
 
 
 def setup_driver(driver: Driver, spared: frozenset) -> None:
-    """``driver.setup()``, sparing the adopted tasks' groups from its clean-up.
-
-    A driver whose setup() cannot spare them (it would kill them as left by
-    an earlier run) is refused with CgroupError: the tasks are then ended
-    cleanly (``last_resort``), not killed behind the manager's back.
-    """
-    if not spared:
-        driver.setup()
-    elif "spare" in inspect.signature(driver.setup).parameters:
-        driver.setup(spare=spared)
-    elif type(driver).setup is Driver.setup:
-        driver.setup()  # removes nothing (the none driver)
-    else:
-        raise CgroupError(f"the {driver.name} cgroup driver cannot spare the groups of the "
-                          f"{len(spared)} task(s) a reload handed over")
+    """``driver.setup()``, sparing the adopted tasks' groups from its clean-up."""
+    driver.setup(spare=spared)
 
 
 def entries(adopted, make_entry, output_dir: str, max_bytes: int) -> List:

@@ -89,9 +89,10 @@ class Driver(abc.ABC):
     name = "abstract"
     limits: Optional[Limits] = None
 
-    def setup(self) -> int:
+    def setup(self, spare: frozenset = frozenset()) -> int:
         """Prepare the driver's root; remove groups left by an earlier run of
-        this server (killing their processes). Return how many were removed."""
+        this server (killing their processes), except those of the tasks in
+        ``spare`` (a reload adopted them). Return how many were removed."""
         return 0
 
     @abc.abstractmethod

@@ -88,7 +88,7 @@ class HierarchyDriver(Driver):
 
     # -- start-up
 
-    def setup(self) -> int:
+    def setup(self, spare: frozenset = frozenset()) -> int:
         if not self._locks:
             try:
                 for hierarchy in self.hierarchies:
@@ -97,7 +97,7 @@ class HierarchyDriver(Driver):
             except BaseException:
                 self._unlock()
                 raise
-        removed = self._remove_stale()
+        removed = self._remove_stale(spare)
         # After the clean-up: v1 refuses a root CPU quota below a child's.
         for hierarchy in self.hierarchies:
             for setting in hierarchy.root_settings:
@@ -110,9 +110,11 @@ class HierarchyDriver(Driver):
         """Make the hierarchy's base directory (the server's own cgroup is its parent)."""
         cgroupfs.make_directory(hierarchy.base)
 
-    def _remove_stale(self) -> int:
+    def _remove_stale(self, spare: frozenset = frozenset()) -> int:
         """Kill and remove task groups an earlier run left under our bases,
-        directly there or in a user slice; then the emptied slices.
+        directly there or in a user slice; then the emptied slices. The
+        groups of the tasks in ``spare`` (adopted by a reload) and their
+        slices are kept.
 
         Only directories named like task ids or slices are touched: the bases
         are ours, but an operator's or another tool's directory there (or in
@@ -120,14 +122,18 @@ class HierarchyDriver(Driver):
         """
         stale = set()
         slice_names = set()
+        kept_slices = set()
         for hierarchy in self.hierarchies:
             for name in cgroupfs.subgroups(hierarchy.base):
                 if is_task_id(name):
-                    stale.add((None, name))
+                    if name not in spare:
+                        stale.add((None, name))
                 elif slices.is_slice_name(name):
                     slice_names.add(name)
                     for inner in cgroupfs.subgroups(os.path.join(hierarchy.base, name)):
-                        if is_task_id(inner):
+                        if is_task_id(inner) and inner in spare:
+                            kept_slices.add(name)
+                        elif is_task_id(inner):
                             stale.add((name, inner))
                         else:
                             log.warning("leaving %s alone: not a task group",
@@ -146,7 +152,7 @@ class HierarchyDriver(Driver):
                 time.sleep(0.005)
             self.remove(group)
             log.info("removed task group %s left by an earlier run", task_id)
-        for slice_name in sorted(slice_names):
+        for slice_name in sorted(slice_names - kept_slices):
             for hierarchy in self.hierarchies:
                 directory = os.path.join(hierarchy.base, slice_name)
                 if cgroupfs.exists(directory) and not cgroupfs.remove_if_unused(directory):

@@ -6,7 +6,6 @@ reload: one that reports another version, one whose --check fails, one that
 cannot start. Tasks run /usr/bin/python3 or sh as unprivileged uids.
 """
 
-import inspect
 import os
 import re
 import signal
@@ -15,10 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-from server_harness import DRIVER, Cli, Server, started_servers, wait_for
+from server_harness import Cli, Server, started_servers, wait_for
 
 from support import process_running
-from taskman.cgroups.hierarchy import HierarchyDriver
 
 COUNTER = ("import time\n"
            "i = 0\n"
@@ -27,13 +25,6 @@ COUNTER = ("import time\n"
            "    i += 1\n"
            "    time.sleep(0.001)\n")
 RELOAD_TIMEOUT = 30.0
-
-# Adopting needs a cgroup driver whose setup() spares the adopted tasks'
-# groups; without it the new image refuses them and ends them cleanly (the
-# last test's outcome). Strict: remove this once the drivers take ``spare``.
-adopts = pytest.mark.xfail(
-    DRIVER != "none" and "spare" not in inspect.signature(HierarchyDriver.setup).parameters,
-    reason="the cgroup drivers' setup() cannot spare adopted task groups yet", strict=True)
 
 SCRIPT = """#!{python}
 import os
@@ -113,7 +104,6 @@ def stream_count(server: ReloadableServer, cli: Cli, task_id: str) -> int:
     return int(result.stdout.split()[-1])
 
 
-@adopts
 def test_reload_keeps_the_task_and_the_follower_sees_every_byte_once(start):
     server = start()
     cli = Cli(server)
@@ -141,7 +131,6 @@ def test_reload_keeps_the_task_and_the_follower_sees_every_byte_once(start):
     print(f"SIGHUP to listening again: {took:.2f}s")
 
 
-@adopts
 def test_three_reloads_under_many_followers(start):
     followers_count = int(os.environ.get("TASKMAN_TEST_RELOAD_FOLLOWERS", "16"))
     server = start()
@@ -164,7 +153,6 @@ def test_three_reloads_under_many_followers(start):
     assert server.log().count("adopted 4 running task(s)") == 3
 
 
-@adopts
 def test_reload_while_a_task_is_stopping_keeps_its_grace(start):
     server = start("--stop-grace", "9")
     cli = Cli(server)
