@@ -4,6 +4,8 @@ import json
 import os
 import signal
 import stat
+import subprocess
+import sys
 import time
 
 import gevent
@@ -137,18 +139,23 @@ def test_guard_admits_one_reload_at_a_time():
 
 
 def test_blocked_signal_waits_until_unblocked():
-    received = []
-    previous = signal.signal(signal.SIGHUP, lambda *_: received.append(1))
-    try:
-        reload.block_signal()
-        os.kill(os.getpid(), signal.SIGHUP)
-        assert received == []
-        assert signal.SIGHUP in signal.sigpending()
-        reload.unblock_signal()
-        assert received == [1]
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
-        signal.signal(signal.SIGHUP, previous)
+    # In a fresh interpreter: here, thread pools of other tests may take a
+    # process-wide signal that this thread blocks.
+    program = (
+        "import os, signal\n"
+        "from taskman import reload\n"
+        "received = []\n"
+        "signal.signal(signal.SIGHUP, lambda *_: received.append(1))\n"
+        "reload.block_signal()\n"
+        "os.kill(os.getpid(), signal.SIGHUP)\n"
+        "assert received == [], received\n"
+        "assert signal.SIGHUP in signal.sigpending()\n"
+        "reload.unblock_signal()\n"
+        "assert received == [1], received\n"
+        "print('ok')\n")
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0 and result.stdout == "ok\n", result.stderr
 
 
 def _spawn(*argv):
