@@ -22,15 +22,18 @@ log = logging.getLogger("taskman.manager")
 def terminate(entry, driver, grace: float, notify: Callable, safely: Callable) -> None:
     """SIGTERM the whole task, SIGKILL it after ``grace`` seconds (at once if 0).
 
-    The main process also gets each signal through its pidfd, in case it left
-    its groups (reported as an ``escaped`` event through ``notify``). A task
+    A main process that left its groups (reported as an ``escaped`` event
+    through ``notify``) gets SIGTERM through its pidfd instead; one still in
+    them gets it once, with its group (a second SIGTERM reads as "force quit"
+    to many programs). SIGKILL goes both ways. A task
     that already ended is left alone: this runs in a greenlet of its own, which
     may start after the task's supervisor has recorded the end.
     """
     proc, group = entry.process, entry.group
     if proc is None or entry.ended.is_set():
         return  # ended before the stop got here: nothing to signal
-    if confinement.left_group(group, proc.pid, proc.start_identity):
+    escaped = confinement.left_group(group, proc.pid, proc.start_identity)
+    if escaped:
         log.warning("task %s: its main process %d is outside the task's cgroups",
                     entry.task.id, proc.pid)
         notify(confinement.ESCAPED, entry.task.snapshot())
@@ -38,7 +41,8 @@ def terminate(entry, driver, grace: float, notify: Callable, safely: Callable) -
         entry.sent_signal = signal.SIGTERM
         if group is not None:
             safely(driver.signal, group, signal.SIGTERM)
-        proc.signal(signal.SIGTERM)
+        if escaped or group is None:
+            proc.signal(signal.SIGTERM)
         if proc.wait(grace) is not None:
             return  # the supervisor kills whatever is left
     entry.sent_signal = signal.SIGKILL

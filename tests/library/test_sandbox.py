@@ -88,17 +88,19 @@ def test_task_runs_as_its_uid_without_groups_capabilities_or_cores(confined):
 
 def test_private_tmp_is_fresh_per_task_and_gone_after(confined, tmp_path):
     marker = "/tmp/taskman-sandbox-test-marker"
+    # A name nothing on the host has: the poll below must see the task's own file.
+    mine = f"/tmp/taskman-sandbox-test-{os.getpid()}-{id(tmp_path)}"
     with open(marker, "w"):
         pass
     try:
-        first = Task(confined, "stat -f -c %T /tmp /var/tmp; ls -A /tmp /var/tmp; echo secret > /tmp/mine;"
-                               " exec sleep 30")
-        poll_for(lambda: _has_file(first.pid, "/tmp/mine"), message="the first task's file")
+        first = Task(confined, "stat -f -c %T /tmp /var/tmp; ls -A /tmp /var/tmp; "
+                               f"echo secret > {mine}; exec sleep 30")
+        poll_for(lambda: _has_file(first.pid, mine), message="the first task's file")
         mount_namespace = os.readlink(f"/proc/{first.pid}/ns/mnt")
         assert mount_namespace != os.readlink("/proc/self/ns/mnt")
-        code, output = run(confined, "ls -A /tmp /var/tmp; cat /tmp/mine")
+        code, output = run(confined, f"ls -A /tmp /var/tmp; cat {mine}")
         assert code != 0 and "secret" not in output, output
-        assert not os.path.exists("/tmp/mine")
+        assert not os.path.exists(mine)
         os.killpg(first.pid, signal.SIGKILL)
         _, first_output = first.finish()
     finally:
