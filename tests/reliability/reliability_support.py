@@ -111,10 +111,20 @@ class ReliableServer(Server):
         return [path for path in self._root_dirs if os.path.isdir(path)]
 
     def task_groups(self) -> List[str]:
-        """Every task group (directory named like a task id) under the roots."""
-        return sorted(os.path.join(root, name) for root in self.root_dirs()
-                      for name in os.listdir(root)
-                      if os.path.isdir(os.path.join(root, name)) and is_task_id(name))
+        """Every task group (directory named like a task id) under the roots,
+        directly or inside a user's slice (user-<key>/)."""
+        found = []
+        for root in self.root_dirs():
+            for name in os.listdir(root):
+                path = os.path.join(root, name)
+                if not os.path.isdir(path):
+                    continue
+                if is_task_id(name):
+                    found.append(path)
+                elif name.startswith("user-"):
+                    found += [os.path.join(path, inner) for inner in os.listdir(path)
+                              if is_task_id(inner) and os.path.isdir(os.path.join(path, inner))]
+        return sorted(found)
 
     def output_files(self) -> List[str]:
         """Task ids that have an output file (every file in output/ listed)."""
