@@ -67,12 +67,13 @@ def fill_stream_slots(stubs, task_id, count, timeout=30.0):
 
 
 def assert_clean(server, stub):
-    """Answers, no zombie, no task group of an ended task."""
+    """Answers, no zombie, no task group of an ended task (waited for: StopTask
+    returns once the stop is signalled, and a group goes just after its end)."""
     assert server.alive()
     wait_for(lambda: server.zombies() == [], 10, "no zombie children")
-    assert server.task_groups() == [] or all(
-        status(stub, path.rsplit("/", 1)[1]).status == pb.JOB_STATUS_STARTED
-        for path in server.task_groups())
+    wait_for(lambda: all(status(stub, path.rsplit("/", 1)[1]).status == pb.JOB_STATUS_STARTED
+                         for path in server.task_groups()), 10,
+             "no task group of an ended task")
 
 
 # -- clients that vanish
