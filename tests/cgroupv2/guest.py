@@ -117,3 +117,12 @@ def remove_tree(cg, timeout=10.0):
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
+
+
+def task_group(base, task_id):
+    """A task's group under ``base``: inside its user's slice (user-<key>/),
+    else directly under it (the path it would have)."""
+    import glob
+
+    found = glob.glob(f"{base}/user-*/{task_id}")
+    return found[0] if found else f"{base}/{task_id}"

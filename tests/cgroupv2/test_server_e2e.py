@@ -155,7 +155,7 @@ def test_server_and_cli_on_cgroup_v2(server):
     row = get_status(server, task_id)
     assert row["STATUS"] == "JOB_STATUS_STARTED"
     pid = int(row["PID"])
-    group = f"{base}/{task_id}"
+    group = guest.task_group(base, task_id)
     assert guest.relative_cgroup(pid) == group[len(guest.CG_ROOT):]
     assert guest.read(f"{group}/memory.max").strip() == str(64 << 20)
     assert guest.read(f"{group}/cpu.max").split() == ["200000", "1000000"]
@@ -192,7 +192,7 @@ def test_tasks_are_sandboxed_on_cgroup_v2(server, state_dir):
     leave its group nor kill another task's, nor read the server's state."""
     base = f"{server['service']}/{ROOT}"
     victim = start(server, "sh", "-c", "echo alive; exec sleep 1000")
-    victim_group = f"{base}/{victim}"
+    victim_group = guest.task_group(base, victim)
     poll_for(lambda: len(guest.procs(victim_group)) == 1, timeout=30, message="the victim to start")
     script = (f"id -u; echo $$ > {guest.CG_ROOT}/cgroup.procs; echo $$ > {base}/cgroup.procs;"
               f" echo $$ > {server['service']}/cgroup.procs; echo 1 > {victim_group}/cgroup.kill;"
@@ -207,7 +207,8 @@ def test_tasks_are_sandboxed_on_cgroup_v2(server, state_dir):
     assert lines[0].isdigit() and lines[0] != "0", out
     assert out.count("Permission denied") >= 6, out
     assert "PRIVATE KEY" not in out and "SQLite" not in out, out
-    assert f"{base[len(guest.CG_ROOT):]}/{attacker}" in out, out  # still in its own group
+    assert any(line.startswith(f"0::{base[len(guest.CG_ROOT):]}/") and line.endswith(f"/{attacker}")
+               for line in lines), out  # still in its own group (in its user's slice)
     assert row["STATUS"] == "JOB_STATUS_EXITED_OK", row  # its last command, cat, succeeds
     assert get_status(server, victim)["STATUS"] == "JOB_STATUS_STARTED"
     assert guest.read(f"{victim_group}/memory.max").strip() == str(64 << 20)

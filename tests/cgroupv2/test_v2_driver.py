@@ -62,7 +62,7 @@ def run(service, state_dir):
 
 
 def group_of(manager, task_id):
-    return os.path.join(manager.driver.hierarchies[0].base, task_id)
+    return guest.task_group(manager.driver.hierarchies[0].base, task_id)
 
 
 def wait_ended(manager, task_id, timeout=60):
@@ -307,7 +307,7 @@ def test_stale_groups_of_an_earlier_run_are_removed_at_start(delegated, service,
     try:
         with gevent.Timeout(120):
             task_id = earlier.stdout.readline().strip()
-        stale = f"{service}/{ROOT}/{task_id}"
+        stale = guest.task_group(f"{service}/{ROOT}", task_id)
         left = poll_for(lambda: (lambda found: found if len(found) == 3 else None)(
             processes_of(task_id)), timeout=30, message="the earlier task's 3 processes")
         assert sorted(guest.procs(stale)) == sorted(left)
