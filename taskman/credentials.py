@@ -25,27 +25,12 @@ import grpc
 
 from taskman import pki
 from taskman.errors import ConfigError
+from taskman.pki.files import file_stamp, read_file
 
 log = logging.getLogger(__name__)
 
 # How often the server looks at its certificate files, in seconds.
 CHECK_INTERVAL = 60.0
-
-
-def _stamp(path: str):
-    try:
-        status = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return (status.st_ino, status.st_size, status.st_mtime_ns)
-
-
-def _read(path: str, what: str) -> bytes:
-    try:
-        with open(path, "rb") as file:
-            return file.read()
-    except OSError as error:
-        raise ConfigError(f"cannot read the {what} {path}: {error.strerror}") from None
 
 
 class ReloadingServerCredentials:
@@ -77,13 +62,13 @@ class ReloadingServerCredentials:
                    os.path.join(directory, pki.SERVER_KEY))
 
     def _current_stamps(self):
-        return tuple(_stamp(path) for path in self.paths)
+        return tuple(file_stamp(path) for path in self.paths)
 
     def _build(self):
         ca_path, cert_path, key_path = self.paths
-        ca = _read(ca_path, "CA certificate")
-        cert = _read(cert_path, "server certificate")
-        key = _read(key_path, "server key")
+        ca = read_file(ca_path, "CA certificate")
+        cert = read_file(cert_path, "server certificate")
+        key = read_file(key_path, "server key")
         pki.check_pair(cert, key, ca, "server")
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
 
@@ -169,11 +154,11 @@ class Peers:
         """Re-read the CRL if it changed; True if the revoked set changed."""
         try:
             stamp, authority = self._authority
-            if stamp != _stamp(self.ca_path) or authority is None:
-                stamp = _stamp(self.ca_path)
+            if stamp != file_stamp(self.ca_path) or authority is None:
+                stamp = file_stamp(self.ca_path)
                 authority = pki.load_certificate(self.ca_path, "CA certificate")
                 self._authority = (stamp, authority)
-            self._crl_stamp = _stamp(self.crl_path)
+            self._crl_stamp = file_stamp(self.crl_path)
             changed = self.check.reload_revocations(self.crl_path, authority)
         except ConfigError as error:
             if str(error) != self.last_error:
@@ -186,7 +171,7 @@ class Peers:
         return changed
 
     def identify(self, pem: bytes) -> str:
-        if _stamp(self.crl_path) != self._crl_stamp:
+        if file_stamp(self.crl_path) != self._crl_stamp:
             self.refresh()
         return self.check.identify(pem)
 

@@ -18,7 +18,8 @@ from taskman.pki.names import KEY_SIZE
 
 # -- files
 
-def _stamp(path: str):
+def file_stamp(path: str):
+    """(inode, size, mtime) of ``path``, None if absent: a change of file."""
     try:
         status = os.stat(path)
     except FileNotFoundError:
@@ -52,7 +53,8 @@ def _fsync_directory(directory: str) -> None:
         os.close(descriptor)
 
 
-def _read(path: str, what: str) -> bytes:
+def read_file(path: str, what: str) -> bytes:
+    """The bytes of ``path``; ConfigError naming it (as ``what``) if unreadable."""
     try:
         with open(path, "rb") as file:
             return file.read()
@@ -63,7 +65,7 @@ def _read(path: str, what: str) -> bytes:
 def load_certificate(path: str, what: str = "certificate") -> x509.Certificate:
     """Parse a PEM certificate file; ConfigError naming the file if impossible."""
     try:
-        return x509.load_pem_x509_certificate(_read(path, what))
+        return x509.load_pem_x509_certificate(read_file(path, what))
     except ValueError:
         raise ConfigError(f"the {what} {path} is not a PEM certificate") from None
 
@@ -71,7 +73,7 @@ def load_certificate(path: str, what: str = "certificate") -> x509.Certificate:
 def load_key(path: str, what: str = "key"):
     """Parse an unencrypted PEM private key file; ConfigError if impossible."""
     try:
-        return _load_key_pem(_read(path, what))
+        return _load_key_pem(read_file(path, what))
     except (ValueError, TypeError):
         raise ConfigError(f"the {what} {path} is not an unencrypted PEM private key") from None
 

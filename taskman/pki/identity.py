@@ -11,7 +11,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from taskman.errors import ConfigError, Unauthenticated
-from taskman.pki.files import _stamp
+from taskman.pki.files import file_stamp
 from taskman.pki.names import PEER_CACHE_SIZE, name_problem
 
 # -- identity of a peer
@@ -104,7 +104,7 @@ class PeerCheck:
         A CRL that does not parse or is not signed by the CA is refused
         (ConfigError) and the previous set stays.
         """
-        stamp = _stamp(crl_path)
+        stamp = file_stamp(crl_path)
         if stamp == self._crl_stamp:
             return False
         revoked = read_revoked(crl_path, ca_certificate)
