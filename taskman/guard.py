@@ -101,6 +101,10 @@ class CallGuard:
         self.peers = peers
         # Open streams' contexts -> (user, certificate PEM), to end revoked ones.
         self.streams = {}
+        # Open output streams' contexts -> the Event that wakes them, and why
+        # they were all woken (``drain``), if they were.
+        self.wakers = {}
+        self.draining: Optional[str] = None
         if metrics is not None:
             metrics.streams_active.set_function(lambda: self.open_streams)
 
@@ -160,6 +164,27 @@ class CallGuard:
             yield
         finally:
             self.open_health_streams -= 1
+
+    @contextlib.contextmanager
+    def wakeable(self, context, event):
+        """Let ``drain`` wake the stream that waits on ``event``; on leaving,
+        Unavailable if it was drained, so its client reconnects elsewhere or
+        later from the offset it reached (a cancelled stream reads as final)."""
+        self.wakers[context] = event
+        try:
+            yield
+        finally:
+            self.wakers.pop(context, None)
+        if self.draining is not None:
+            raise Unavailable(self.draining)
+
+    def drain(self, reason: str) -> int:
+        """End every open output stream with UNAVAILABLE (``reason``) before
+        the server stops serving; return how many were open."""
+        self.draining = reason
+        for event in list(self.wakers.values()):
+            event.set()
+        return len(self.wakers)
 
     def end_revoked_streams(self, peers) -> int:
         """Cancel the open streams whose certificate ``peers`` now refuses

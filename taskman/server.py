@@ -168,6 +168,7 @@ def serve(settings: "Settings", adopted=None) -> int:
     watcher.kill()
     if reloader.requested:
         health_servicer.end_watches()
+        guard.drain("the server is reloading; reconnect")
         reloader.reexec(server, manager, port, state_dir)  # returns only if it failed
     health_servicer.enter_graceful_shutdown()  # NOT_SERVING to Watch streams and later Checks
     health_servicer.end_watches()

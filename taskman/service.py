@@ -172,14 +172,15 @@ class TaskManagerServicer(task_manager_pb2_grpc.TaskManagerServicer):
             call.answered = time.monotonic()
             metrics = self.guard.metrics
             sent_bytes = metrics.stream_bytes if metrics is not None else None
-            try:
-                for chunk in chunks:
-                    call.sent += len(chunk.data)
-                    if sent_bytes is not None:
-                        sent_bytes.inc(len(chunk.data))  # live, so a long stream shows as it goes
-                    yield output_response(chunk)
-            finally:
-                chunks.close()
+            with self.guard.wakeable(context, cancelled):
+                try:
+                    for chunk in chunks:
+                        call.sent += len(chunk.data)
+                        if sent_bytes is not None:
+                            sent_bytes.inc(len(chunk.data))  # live, as a long stream goes
+                        yield output_response(chunk)
+                finally:
+                    chunks.close()
 
 
 # -- the server's other services (health checking, reflection)

@@ -2,8 +2,8 @@
 and ``taskman run``.
 
 Every output message says where its bytes sit in the task's combined output,
-so when the server goes away (UNAVAILABLE: a restart, a reload, a dropped
-connection) the follower asks again from the offset it reached and gets each
+so when the server goes away (UNAVAILABLE or a server-side CANCELLED: a
+restart, a reload, a dropped connection) the follower asks again from the offset it reached and gets each
 byte exactly once. Retries are bounded, with a short growing pause and a note
 on stderr each time.
 """
@@ -17,6 +17,11 @@ from typing import Callable, Optional
 RETRIES = 10
 FIRST_PAUSE = 0.2  # seconds, doubled after each failed attempt
 LONGEST_PAUSE = 2.0
+# A server going away ends streams with UNAVAILABLE, or with CANCELLED when
+# it cancels the calls still open as it stops (the client never raises its
+# own cancellation: it closes the iterator). Asking again settles which: a
+# revoked certificate then reads UNAUTHENTICATED, a removed task NOT_FOUND.
+RESUMABLE = ("UNAVAILABLE", "CANCELLED")
 
 
 class Follower:
@@ -49,7 +54,7 @@ class Follower:
                 self._stream_once()
                 return
             except Exception as error:
-                if (getattr(getattr(error, "code", None), "name", "") != "UNAVAILABLE"
+                if (getattr(getattr(error, "code", None), "name", "") not in RESUMABLE
                         or not self.connected):
                     raise
                 failures += 1

@@ -165,9 +165,11 @@ def test_a_revoked_certificate_is_refused_next_call_and_its_stream_ends(pki_serv
     refused = taskman("get-status", task_id, *address, env=env)
     assert refused.returncode != 0 and b"revoked" in refused.stderr, refused.stderr
     try:
-        stream.communicate(timeout=15)  # ends within a re-check period
+        _, err = stream.communicate(timeout=15)  # ends within a re-check period
     finally:
         stream.kill()
+    # Its follower asks again and is told why, instead of a bare CANCELLED.
+    assert stream.returncode != 0 and b"revoked" in err, err
     assert "ending a stream of carol: certificate revoked" in pki_server.log()
     records = [json.loads(line) for line in
                (pki_server.state_dir / "audit.log").read_text().splitlines()]

@@ -121,6 +121,7 @@ def test_reload_keeps_the_task_and_the_follower_sees_every_byte_once(start):
     assert cli.run("stop", task_id).returncode == 0
     out, err = follower.communicate(timeout=60)
     assert follower.returncode == 0, err
+    assert b"the server is reloading" in err, err  # told so, not cancelled
     assert_counter(first + out, at_least=200)
     assert cli.status_row(task_id)["SOURCE"] == "user"
     # New work after the reload: start, status, output.
