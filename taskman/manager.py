@@ -32,7 +32,7 @@ from taskman.errors import CgroupError, InvalidArgument, NotFound, Unavailable
 from taskman.holdings import argument_bytes
 from taskman.output import Chunk, OutputLog, Selector, create_log, data_only, ensure_directory
 from taskman.store import TaskStore
-from taskman.task import JobStatus, Source, Task, command_line, now, parse_task_id
+from taskman.task import JobStatus, Source, Task, command_line, is_task_id, now, parse_task_id
 
 log = logging.getLogger("taskman.manager")
 
@@ -97,8 +97,7 @@ class TaskManager:
         self._tasks: Dict[str, _Entry] = {}
         self._finished_bytes = 0  # output of finished tasks, for the disk budget
         self._closing = False
-        # Callables (event, task) told of "started", "stopping", "ended", "escaped":
-        # the audit trail and metrics hang here, the library knows neither.
+        # (event, task) callables told of started/stopping/ended/escaped (audit, metrics).
         self.listeners: list = []
         process.seal_inherited_fds()
         host.become_subreaper()
@@ -120,14 +119,15 @@ class TaskManager:
     # -- the API
 
     def start(self, owner: str, command: str, args: Iterable[str] = (),
-              separate_streams: bool = False) -> Task:
+              separate_streams: bool = False, task_id: Optional[str] = None) -> Task:
         """Start ``command args...`` for ``owner``; return the new task.
 
-        ``separate_streams``: stdout and stderr on a pipe each, so readers
-        can tell them apart (at the cost of their exact interleaving).
-
-        Raises InvalidArgument (and its CommandNotFound, NotExecutable),
-        ResourceExhausted (disk, process table), CgroupError, Unavailable.
+        ``separate_streams``: a pipe each for stdout and stderr (readers tell
+        them apart, but lose their exact interleaving). ``task_id``: chosen
+        elsewhere (a fleet record's), so the task has one id everywhere.
+        Raises InvalidArgument (and its CommandNotFound, NotExecutable; a
+        taken or malformed ``task_id``), ResourceExhausted (disk, process
+        table), CgroupError, Unavailable.
         """
         if self._closing:
             raise Unavailable("the server is shutting down")
@@ -140,7 +140,10 @@ class TaskManager:
             process.validate_argument(argument, "argument")
         if self.quotas is not None:
             self.quotas.check_start(owner, argument_bytes(command, args))
-        task_id = str(uuid.uuid4())
+        if task_id is None:
+            task_id = str(uuid.uuid4())
+        elif not is_task_id(task_id) or task_id in self._tasks:
+            raise InvalidArgument(f"task id {task_id!r} is malformed or taken")
         output = create_log(self.output_dir, task_id, self.output_max_bytes)
         group = None
         try:
@@ -158,8 +161,8 @@ class TaskManager:
             if isinstance(error, OSError):
                 raise process.spawn_error(error) from None
             raise
-        task = Task(id=task_id, owner=owner, command=command, args=args,
-                    pid=proc.pid, start_time=now())
+        task = Task(id=task_id, owner=owner, command=command, args=args, pid=proc.pid,
+                    start_time=now())
         entry = _Entry(task, output, group, proc)
         self._tasks[task_id] = entry
         self._persist(task)
@@ -367,8 +370,7 @@ class TaskManager:
         self._store_call(self.store.save, task)
 
     def _store_call(self, method, *args) -> None:
-        # The records are a convenience over the live state: a failing disk
-        # must not fail a start or lose a task's outcome in memory.
+        # A failing disk must not fail a start or lose an outcome in memory.
         try:
             method(*args)
         except Exception as error:  # noqa: BLE001 - sqlite3 raises many kinds
@@ -391,8 +393,7 @@ class TaskManager:
         task_id = parse_task_id(task_id)
         entry = self._tasks.get(task_id)
         if entry is None or (requester not in self.admins and entry.task.owner != requester):
-            # The same answer for "not yours" as for "not there": ids of other
-            # users' tasks must not be discoverable.
+            # "Not yours" reads as "not there": others' ids stay undiscoverable.
             raise NotFound(f"task {task_id} not found")
         return entry
 

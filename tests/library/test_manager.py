@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import time
+import uuid
 
 import gevent
 import gevent.event
@@ -79,10 +80,20 @@ def test_signal_not_sent_by_taskman_is_source_system(manager, sig):
 
 
 def test_uuid_v4_ids_are_unique(manager):
-    import uuid
     ids = {manager.start("alice", "true").id for _ in range(20)}
     assert len(ids) == 20
     assert all(uuid.UUID(i).version == 4 for i in ids)
+
+
+def test_a_given_task_id_is_used_once_and_must_be_canonical(manager):
+    chosen = str(uuid.uuid4())
+    task = manager.start("alice", "/bin/echo", ["mine"], task_id=chosen)
+    assert task.id == chosen
+    assert wait_ended(manager, chosen).exit_code == 0
+    assert output_of(manager, chosen) == b"mine\n"
+    for taken_or_bad in (chosen, chosen.upper(), "../x", ""):
+        with pytest.raises(InvalidArgument):
+            manager.start("alice", "/bin/true", task_id=taken_or_bad)
 
 
 def test_task_sees_only_stdio_and_default_signals(manager):
