@@ -9,16 +9,17 @@ the exit, ends what the task left behind and records the outcome.
 This module owns the API and that supervision (start, stop, the end of a
 task, access). It leans on neighbours for the rest: ``process`` (spawn,
 reap) and ``host`` (the server's own OS calls), ``output`` (the logs and
-their files), ``store`` (records on disk), ``retention`` (what to forget
-when) and ``recovery`` (the records of an earlier life).
+their files), ``store`` (records), ``history`` (finished tasks: on disk
+only, never in memory), ``listing``, ``retention`` and ``recovery``.
 """
 
 import datetime
+import itertools
 import logging
 import os
 import signal
 import uuid
-from typing import Dict, Iterable, Iterator, Optional
+from typing import Dict, Iterable, Iterator, Optional, Union
 
 import gevent
 import gevent.event
@@ -29,6 +30,7 @@ from taskman.cgroups.none import ProcessGroupDriver
 from taskman.cgroups.slices import Owner
 from taskman.defaults import default_state_dir
 from taskman.errors import CgroupError, InvalidArgument, NotFound, Unavailable
+from taskman.history import History
 from taskman.holdings import argument_bytes
 from taskman.output import Chunk, OutputLog, Selector, create_log, data_only, ensure_directory
 from taskman.store import TaskStore
@@ -94,8 +96,7 @@ class TaskManager:
         self.retention_age = retention_age
         self.retention_bytes = retention_bytes
         self.quotas = quotas
-        self._tasks: Dict[str, _Entry] = {}
-        self._finished_bytes = 0  # output of finished tasks, for the disk budget
+        self._tasks: Dict[str, _Entry] = {}  # running tasks (and ended ones whose record failed to save)
         self._closing = False
         # (event, task) callables told of started/stopping/ended/escaped (audit, metrics).
         self.listeners: list = []
@@ -106,6 +107,7 @@ class TaskManager:
         self.entries = self._tasks.values  # what a reload hands over (taskman.adoption)
         spared = adoption.spared(adopted)  # a reload's tasks: adopted, not recovered nor removed
         self._recover(spared)  # before setup(): it looks for the earlier life's processes
+        self.history = History(self.store, self.output_dir)  # after: it counts the recovered
         adoption.setup_driver(self.driver, spared)
         for entry in adoption.entries(adopted, _Entry, self.output_dir, self.output_max_bytes):
             self._tasks[entry.task.id] = entry
@@ -113,8 +115,9 @@ class TaskManager:
         self.prune()
         self._pruner = gevent.spawn(retention.sweep_periodically, self.prune, self.retention_age)
         if quotas is not None and quotas.limits.output_bytes:
-            gevent.spawn(output_quota.sweep_periodically, self._tasks.values, quotas,
-                         lambda: self._closing)
+            gevent.spawn(output_quota.sweep_periodically,
+                         lambda: itertools.chain(self._tasks.values(), self.history.quota_entries()),
+                         quotas, lambda: self._closing)
 
     # -- the API
 
@@ -142,7 +145,7 @@ class TaskManager:
             self.quotas.check_start(owner, argument_bytes(command, args))
         if task_id is None:
             task_id = str(uuid.uuid4())
-        elif not is_task_id(task_id) or task_id in self._tasks:
+        elif not is_task_id(task_id) or task_id in self._tasks or self.store.position(task_id):
             raise InvalidArgument(f"task id {task_id!r} is malformed or taken")
         output = create_log(self.output_dir, task_id, self.output_max_bytes)
         group = None
@@ -165,7 +168,7 @@ class TaskManager:
                     start_time=now())
         entry = _Entry(task, output, group, proc)
         self._tasks[task_id] = entry
-        self._persist(task)
+        self._store_call(self.store.save, task)
         self._store_call(self.store.save_process, task_id, confinement.uid_of(sandbox),
                          proc.start_identity)
         gevent.spawn(self._supervise, entry)
@@ -183,6 +186,8 @@ class TaskManager:
         long; the stop goes on regardless.
         """
         entry = self._lookup(requester, task_id)
+        if isinstance(entry, Task):
+            return entry  # finished
         self._request_stop(entry, Source.USER)
         if wait is None:
             wait = min(self.stop_grace + EOF_TIMEOUT, STOP_WAIT_MAX)
@@ -191,7 +196,8 @@ class TaskManager:
 
     def status(self, requester: str, task_id: str) -> Task:
         """Return a snapshot of the task; NotFound if missing or not the requester's."""
-        return self._snapshot(self._lookup(requester, task_id))
+        found = self._lookup(requester, task_id)
+        return found if isinstance(found, Task) else self._snapshot(found)
 
     def stream(self, requester: str, task_id: str,
                cancelled: Optional[gevent.event.Event] = None, **view) -> Iterator[bytes]:
@@ -204,8 +210,9 @@ class TaskManager:
                since: Optional[datetime.datetime] = None, follow: bool = True) -> Iterator[Chunk]:
         """The task's output as Chunks (see OutputLog.chunks for the view and
         when it ends). Checks access now (NotFound), not on first iteration."""
-        entry = self._lookup(requester, task_id)
-        return entry.log.chunks(offset, Selector(selector), tail_bytes, tail_lines, since,
+        found = self._lookup(requester, task_id)
+        output = self.history.log(found) if isinstance(found, Task) else found.log
+        return output.chunks(offset, Selector(selector), tail_bytes, tail_lines, since,
                                 follow, cancelled)
 
     def tasks(self, requester: str, owner: Optional[str] = None,
@@ -220,8 +227,7 @@ class TaskManager:
         """
         if requester not in self.admins:
             owner = requester
-        return [self._snapshot(entry)
-                for entry in listing.select(self._tasks, owner, statuses, limit, after)]
+        return list(listing.select(self.store, owner, statuses, limit, after, self._live))
 
     def prune(self) -> int:
         """Forget finished tasks past the retention age, the disk budget or
@@ -230,19 +236,11 @@ class TaskManager:
         Oldest first (see ``taskman.retention``). Returns how many were
         removed; they are NOT_FOUND after.
         """
-        doomed = retention.select(self._tasks.values(), self.retention_age,
-                                  self.retention_bytes, self._finished_bytes)
-        if self.quotas is not None:
-            doomed += retention.past_record_quota(self._tasks.values(), doomed,
-                                                  self.quotas.records_to_forget)
-        for entry in doomed:
-            del self._tasks[entry.task.id]
-            self._finished_bytes -= entry.log.size
-            entry.log.remove()
-        if doomed:
-            self._store_call(self.store.delete, [entry.task.id for entry in doomed])
-            log.info("retention: forgot %d finished task(s)", len(doomed))
-        return len(doomed)
+        forgotten = self.history.prune(self.retention_age, self.retention_bytes,
+                                       self.quotas.records_to_forget if self.quotas else None)
+        if forgotten:
+            log.info("retention: forgot %d finished task(s)", forgotten)
+        return forgotten
 
     def shutdown(self, timeout: Optional[float] = None) -> None:
         """Refuse new tasks, end the running ones (source ``server``), wait for them.
@@ -265,8 +263,7 @@ class TaskManager:
         gevent.wait([entry.ended for entry in running],
                     timeout=GROUP_EMPTY_TIMEOUT + EOF_TIMEOUT)
         self._pruner.kill()
-        self.driver.close()
-        self.store.close()
+        self.driver.close()  # the store stays open: calls still in flight read finished tasks
 
     # -- running a task
 
@@ -298,15 +295,16 @@ class TaskManager:
             proc.close_output()
             entry.log.finish()
             self._discard_group(entry.group, emptied=task.end_time is not None)
-            self._persist(self._snapshot(entry))
-            # A finished task keeps only its record and log: the process
-            # and group objects (and libev's watchers behind them) go now.
+            # A finished task lives on disk only (taskman.history): the
+            # entry goes, unless its record could not be saved.
             entry.process = entry.group = None
+            if self._store_call(self.store.save, self._snapshot(entry)):
+                del self._tasks[task.id]
+                self.history.add(task, entry.log)
             entry.ended.set()
             self._notify("ended", entry.task.snapshot())
-            self._finished_bytes += entry.log.size
-            if self.retention_bytes and self._finished_bytes > self.retention_bytes:
-                self.prune()
+            if self.retention_bytes and self.history.total_bytes > self.retention_bytes:
+                self._store_call(self.prune)
 
     def _request_stop(self, entry: _Entry, source: Source) -> None:
         if entry.ended.is_set() or entry.stop_source is not None:
@@ -366,35 +364,36 @@ class TaskManager:
             except Exception:  # noqa: BLE001 - an observer must not break a task
                 log.exception("listener %r failed on %s", listener, event)
 
-    def _persist(self, task: Task) -> None:
-        self._store_call(self.store.save, task)
-
-    def _store_call(self, method, *args) -> None:
+    def _store_call(self, method, *args) -> bool:
         # A failing disk must not fail a start or lose an outcome in memory.
         try:
             method(*args)
+            return True
         except Exception as error:  # noqa: BLE001 - sqlite3 raises many kinds
             log.error("task store: %s failed: %s", method.__name__, error)
+            return False
 
     def _recover(self, adopted: frozenset = frozenset()) -> None:
-        """Load the records of an earlier life, ending the tasks it left running."""
+        """End the tasks an earlier life left running; finished records stay on disk."""
         started = {task_id: identity for task_id, (_, identity) in self.store.processes().items()}
-        for task, output in recovery.recover(self.store.load_all(), self.output_dir, self._persist,
-                                             started, adopted):
-            output.date_unindexed(task.start_time)
-            self._tasks[task.id] = _Entry(task, output)
-            self._finished_bytes += output.size
-        if self._tasks:
-            log.info("loaded %d task record(s) from %s", len(self._tasks), self.store.path)
+        ended = recovery.recover(self.store.load_running(), self.output_dir,
+                                 lambda task: self._store_call(self.store.save, task), started, adopted)
+        if ended:
+            log.info("recovered %d task(s) left running in %s", ended, self.store.path)
 
     # -- helpers
 
-    def _lookup(self, requester: str, task_id: str) -> _Entry:
+    def _lookup(self, requester: str, task_id: str) -> Union[_Entry, Task]:
+        """The running task's entry, or the finished task's record."""
         task_id = parse_task_id(task_id)
-        entry = self._tasks.get(task_id)
-        if entry is None or (requester not in self.admins and entry.task.owner != requester):
+        found = self._tasks.get(task_id) or self.history.record(task_id)
+        owner = found.owner if isinstance(found, Task) else found and found.task.owner
+        if found is None or (requester not in self.admins and owner != requester):
             # "Not yours" reads as "not there": others' ids stay undiscoverable.
             raise NotFound(f"task {task_id} not found")
-        return entry
+        return found
 
-
+    def _live(self, task: Task) -> Task:
+        """``task`` (a record) as it is now: a running task's from memory."""
+        entry = self._tasks.get(task.id)
+        return self._snapshot(entry) if entry is not None else task

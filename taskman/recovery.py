@@ -14,39 +14,37 @@ is already gone, its exit status is lost: UNKNOWN, source ``server``.
 
 import logging
 import signal
-from typing import Callable, Dict, FrozenSet, Iterable, List, Tuple
+from typing import Callable, Dict, FrozenSet, Iterable
 
 from taskman import host
-from taskman.output import OutputLog, reopen_log
+from taskman.output import reopen_log
 from taskman.task import JobStatus, Source, Task, now
 
 log = logging.getLogger("taskman.recovery")
 
 
 def recover(records: Iterable[Task], output_dir: str, save: Callable[[Task], None],
-            started: Dict[str, str] = None,
-            adopted: FrozenSet[str] = frozenset()) -> List[Tuple[Task, OutputLog]]:
-    """Each task of ``records`` with its output log, every one of them finished.
+            started: Dict[str, str] = None, adopted: FrozenSet[str] = frozenset()) -> int:
+    """End each task of ``records`` (those still STARTED in the store: only
+    they need it; finished records stay on disk, unread); return how many.
 
     ``started``: task id -> start identity of its main process
-    (``host.start_identity``, as the store kept it). A task found running is
-    ended and its new record passed to ``save``. Must run before the cgroup
-    driver's setup(): that kills what is left in the groups, and a task whose
-    process it killed first would be UNKNOWN. ``adopted``: ids of tasks a
-    reload handed over (still running, still ours): left out.
+    (``host.start_identity``, as the store kept it). Each task's new record,
+    with the size of its output, is passed to ``save``. Must run before the
+    cgroup driver's setup(): that kills what is left in the groups, and a
+    task whose process it killed first would be UNKNOWN. ``adopted``: ids of
+    tasks a reload handed over (still running, still ours): left out.
     """
     started = started or {}
-    recovered = []
+    ended = 0
     for task in records:
-        if task.id in adopted:
+        if task.id in adopted or not task.running:
             continue
-        if task.running:
-            _end(task, started.get(task.id, ""))
-            save(task)
-        output = reopen_log(output_dir, task.id)
-        output.dropped, output.write_error = task.output_dropped, task.output_note or None
-        recovered.append((task, output))
-    return recovered
+        _end(task, started.get(task.id, ""))
+        task.output_size = reopen_log(output_dir, task.id).size
+        save(task)
+        ended += 1
+    return ended
 
 
 def _end(task: Task, identity: str) -> None:

@@ -4,12 +4,15 @@ A finished task keeps its record and output on disk until it is forgotten:
 once it ended longer ago than the retention age, or, oldest first, while the
 output of all finished tasks exceeds the disk budget, or while its user keeps
 more finished records than their quota. This module chooses and
-keeps time; the manager, which owns the tasks, forgets what it is told to
-(the record in memory and in the store, and the output file).
+keeps time, reading the candidates from the store (never walking every
+record); ``taskman.history`` forgets what it is told to (the record in the
+store, the output files, the totals).
 """
 
+import collections
+import itertools
 import logging
-from typing import Callable, Iterable
+from typing import Callable, Dict, List
 
 import gevent
 
@@ -22,53 +25,55 @@ DEFAULT_BUDGET = 10 * 1024 ** 3
 SWEEP_INTERVAL = 60.0
 
 
-def select(entries: Iterable, age: float, budget: int, finished_bytes: int) -> list:
-    """The entries to forget now, oldest first.
+def select(store, age: float, budget: int, finished_bytes: int,
+           in_use: Callable[[str], bool], limit: int) -> List[tuple]:
+    """The finished records to forget now, as (id, owner, output size), at
+    most ``limit``, oldest first.
 
-    ``entries`` are the manager's (each with ``task``, ``ended`` and ``log``);
-    only finished ones that nobody is reading are candidates. Those that ended
-    more than ``age`` seconds ago go, then the oldest others while
-    ``finished_bytes`` (the output of every finished task) is over ``budget``.
-    0 disables either rule.
+    Read from ``store`` (a TaskStore) through its end-time index, only as
+    far as needed; records whose output someone is reading (``in_use(id)``)
+    are spared. Those that ended more than ``age`` seconds ago go, then the
+    oldest others while ``finished_bytes`` (the output of every finished
+    task) is over ``budget``. 0 disables either rule.
     """
-    finished = sorted((entry for entry in entries
-                       if entry.ended.is_set() and not entry.log.in_use), key=_ended_at)
     doomed = []
     if age:
-        horizon = now().timestamp() - age
-        doomed = [entry for entry in finished if _ended_at(entry).timestamp() < horizon]
-    if budget:
-        total = finished_bytes - sum(entry.log.size for entry in doomed)
-        for entry in finished:
-            if total <= budget:
+        expired = store.ended_before(now().timestamp() - age)
+        doomed = list(itertools.islice((row for row in expired if not in_use(row[0])), limit))
+    if budget and len(doomed) < limit:
+        total = finished_bytes - sum(size for _, _, size in doomed)
+        going = {row[0] for row in doomed}
+        rows = store.oldest_ended()
+        while total > budget and len(doomed) < limit:
+            row = next(rows, None)
+            if row is None:
                 break
-            if entry not in doomed:
-                total -= entry.log.size
-                doomed.append(entry)
+            if row[0] not in going and not in_use(row[0]):
+                total -= row[2]
+                doomed.append(row)
     return doomed
 
 
-def past_record_quota(entries: Iterable, doomed: list,
-                      records_to_forget: Callable[[str, int], int]) -> list:
-    """Each user's oldest finished entries past their finished-records quota,
-    besides those already ``doomed``.
+def past_record_quota(store, finished: Dict[str, int], doomed: list,
+                      records_to_forget: Callable[[str, int], int],
+                      in_use: Callable[[str], bool], limit: int) -> List[tuple]:
+    """Each user's oldest finished records past their finished-records quota,
+    besides those already ``doomed``, at most ``limit``.
 
-    ``records_to_forget(user, finished)`` says how many of ``user``'s
-    ``finished`` records to drop (``Quotas.records_to_forget``). Records
-    being read are kept, as for the other rules: the user is then briefly
-    over the quota.
+    ``finished``: user -> their finished records kept. ``records_to_forget(user,
+    finished)`` says how many of ``user``'s ``finished`` records to drop
+    (``Quotas.records_to_forget``). Records being read are kept, as for the
+    other rules: the user is then briefly over the quota.
     """
-    going = set(map(id, doomed))
-    finished: dict = {}
-    for entry in entries:
-        if entry.ended.is_set() and id(entry) not in going:
-            finished.setdefault(entry.task.owner, []).append(entry)
-    extra = []
-    for user, kept in finished.items():
-        excess = records_to_forget(user, len(kept))
-        if excess:
-            idle = sorted((entry for entry in kept if not entry.log.in_use), key=_ended_at)
-            extra.extend(idle[:excess])
+    going = {row[0] for row in doomed}
+    leaving = collections.Counter(owner for _, owner, _ in doomed)
+    extra: List[tuple] = []
+    for user, count in list(finished.items()):
+        excess = min(records_to_forget(user, count - leaving[user]), limit - len(extra))
+        if excess > 0:
+            idle = (row for row in store.oldest_ended(user)
+                    if row[0] not in going and not in_use(row[0]))
+            extra.extend(itertools.islice(idle, excess))
     return extra
 
 
@@ -89,7 +94,3 @@ def sweep_periodically(prune: Callable[[], int], age: float) -> None:
         except Exception:  # noqa: BLE001 - see the docstring
             log.exception("retention pass failed")
 
-
-def _ended_at(entry):
-    # No end time only if supervision failed before it could record one.
-    return entry.task.end_time or entry.task.start_time

@@ -16,12 +16,14 @@ import datetime
 import json
 import os
 import sqlite3
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 from taskman.errors import StoreError
 from taskman.task import JobStatus, Source, Task
 
-SCHEMA_VERSION = 2  # 2: the processes and users tables (added to a 1 as they are)
+# 2: the processes and users tables (added to a 1 as they are). The indexes
+# changed without a new version: an older taskman reads the same tables.
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -40,8 +42,13 @@ CREATE TABLE IF NOT EXISTS tasks (
     output_dropped INTEGER NOT NULL DEFAULT 0,
     output_note TEXT NOT NULL DEFAULT ''
 );
-CREATE INDEX IF NOT EXISTS tasks_by_owner ON tasks (owner, start_time);
+-- Listings: one index walk per status, newest first, merged (taskman.listing).
+CREATE INDEX IF NOT EXISTS tasks_by_status ON tasks (status, start_time, id);
+CREATE INDEX IF NOT EXISTS tasks_by_owner_status ON tasks (owner, status, start_time, id);
+-- Retention: oldest ended first, everyone's and each user's.
 CREATE INDEX IF NOT EXISTS tasks_by_end ON tasks (end_time);
+CREATE INDEX IF NOT EXISTS tasks_by_owner_end ON tasks (owner, end_time);
+DROP INDEX IF EXISTS tasks_by_owner;  -- (owner, start_time): superseded by the two above
 CREATE TABLE IF NOT EXISTS processes (
     task_id TEXT PRIMARY KEY,
     uid INTEGER NOT NULL,          -- the uid the task runs as
@@ -55,6 +62,7 @@ CREATE TABLE IF NOT EXISTS users (
 
 _COLUMNS = ("id", "owner", "command", "args", "pid", "status", "exit_code", "signal",
             "source", "start_time", "end_time", "output_size", "output_dropped", "output_note")
+_SELECT = ", ".join(_COLUMNS)
 
 
 class TaskStore:
@@ -113,9 +121,65 @@ class TaskStore:
         return dict(self._db.execute("SELECT identity, uid FROM users"))
 
     def load_all(self) -> List[Task]:
-        """Every record, oldest first."""
-        cursor = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM tasks ORDER BY start_time")
+        """Every record, oldest first (tests and tools: a server never holds them all)."""
+        cursor = self._db.execute(f"SELECT {_SELECT} FROM tasks ORDER BY start_time")
         return [_from_row(row) for row in cursor]
+
+    def load(self, task_id: str) -> Optional[Task]:
+        """The record of ``task_id``, or None."""
+        row = self._db.execute(f"SELECT {_SELECT} FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        return _from_row(row) if row is not None else None
+
+    def load_running(self) -> List[Task]:
+        """The records still STARTED (running, or left running by a crash), oldest first."""
+        cursor = self._db.execute(f"SELECT {_SELECT} FROM tasks WHERE status = ? "
+                                  f"ORDER BY start_time", (int(JobStatus.STARTED),))
+        return [_from_row(row) for row in cursor]
+
+    def newest(self, status: JobStatus, owner: Optional[str] = None,
+               before: Optional[Tuple[float, str]] = None) -> Iterator[Task]:
+        """The records in ``status`` (of ``owner`` if given), newest first:
+        by start time, then id. ``before``: a (start time, id) to continue
+        after. Lazy: a page reads only its rows, through an index."""
+        where, values = ["status = ?"], [int(status)]
+        if owner is not None:
+            where.append("owner = ?")
+            values.append(owner)
+        if before is not None:
+            where.append("(start_time, id) < (?, ?)")
+            values.extend(before)
+        cursor = self._db.execute(f"SELECT {_SELECT} FROM tasks WHERE {' AND '.join(where)} "
+                                  f"ORDER BY start_time DESC, id DESC", values)
+        return map(_from_row, cursor)
+
+    def position(self, task_id: str) -> Optional[Tuple[float, str, str]]:
+        """(start time, id, owner) of ``task_id``, where a listing continues; None if gone."""
+        return self._db.execute("SELECT start_time, id, owner FROM tasks WHERE id = ?",
+                                (task_id,)).fetchone()
+
+    def finished_totals(self) -> Dict[str, Tuple[int, int]]:
+        """owner -> (finished records, their output bytes): one pass, at start."""
+        cursor = self._db.execute("SELECT owner, COUNT(*), TOTAL(output_size) FROM tasks "
+                                  "WHERE status != ? GROUP BY owner", (int(JobStatus.STARTED),))
+        return {owner: (count, int(size)) for owner, count, size in cursor}
+
+    def oldest_ended(self, owner: Optional[str] = None) -> Iterator[Tuple[str, str, int]]:
+        """(id, owner, output size) of finished records, the earliest ended
+        first (of ``owner`` if given). Lazy: read only as far as retention
+        needs. A record without an end time (supervision failed before it
+        could record one) is never chosen by its age or size."""
+        where, values = "end_time IS NOT NULL", []
+        if owner is not None:
+            where += " AND owner = ?"
+            values.append(owner)
+        return self._db.execute(f"SELECT id, owner, output_size FROM tasks WHERE {where} "
+                                f"ORDER BY end_time", values)
+
+    def ended_before(self, horizon: float) -> Iterator[Tuple[str, str, int]]:
+        """(id, owner, output size) of the records that ended before ``horizon``
+        (seconds since the epoch), earliest first."""
+        return self._db.execute("SELECT id, owner, output_size FROM tasks "
+                                "WHERE end_time < ? ORDER BY end_time", (horizon,))
 
     def close(self) -> None:
         self._db.close()

@@ -65,6 +65,7 @@ def test_a_stop_that_reaches_a_task_after_its_end_sends_nothing_and_fails_nothin
 
     manager._terminate = late
     task = manager.start("alice", "sleep", ["0.5"])
+    entry = manager._tasks[task.id]  # dropped from the manager once the task has ended
     manager.stop("alice", task.id, wait=0)
     status = ended(manager, task.id)
     gevent.sleep(0.1)  # let the late greenlet run
@@ -72,7 +73,7 @@ def test_a_stop_that_reaches_a_task_after_its_end_sends_nothing_and_fails_nothin
     # It ended on its own, before any signal was sent: not the stop's doing.
     assert (status.status, status.source, status.signal) == (JobStatus.EXITED_OK, Source.NONE, "")
     # And the kill of shutdown's last resort, on a task already ended.
-    entry = manager._tasks[task.id]
+    assert task.id not in manager._tasks
     manager._kill(entry)
 
 
