@@ -5,10 +5,11 @@ install), not as a shell: posix_spawn has no hook between fork and exec, and
 the server must not fork under gRPC, so the gate does in the child what must
 happen before the task's code runs. It waits until the server has put it into
 the task's cgroups (descriptor 3), then, for a confined task, enters a private
-mount and IPC namespace with a fresh tmpfs on /tmp and /var/tmp and a /proc
-that hides other users' processes, drops every capability (bounding set
-included), sets no_new_privs, clears supplementary groups, becomes the task's
-uid and gid, sets umask 077 and no core dumps, and only then changes to the
+mount and IPC namespace with a fresh tmpfs on each world-writable directory
+(/tmp, /var/tmp, /dev/shm, /run/lock) and a /proc that hides other users'
+processes, drops every capability (bounding set included), sets
+no_new_privs, clears supplementary groups, becomes the task's uid and gid,
+sets umask 077 and no core dumps, and only then changes to the
 working directory and execs the command. Doing the same with util-linux's
 unshare, mount and setpriv costs one exec each: several milliseconds per start
 where the gate costs a fraction of one (docs/design.md).
@@ -26,7 +27,7 @@ from taskman.errors import CommandNotFound, ConfigError, NotExecutable
 
 GATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gate", "taskman-gate")
 
-# Per mount (/tmp and /var/tmp each); the pages also count against the task's
+# Per mount (each of the four); the pages also count against the task's
 # memory limit, as tmpfs pages are charged to the cgroup that writes them.
 DEFAULT_TMP_SIZE = 128 << 20
 

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from support import poll_for
+from support import poll_for, task_visible_tempdir
 from taskman import pki as pki_module
 from taskman.defaults import CERTS_DIR_VARIABLE
 
@@ -58,8 +58,7 @@ def task_readable_dir() -> Path:
     """A new directory tasks can read (mode 0755 all the way down), removed at
     exit. Tasks run as unprivileged uids with a private /tmp: fixtures they
     read cannot live in pytest's tmp_path."""
-    path = Path(tempfile.mkdtemp(prefix="taskman-test-fixtures-", dir="/dev/shm"))
-    path.chmod(0o755)
+    path = Path(task_visible_tempdir("fixtures-"))
     atexit.register(shutil.rmtree, path, True)
     return path
 

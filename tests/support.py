@@ -107,18 +107,32 @@ def small_tmpfs(path, size):
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 
 
+# Where files tasks must see live: tasks run as unprivileged uids with their
+# own tmpfs on /tmp, /var/tmp, /dev/shm and /run/lock, and the checkout may be
+# unreadable to them. Mode 0755 all the way down.
+TASK_VISIBLE_PARENT = "/var/lib/taskman-tests"
+
+
+def task_visible_tempdir(prefix: str) -> str:
+    """A new 0755 directory any task's uid can read, under TASK_VISIBLE_PARENT."""
+    import tempfile
+
+    os.makedirs(TASK_VISIBLE_PARENT, mode=0o755, exist_ok=True)
+    os.chmod(TASK_VISIBLE_PARENT, 0o755)
+    path = tempfile.mkdtemp(prefix=prefix, dir=TASK_VISIBLE_PARENT)
+    os.chmod(path, 0o755)
+    return path
+
+
 def fixture(name: str) -> str:
-    """The path of fixture program ``name`` (tests/fixtures/), copied into a
-    0755 directory under /dev/shm that any task's uid can read (tasks may run
-    unprivileged, with a private /tmp, and the checkout may be unreadable)."""
+    """The path of fixture program ``name`` (tests/fixtures/), copied where
+    any task's uid can read it (``task_visible_tempdir``)."""
     global _fixture_copies
     if _fixture_copies is None:
         import atexit
         import shutil
-        import tempfile
 
-        _fixture_copies = tempfile.mkdtemp(prefix="taskman-test-fixtures-", dir="/dev/shm")
-        os.chmod(_fixture_copies, 0o755)
+        _fixture_copies = task_visible_tempdir("fixtures-")
         atexit.register(shutil.rmtree, _fixture_copies, True)
     path = os.path.join(_fixture_copies, name)
     if not os.path.exists(path):

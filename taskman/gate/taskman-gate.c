@@ -14,8 +14,8 @@
  *   1. block reading descriptor 3 until the server has put this process into
  *      the task's cgroups and writes a byte (end of file: the server gave up);
  *   2. with -t or -p: a private mount and IPC namespace; with -t, a fresh
- *      tmpfs of TMP_BYTES on each of /tmp and /var/tmp (gone with the task's
- *      last process); with -p, a proc instance with hidepid=invisible on /proc, so the task
+ *      tmpfs of TMP_BYTES on each of /tmp, /var/tmp, /dev/shm and /run/lock
+ *      (gone with the task's last process); with -p, a proc instance with hidepid=invisible on /proc, so the task
  *      sees only its own user's processes;
  *   3. with -u/-g: every capability out of the bounding and ambient sets,
  *      no_new_privs (setuid binaries cannot regain root), no supplementary
@@ -81,6 +81,11 @@ static void wait_for_gate(void)
     close(GATE_FD);
 }
 
+/* The host's world-writable directories: shared, they would let one user's
+ * task leave files for another's, and pages in /dev/shm outlive the task
+ * that wrote them (host memory no task limit holds once it has ended). */
+static const char *const PRIVATE_DIRECTORIES[] = {"/tmp", "/var/tmp", "/dev/shm", "/run/lock", NULL};
+
 static void mount_private_tmp(const char *target, unsigned long bytes)
 {
     char options[64];
@@ -88,7 +93,7 @@ static void mount_private_tmp(const char *target, unsigned long bytes)
     if (mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV, options) == 0)
         return;
     if (errno == ENOENT && strcmp(target, "/tmp") != 0)
-        return; /* a host without /var/tmp */
+        return; /* a host without /var/tmp, /dev/shm or /run/lock */
     fail(EXIT_GATE, "mount tmpfs on %s: %s", target, strerror(errno));
 }
 
@@ -99,10 +104,9 @@ static void isolate(unsigned long tmp_bytes, int private_proc)
     /* Without this, the mounts below would propagate back to the host. */
     if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) != 0)
         fail(EXIT_GATE, "make / private: %s", strerror(errno));
-    if (tmp_bytes) {
-        mount_private_tmp("/tmp", tmp_bytes);
-        mount_private_tmp("/var/tmp", tmp_bytes);
-    }
+    if (tmp_bytes)
+        for (const char *const *target = PRIVATE_DIRECTORIES; *target; target++)
+            mount_private_tmp(*target, tmp_bytes);
     if (private_proc
         && mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=invisible") != 0)
         fail(EXIT_GATE, "mount proc with hidepid: %s", strerror(errno));

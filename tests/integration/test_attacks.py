@@ -8,8 +8,9 @@ restart, the limits still apply, the server is alive and a stop still works.
 
 Tasks run programs any uid can run (/bin/sh, /usr/bin/python3), never this
 interpreter (a virtualenv under /root, mode 0700). The server's directory
-lives in /dev/shm (mode 0755 on the way), not /tmp: tasks get a private /tmp,
-and the attacks must reach the real state directory to be refused by it.
+lives where tasks can reach it (support.task_visible_tempdir), not /tmp or
+/dev/shm: tasks get a tmpfs of their own on both, and the attacks must reach
+the real state directory to be refused by it.
 """
 
 import glob
@@ -17,12 +18,13 @@ import json
 import os
 import shutil
 import signal
-import tempfile
 import textwrap
 from pathlib import Path
 
 import pytest
 from server_harness import DRIVER, Cli, Server, wait_for
+
+from support import task_visible_tempdir
 
 PYTHON = "/usr/bin/python3"
 SECRET = "client002-secret-" + os.urandom(8).hex()
@@ -46,6 +48,7 @@ VICTIM = textwrap.dedent(f"""
         time.sleep(1)
 """)
 VICTIM_OUTPUT = f"{SECRET}\nplanted: []\n".encode()
+WORLD_WRITABLE = [path for path in ("/tmp", "/var/tmp", "/dev/shm", "/run/lock") if os.path.isdir(path)]
 
 
 class World:
@@ -92,7 +95,7 @@ class World:
 
 @pytest.fixture(scope="module")
 def world():
-    root = Path(tempfile.mkdtemp(prefix="taskman-attacks-", dir="/dev/shm"))
+    root = Path(task_visible_tempdir("attacks-"))
     instance = World(root)
     yield instance
     if instance.server.process.poll() is None:
@@ -223,9 +226,16 @@ def test_signalling_or_inspecting_another_users_task_fails(world):
 
 
 def test_writing_into_another_tasks_tmp_fails(world):
-    code, text = world.attack("echo planted > /tmp/planted; echo planted > /var/tmp/planted;"
-                              " ls -A /tmp /var/tmp; cat /tmp/victim-file")
+    planted = f"planted-{os.getpid()}"
+    code, text = world.attack("; ".join(f"echo planted > {directory}/{planted}"
+                                        for directory in WORLD_WRITABLE)
+                              + f"; ls -A {' '.join(WORLD_WRITABLE)}; cat /tmp/victim-file")
     assert SECRET not in text and "victim-file" not in text.replace("/tmp/victim-file", ""), text
+    # Written, but into the attacker's own tmpfs: nothing left on the host,
+    # where it would outlive the task (pages in /dev/shm hold host memory).
+    assert text.count(planted) == len(WORLD_WRITABLE), text
+    assert not [directory for directory in WORLD_WRITABLE
+                if os.path.exists(os.path.join(directory, planted))]
     world.assert_unharmed()
 
 

@@ -86,26 +86,32 @@ def test_task_runs_as_its_uid_without_groups_capabilities_or_cores(confined):
         assert int(status[field], 16) == 0, field
 
 
+# The host's world-writable directories, each a tmpfs of the task's own.
+PRIVATE = [path for path in ("/tmp", "/var/tmp", "/dev/shm", "/run/lock") if os.path.isdir(path)]
+
+
 def test_private_tmp_is_fresh_per_task_and_gone_after(confined, tmp_path):
     marker = "/tmp/taskman-sandbox-test-marker"
     # A name nothing on the host has: the poll below must see the task's own file.
-    mine = f"/tmp/taskman-sandbox-test-{os.getpid()}-{id(tmp_path)}"
+    name = f"taskman-sandbox-test-{os.getpid()}-{id(tmp_path)}"
+    mine = f"/tmp/{name}"
     with open(marker, "w"):
         pass
     try:
-        first = Task(confined, "stat -f -c %T /tmp /var/tmp; ls -A /tmp /var/tmp; "
-                               f"echo secret > {mine}; exec sleep 30")
+        first = Task(confined, f"stat -f -c %T {' '.join(PRIVATE)}; ls -A {' '.join(PRIVATE)}; "
+                               f"echo secret > {mine}; echo secret > /dev/shm/{name}; "
+                               "exec sleep 30")
         poll_for(lambda: _has_file(first.pid, mine), message="the first task's file")
         mount_namespace = os.readlink(f"/proc/{first.pid}/ns/mnt")
         assert mount_namespace != os.readlink("/proc/self/ns/mnt")
         code, output = run(confined, f"ls -A /tmp /var/tmp; cat {mine}")
         assert code != 0 and "secret" not in output, output
-        assert not os.path.exists(mine)
+        assert not os.path.exists(mine) and not os.path.exists(f"/dev/shm/{name}")
         os.killpg(first.pid, signal.SIGKILL)
         _, first_output = first.finish()
     finally:
         os.unlink(marker)
-    assert first_output.splitlines()[:2] == ["tmpfs", "tmpfs"], first_output
+    assert first_output.splitlines()[:len(PRIVATE)] == ["tmpfs"] * len(PRIVATE), first_output
     assert "taskman-sandbox-test-marker" not in first_output
     # The namespace (and with it the tmpfs) ends with the task's last process.
     poll_for(lambda: not any(_namespace_of(pid) == mount_namespace for pid in os.listdir("/proc") if pid.isdigit()),
