@@ -3,6 +3,12 @@
 Used by the CLI, the tests and the benchmarks. Failures are raised as
 ``ClientError`` carrying the gRPC status code and the server's message, so
 callers never handle ``grpc.RpcError`` themselves.
+
+The address may name several replicas of one fleet ("a:50051,b:50051"):
+a unary call that finds its server UNAVAILABLE tries the next one, and
+``fail_over`` moves a follower (taskman.cli.follow) on to the next one.
+With several addresses, connecting to each is bounded by CONNECT_TIMEOUT,
+so an address that never answers costs seconds, not the call's timeout.
 """
 
 import dataclasses
@@ -23,6 +29,24 @@ DEFAULT_TIMEOUT = 60.0
 # stop grace (10 s) and a margin for the SIGKILL and the reap.
 STOP_WAIT = 40.0
 STOP_POLL_FIRST, STOP_POLL_MAX = 0.05, 0.5  # seconds between status polls
+# Seconds to connect (TCP and TLS) to one of several addresses before the
+# call moves on to the next. grpc's minimum connect timeout is what bounds it.
+CONNECT_TIMEOUT = 3.0
+# A StartTask that met UNAVAILABLE is tried on another replica only when the
+# first cannot have started it: no connection was made, or it refused new
+# work. Any other UNAVAILABLE (e.g. no host took the task in time) may
+# have started it, and a second start would run the command twice.
+NOT_STARTED = ("failed to connect", "connection refused", "connect failed", "socket closed",
+               "shutting down", "reloading", "handshake", "no connection")
+
+
+def split_addresses(address: str) -> list:
+    """``"a:50051, b:50051"`` as ["a:50051", "b:50051"]; ValueError if none is given."""
+    addresses = [part.strip() for part in address.split(",")]
+    if not address.strip() or not all(addresses):
+        raise ValueError(f"invalid server address {address!r}: expected host:port, "
+                         "or several separated by commas")
+    return addresses
 
 
 class ClientError(Exception):
@@ -147,15 +171,43 @@ class TaskmanClient:
                  certs_dir: Optional[str] = None, ca_cert: Optional[str] = None,
                  cert: Optional[str] = None, key: Optional[str] = None,
                  timeout: float = DEFAULT_TIMEOUT, options=()):
+        self.addresses = split_addresses(address)
         if user_id is not None:
             ca_cert, cert, key = tls.client_files(user_id, certs_dir)
         if not (ca_cert and cert and key):
             raise ValueError("give user_id, or ca_cert, cert and key")
-        self.address = address
         self.timeout = timeout
-        credentials = tls.channel_credentials(ca_cert, cert, key)
-        self._channel = grpc.secure_channel(address, credentials, options=list(options))
-        self._stub = task_manager_pb2_grpc.TaskManagerStub(self._channel)
+        self._credentials = tls.channel_credentials(ca_cert, cert, key)
+        self._options = list(options)
+        if len(self.addresses) > 1:
+            self._options.append(("grpc.min_reconnect_backoff_ms", int(CONNECT_TIMEOUT * 1000)))
+        self._current = 0
+        self._channels: dict = {}  # address -> (channel, stub), made on first use
+
+    @property
+    def address(self) -> str:
+        """The address calls go to now."""
+        return self.addresses[self._current]
+
+    @property
+    def _channel(self):
+        return self._connection()[0]
+
+    @property
+    def _stub(self):
+        return self._connection()[1]
+
+    def _connection(self):
+        address = self.address
+        if address not in self._channels:
+            channel = grpc.secure_channel(address, self._credentials, options=self._options)
+            self._channels[address] = (channel, task_manager_pb2_grpc.TaskManagerStub(channel))
+        return self._channels[address]
+
+    def fail_over(self) -> str:
+        """Move on to the next address (round the list); return it."""
+        self._current = (self._current + 1) % len(self.addresses)
+        return self.address
 
     def start(self, command: str, args=(), separate_streams: bool = False) -> str:
         """Start ``command args...``; return the new task's id.
@@ -165,7 +217,7 @@ class TaskmanClient:
         """
         request = task_manager_pb2.StartTaskRequest(command=command, args=list(args),
                                                     separate_streams=separate_streams)
-        return self._unary(self._stub.StartTask, request).task_id
+        return self._unary("StartTask", request, retry=_not_started).task_id
 
     def stop(self, task_id: str, wait: float = STOP_WAIT) -> Optional[TaskStatus]:
         """Stop the task; then poll its status for up to ``wait`` seconds until
@@ -175,7 +227,7 @@ class TaskmanClient:
         The server never waits in the call (it would hold one of its workers
         for the whole grace period); the waiting is here.
         """
-        self._unary(self._stub.StopTask, task_manager_pb2.StopTaskRequest(task_id=task_id))
+        self._unary("StopTask", task_manager_pb2.StopTaskRequest(task_id=task_id))
         if wait <= 0:
             return None
         return self.wait_ended(task_id, wait)
@@ -197,13 +249,13 @@ class TaskmanClient:
         """Usage against each per-user quota: [(user, [QuotaUsage])], the
         caller's own by default; an admin may name ``user`` or ask for all."""
         request = task_manager_pb2.GetUsageRequest(user=user, all_users=all_users)
-        response = self._unary(self._stub.GetUsage, request)
+        response = self._unary("GetUsage", request)
         return [(entry.user, [QuotaUsage(line.name, line.used, line.limit, line.option)
                               for line in entry.quotas]) for entry in response.users]
 
     def status(self, task_id: str) -> TaskStatus:
         request = task_manager_pb2.TaskStatusRequest(task_id=task_id)
-        return TaskStatus.from_response(self._unary(self._stub.GetTaskStatus, request))
+        return TaskStatus.from_response(self._unary("GetTaskStatus", request))
 
     def list(self, statuses=(), owner: str = "", limit: int = 0) -> list:
         """The caller's tasks, newest first (an admin's: everyone's, or ``owner``'s).
@@ -220,7 +272,7 @@ class TaskmanClient:
             request = task_manager_pb2.ListTasksRequest(
                 statuses=[task_manager_pb2.JobStatus.Value(name) for name in statuses],
                 owner=owner, limit=want, page_token=token)
-            response = self._unary(self._stub.ListTasks, request)
+            response = self._unary("ListTasks", request)
             found += [TaskStatus.from_response(task) for task in response.tasks]
             token = response.next_page_token
             if not token or (limit and len(found) >= limit):
@@ -280,7 +332,9 @@ class TaskmanClient:
         return dict(call.initial_metadata()).get("taskman-version", "")
 
     def close(self) -> None:
-        self._channel.close()
+        for channel, _ in self._channels.values():
+            channel.close()
+        self._channels.clear()
 
     def __enter__(self) -> "TaskmanClient":
         return self
@@ -288,8 +342,36 @@ class TaskmanClient:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def _unary(self, method, request):
-        try:
-            return method(request, timeout=self.timeout)
-        except grpc.RpcError as error:
-            raise ClientError.from_rpc_error(error, self.address) from None
+    def _unary(self, method, request, retry=lambda failure: True):
+        """Call ``method`` (a TaskManager method's name, or a bound stub
+        method, which is called once, as it is). Raises ClientError.
+
+        Given by name, a call that meets UNAVAILABLE is made on each other
+        address in turn while ``retry(failure)`` allows it; the address that
+        answered is kept for the next calls.
+        """
+        if not isinstance(method, str):
+            try:
+                return method(request, timeout=self.timeout)
+            except grpc.RpcError as error:
+                raise ClientError.from_rpc_error(error, self.address) from None
+        failures = []
+        for _ in self.addresses:
+            try:
+                return getattr(self._stub, method)(request, timeout=self.timeout)
+            except grpc.RpcError as error:
+                failure = ClientError.from_rpc_error(error, self.address)
+            failures.append(failure)
+            if (len(self.addresses) == 1 or failure.code != grpc.StatusCode.UNAVAILABLE
+                    or not retry(failure)):
+                raise failure
+            self.fail_over()
+        raise ClientError(failure.code, "; ".join(f"{one.address}: {one.message.strip()}"
+                                                  for one in failures),
+                          ", ".join(self.addresses))
+
+
+def _not_started(failure: ClientError) -> bool:
+    """True when an UNAVAILABLE StartTask cannot have started the task."""
+    message = failure.message.lower()
+    return any(sign in message for sign in NOT_STARTED)

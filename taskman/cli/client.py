@@ -230,7 +230,11 @@ def _run(argv: list) -> int:
 
     address = options["--server-address"] or DEFAULT_ADDRESS
     state_dir = options.get("--state-dir")
-    client = client_module.TaskmanClient(address, options["--user-id"],
+    try:
+        addresses = client_module.split_addresses(address)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    client = client_module.TaskmanClient(",".join(addresses), options["--user-id"],
                                          certs_dir=tls.pki_dir(state_dir) if state_dir else None)
     try:
         with client:

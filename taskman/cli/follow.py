@@ -3,9 +3,12 @@ and ``taskman run``.
 
 Every output message says where its bytes sit in the task's combined output,
 so when the server goes away (UNAVAILABLE or a server-side CANCELLED: a
-restart, a reload, a dropped connection) the follower asks again from the offset it reached and gets each
-byte exactly once. Retries are bounded, with a short growing pause and a note
-on stderr each time.
+restart, a reload, a dropped connection, a replica killed) the follower asks
+again from the offset it reached and gets each byte exactly once. Given
+several addresses (replicas of one fleet), each retry goes to the next one.
+The first retry is immediate (another replica, or a reloaded server, is
+usually there already); later ones back off, bounded, with a note on stderr
+each time.
 """
 
 import datetime
@@ -14,8 +17,8 @@ import sys
 import time
 from typing import Callable, Optional
 
-RETRIES = 10
-FIRST_PAUSE = 0.2  # seconds, doubled after each failed attempt
+RETRIES = 11  # in a row without a byte received: about 15 s in all
+FIRST_PAUSE = 0.2  # seconds before the second retry, doubled after each failed one
 LONGEST_PAUSE = 2.0
 # A server going away ends streams with UNAVAILABLE, or with CANCELLED when
 # it cancels the calls still open as it stops (the client never raises its
@@ -47,25 +50,43 @@ class Follower:
 
     def run(self) -> None:
         """Until the stream ends; raises the last ClientError when the
-        server stays unreachable, or at once for any other failure."""
+        servers stay unreachable, or at once for any other failure."""
         failures = 0
+        untried = len(getattr(self.client, "addresses", ())) - 1
         while True:
+            reached = self.offset
             try:
                 self._stream_once()
                 return
             except Exception as error:
-                if (getattr(getattr(error, "code", None), "name", "") not in RESUMABLE
-                        or not self.connected):
+                if getattr(getattr(error, "code", None), "name", "") not in RESUMABLE:
                     raise
+                if self.offset != reached:
+                    failures = 0  # bytes came through: the budget is for a lasting loss
+                lost = self.client.address
+                if not self.connected:
+                    # Never answered: try each other address once, at once.
+                    if untried <= 0:
+                        raise
+                    untried -= 1
+                    self.note(f"taskman: cannot reach {lost} "
+                              f"({error.message.strip() or 'unavailable'}); trying "
+                              f"{self._next_address()}")
+                    continue
                 failures += 1
                 if failures > RETRIES:
                     raise
-                pause = min(FIRST_PAUSE * 2 ** (failures - 1), LONGEST_PAUSE)
-                self.note(f"taskman: lost the server at {self.client.address} "
+                pause = 0.0 if failures == 1 else min(FIRST_PAUSE * 2 ** (failures - 2),
+                                                      LONGEST_PAUSE)
+                self.note(f"taskman: lost the server at {lost} "
                           f"({error.message.strip() or 'unavailable'}); reconnecting from "
-                          f"offset {self.offset} in {pause:.1f}s "
+                          f"offset {self.offset} to {self._next_address()} in {pause:.1f}s "
                           f"(attempt {failures} of {RETRIES})")
                 time.sleep(pause)
+
+    def _next_address(self) -> str:
+        fail_over = getattr(self.client, "fail_over", None)
+        return fail_over() if fail_over else self.client.address
 
     def _stream_once(self) -> None:
         # The tail and since views pick the start once; a reconnection goes

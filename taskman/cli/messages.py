@@ -29,7 +29,8 @@ def describe_error(error) -> str:
     """One sentence for a failed call, from its status code and the server's message."""
     code, message = error.code.name, error.message.strip()
     if code == "UNAVAILABLE":
-        return f"cannot reach server at {error.address}: {_unavailable_reason(message)}"
+        where = ("any of the servers at " if "," in error.address else "server at ") + error.address
+        return f"cannot reach {where}: {_unavailable_reason(message)}"
     if code == "DEADLINE_EXCEEDED":
         return f"the server at {error.address} did not answer in time"
     if code == "UNAUTHENTICATED":

@@ -96,6 +96,10 @@ Description:
   (<state-dir>/pki; --state-dir names a server's non-default state directory).
 
 Options added to the RFD's commands (docs/cli.md has the details):
+  --server-address <host:port>[,<host:port>...]
+                           every command: several replicas of one fleet, tried in turn when
+                           one is unavailable; stream and run continue on the next from the
+                           byte they reached
   --state-dir <dir>        every command: take the certificates from <dir>/pki, the PKI of
                            a server started with --state-dir <dir> (default /var/lib/taskman)
   -o json, --output json   one JSON object (one per line for list) instead of the table
