@@ -127,13 +127,7 @@ def log_of(state: handover.TaskState, output_dir: str, max_bytes: int) -> Output
                     output.size, state.output_size)
     output.dropped, output.capped = state.output_dropped, state.output_capped
     output.write_error = state.output_error or None
-    # Appending again where the old image stopped; the index goes on after
-    # its last record. (Here, not in output.py, only while that module is
-    # at its size limit: it belongs beside OutputLog's constructor.)
-    output._fd = os.open(output.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
-    if output.index_path is not None:
-        output.index_fd = os.open(output.index_path, os.O_RDWR | os.O_CLOEXEC)
-    output.max_bytes, output.finished = max_bytes, False
+    output.resume_writing(max_bytes)
     return output
 
 

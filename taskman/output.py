@@ -70,13 +70,11 @@ class OutputLog:
     ``append`` and ``finish`` belong to the writer; ``follow`` and ``read``
     to readers. The log is *finished* once the writer has seen end of file:
     a follower then stops after reading everything. In memory it keeps only
-    counters: the size, the number of index records and the bytes they cover.
-    """
+    counters: the size, the number of index records and the bytes they cover."""
 
     def __init__(self, path: str, *, existing: bool = False, max_bytes: int = 0,
                  index_path: Optional[str] = None):
-        """``index_path``: where the log's index is (None: no index, all output
-        is one COMBINED record)."""
+        """``index_path``: where the log's index is (None: no index, all output is one COMBINED record)."""
         self.path = path
         self.index_path = index_path
         self.max_bytes = max_bytes  # 0: no cap
@@ -143,14 +141,20 @@ class OutputLog:
 
     # -- the writer's side
 
+    def resume_writing(self, max_bytes: int = 0) -> None:
+        """A reopened log live again, appending at its size (a reload handed its task over)."""
+        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+        if self.index_path is not None:
+            self.index_fd = os.open(self.index_path, os.O_RDWR | os.O_CLOEXEC)
+        self.max_bytes, self.finished = max_bytes, False
+
     def append(self, data: bytes, stream: Stream = Stream.COMBINED) -> None:
         """Append to the file, index it and wake every follower; never raises on disk errors.
 
         A full or failing disk must not stop the task or corrupt its status,
         so the bytes are dropped and counted and the error is remembered.
         Past ``max_bytes`` the rest is dropped after one marker line, so a
-        reader sees where output was cut.
-        """
+        reader sees where output was cut."""
         if not data or self.finished:
             return
         with self._appending:
@@ -270,8 +274,7 @@ class OutputLog:
         (the client went away), so no greenlet is left waiting for output
         nobody will read. The log is held (retention leaves it alone) from
         this call, not from the first iteration, until the iterator is
-        exhausted or closed.
-        """
+        exhausted or closed."""
         self._acquire()
         return Held(self._chunks(offset, Selector(selector), tail_bytes, tail_lines, since,
                                  follow, cancelled, chunk_size), self._release)
@@ -342,8 +345,7 @@ class OutputLog:
         self._release_fd_if_idle()
 
     def _release_fd_if_idle(self) -> None:
-        # A finished log with no reader holds no descriptor, so thousands of
-        # ended tasks cost no file descriptors.
+        # A finished log with no reader holds no descriptor, so thousands of ended tasks cost no file descriptors.
         if self.finished and self._readers == 0 and self._fd >= 0:
             if self._writing is not None:
                 # A pump killed mid-write leaves its write running in the
@@ -365,8 +367,7 @@ def create_log(directory: str, task_id: str, max_bytes: int = 0) -> OutputLog:
     """Create the output log of a new task and its index (neither may exist yet).
 
     Raises ResourceExhausted when the disk or quota is full, TaskmanError
-    for any other failure to create the files.
-    """
+    for any other failure to create the files."""
     try:
         os.makedirs(index_directory(directory), mode=0o700, exist_ok=True)
         return OutputLog(log_path(directory, task_id), max_bytes=max_bytes,
@@ -384,8 +385,7 @@ def reopen_log(directory: str, task_id: str) -> OutputLog:
     A file that went missing is created empty, so the task's record stays
     readable (with no output) rather than failing every stream of it. A log
     with no index (written before indexes existed) reads as one COMBINED
-    record.
-    """
+    record."""
     path = log_path(directory, task_id)
     if not os.path.exists(path):
         open(path, "ab").close()
