@@ -13,7 +13,9 @@ server's user: no task can read or change it (docs/security.md).
 """
 
 import datetime
+import heapq
 import json
+import operator
 import os
 import sqlite3
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
@@ -42,13 +44,15 @@ CREATE TABLE IF NOT EXISTS tasks (
     output_dropped INTEGER NOT NULL DEFAULT 0,
     output_note TEXT NOT NULL DEFAULT ''
 );
--- Listings: one index walk per status, newest first, merged (taskman.listing).
+-- Listings, newest first: one index walk; with a status filter, one per status, merged.
+CREATE INDEX IF NOT EXISTS tasks_by_start ON tasks (start_time, id);
+CREATE INDEX IF NOT EXISTS tasks_by_owner_start ON tasks (owner, start_time, id);
 CREATE INDEX IF NOT EXISTS tasks_by_status ON tasks (status, start_time, id);
 CREATE INDEX IF NOT EXISTS tasks_by_owner_status ON tasks (owner, status, start_time, id);
 -- Retention: oldest ended first, everyone's and each user's.
 CREATE INDEX IF NOT EXISTS tasks_by_end ON tasks (end_time);
 CREATE INDEX IF NOT EXISTS tasks_by_owner_end ON tasks (owner, end_time);
-DROP INDEX IF EXISTS tasks_by_owner;  -- (owner, start_time): superseded by the two above
+DROP INDEX IF EXISTS tasks_by_owner;  -- (owner, start_time): superseded by tasks_by_owner_start
 CREATE TABLE IF NOT EXISTS processes (
     task_id TEXT PRIMARY KEY,
     uid INTEGER NOT NULL,          -- the uid the task runs as
@@ -63,6 +67,7 @@ CREATE TABLE IF NOT EXISTS users (
 _COLUMNS = ("id", "owner", "command", "args", "pid", "status", "exit_code", "signal",
             "source", "start_time", "end_time", "output_size", "output_dropped", "output_note")
 _SELECT = ", ".join(_COLUMNS)
+_START_AND_ID = operator.itemgetter(_COLUMNS.index("start_time"), 0)
 
 
 class TaskStore:
@@ -136,21 +141,33 @@ class TaskStore:
                                   f"ORDER BY start_time", (int(JobStatus.STARTED),))
         return [_from_row(row) for row in cursor]
 
-    def newest(self, status: JobStatus, owner: Optional[str] = None,
+    def newest(self, statuses: Iterable[JobStatus] = (), owner: Optional[str] = None,
                before: Optional[Tuple[float, str]] = None) -> Iterator[Task]:
-        """The records in ``status`` (of ``owner`` if given), newest first:
-        by start time, then id. ``before``: a (start time, id) to continue
-        after. Lazy: a page reads only its rows, through an index."""
-        where, values = ["status = ?"], [int(status)]
+        """The records (of ``owner`` if given; in ``statuses``, if any), newest
+        first: by start time, then id. ``before``: a (start time, id) to
+        continue after. Lazy and through an index: a page reads its rows only."""
+        walks = [self._newest(status, owner, before) for status in sorted(set(statuses))]
+        if not walks:
+            rows = self._newest(None, owner, before)
+        else:
+            rows = heapq.merge(*walks, key=_START_AND_ID, reverse=True)
+        return map(_from_row, rows)
+
+    def _newest(self, status: Optional[JobStatus], owner: Optional[str],
+                before: Optional[Tuple[float, str]]) -> Iterator[tuple]:
+        where, values = [], []
+        if status is not None:
+            where.append("status = ?")
+            values.append(int(status))
         if owner is not None:
             where.append("owner = ?")
             values.append(owner)
         if before is not None:
             where.append("(start_time, id) < (?, ?)")
             values.extend(before)
-        cursor = self._db.execute(f"SELECT {_SELECT} FROM tasks WHERE {' AND '.join(where)} "
-                                  f"ORDER BY start_time DESC, id DESC", values)
-        return map(_from_row, cursor)
+        condition = f"WHERE {' AND '.join(where)}" if where else ""
+        return self._db.execute(f"SELECT {_SELECT} FROM tasks {condition} "
+                                f"ORDER BY start_time DESC, id DESC", values)
 
     def position(self, task_id: str) -> Optional[Tuple[float, str, str]]:
         """(start time, id, owner) of ``task_id``, where a listing continues; None if gone."""
@@ -192,7 +209,7 @@ def _timestamp(value: Optional[datetime.datetime]) -> Optional[float]:
 def _datetime(value: Optional[float]) -> Optional[datetime.datetime]:
     if value is None:
         return None
-    return datetime.datetime.fromtimestamp(value, datetime.timezone.utc)
+    return datetime.datetime.fromtimestamp(value, _UTC)
 
 
 def _to_row(task: Task) -> tuple:
@@ -202,11 +219,15 @@ def _to_row(task: Task) -> tuple:
             task.output_dropped, task.output_note)
 
 
+# Plain lookups: reading a record is on the path of every status and listing.
+_UTC = datetime.timezone.utc
+_STATUSES = {int(status): status for status in JobStatus}
+_SOURCES = {source.value: source for source in Source}
+
+
 def _from_row(row: tuple) -> Task:
-    values = dict(zip(_COLUMNS, row, strict=True))
-    values["args"] = json.loads(values["args"])
-    values["status"] = JobStatus(values["status"])
-    values["source"] = Source(values["source"])
-    values["start_time"] = _datetime(values["start_time"])
-    values["end_time"] = _datetime(values["end_time"])
-    return Task(**values)
+    (task_id, owner, command, args, pid, status, exit_code, signal, source, start_time,
+     end_time, output_size, output_dropped, output_note) = row
+    return Task(task_id, owner, command, json.loads(args), pid, _STATUSES[status], exit_code,
+                signal, _SOURCES[source], _datetime(start_time), _datetime(end_time), output_size,
+                output_dropped, output_note)
