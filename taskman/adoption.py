@@ -201,6 +201,10 @@ def adopt(path: str):
     """The new image's first act: ``(hand-over, {task id: Process})`` from
     the hand-over at ``path``, or None if it cannot be used (one ERROR line;
     its tasks are then ended by crash recovery, as after a crash)."""
+    # Back to the old image's priority at the loop's first turn: the imports
+    # and start-up before it keep the reload's boost; nothing is spawned
+    # before it (taskman.reload.restore_priority).
+    gevent.spawn(reload.restore_priority, reload.take_nice())
     try:
         state = handover.read(path)
     except handover.HandoverError as error:

@@ -9,7 +9,7 @@ stood (who asked, which signal went out, when SIGKILL is due). The port the
 old image listened on is kept too, so a server started on port 0 comes back
 on the same port.
 
-One JSON file, written atomically (a temporary file, fsync, rename) in the
+One JSON file, written atomically (a temporary file, rename) in the
 server's 0700 state directory, mode 0600. It names its format and version:
 a new image reads the versions it knows and refuses any other with one
 sentence (``HandoverError``), and the caller then ends the tasks cleanly
@@ -33,6 +33,10 @@ FILE_NAME = "handover.json"
 # The new image finds the hand-over through this variable (the command line
 # stays the operator's, so ``--check`` and the exec see the same options).
 VARIABLE = "TASKMAN_HANDOVER"
+# The old image's nice value before the reload raised its priority
+# (taskman.reload.boost_priority): the new image goes back to it before it
+# spawns anything, also when the hand-over itself cannot be read.
+NICE_VARIABLE = "TASKMAN_RELOAD_NICE"
 
 
 class HandoverError(TaskmanError):
@@ -109,7 +113,8 @@ def write(handover: Handover, state_dir: str) -> str:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
-        os.fsync(fd)
+        # No fsync: this process reads it back within a second, and a crash
+        # of the host in between ends the tasks it names anyway.
     finally:
         os.close(fd)
     try:

@@ -41,6 +41,11 @@ PROGRAM = "taskman-server"
 CHECK_TIMEOUT = 60.0
 # The last resort waits this long for a killed task to be reaped.
 REAP_TIMEOUT = 10.0
+# Nice values the check and the reload window run ahead of the tasks by:
+# while the server is down every client is refused and every task's output
+# waits in its pipe, so the new image's start-up should not queue behind
+# the tasks for the CPU (docs/operations.md, "Upgrading").
+PRIORITY_BOOST = 10
 
 try:  # the real waitpid: gevent's patched one is cooperative only for pids it spawned
     from gevent.monkey import get_original
@@ -93,6 +98,7 @@ def check(program: str, options: List[str], timeout: float = CHECK_TIMEOUT) -> T
                                  setsigmask=(), setsigdef=_default_signals())
         except OSError as error:
             return False, f"cannot run {program}: {error.strerror}"
+        boost_priority(pid)
         status = _wait_child(pid, timeout)
         output.seek(0)
         text = output.read().decode(errors="replace").strip()
@@ -124,6 +130,44 @@ def _wait_child(pid: int, timeout: float) -> Optional[int]:
         return None
     finally:
         watcher.stop()
+
+
+def boost_priority(pid: int = 0) -> Optional[int]:
+    """Lower the nice value of ``pid`` (0: the calling thread, which an exec
+    keeps) by PRIORITY_BOOST; return the value before, or None if this
+    process may not (not root)."""
+    try:
+        before = os.getpriority(os.PRIO_PROCESS, pid)
+        os.setpriority(os.PRIO_PROCESS, pid, max(before - PRIORITY_BOOST, -20))
+    except OSError:
+        return None
+    return before
+
+
+def take_nice() -> Optional[int]:
+    """The nice value a reload's ``exec_image`` asked this image to go back
+    to, if any; removed from the environment so no task sees it."""
+    try:
+        return int(os.environ.pop(handover_format.NICE_VARIABLE, ""))
+    except ValueError:
+        return None
+
+
+def restore_priority(nice: Optional[int]) -> None:
+    """Every thread of this process back at nice value ``nice`` (threads made
+    since the boost inherited it). Before any task is spawned: tasks would
+    inherit it too. Nothing for None."""
+    if nice is None:
+        return
+    try:
+        threads = os.listdir("/proc/self/task")
+    except OSError:
+        threads = ["0"]
+    for thread in threads:
+        try:
+            os.setpriority(os.PRIO_PROCESS, int(thread), nice)
+        except OSError:
+            pass  # exited meanwhile
 
 
 class Guard:
@@ -163,8 +207,9 @@ def unblock_signal() -> None:
 
 
 def exec_image(program: str, options: List[str], handover_path: str,
-               fds: Iterable[int]) -> None:
-    """Exec ``program options...`` with the hand-over named in the environment.
+               fds: Iterable[int], nice: Optional[int] = None) -> None:
+    """Exec ``program options...`` with the hand-over named in the environment
+    (and ``nice``, the value to go back to after a ``boost_priority``).
 
     ``fds`` (the tasks' output pipes) are made inheritable only now: left
     so earlier, every task spawned meanwhile would inherit them. Returns
@@ -175,10 +220,13 @@ def exec_image(program: str, options: List[str], handover_path: str,
     for fd in fds:
         os.set_inheritable(fd, True)
     os.environ[handover_format.VARIABLE] = handover_path
+    if nice is not None:
+        os.environ[handover_format.NICE_VARIABLE] = str(nice)
     try:
         os.execv(program, [program, *options])
     except OSError as error:
         os.environ.pop(handover_format.VARIABLE, None)
+        os.environ.pop(handover_format.NICE_VARIABLE, None)
         for fd in fds:
             os.set_inheritable(fd, False)
         raise ReloadRefused(f"cannot exec {program}: {error.strerror}") from None

@@ -22,9 +22,11 @@ from taskman.reload import (
     Guard,
     ReloadRefused,
     block_signal,
+    boost_priority,
     check,
     exec_image,
     installed_program,
+    restore_priority,
     unblock_signal,
 )
 
@@ -126,6 +128,9 @@ class Reloader:
                  self.program)
         self.audit.record("server.reload", pid=os.getpid(), program=self.program)
         server.stop(grace=STOP_GRACE).wait(STOP_GRACE + 1)
+        # No call runs now, so no task is spawned with the raised priority;
+        # the new image goes back to ``nice`` before it serves.
+        nice = boost_priority()
         uids = {task_id: uid for task_id, (uid, _) in manager.store.processes().items()}
         entries = adoption.running(manager.entries())
         # Again: tasks started before the server stopped have pumps too.
@@ -133,6 +138,7 @@ class Reloader:
             if not self.terminating:
                 log.error("reload failed: task output still being written after %gs; "
                           "stopping as on SIGTERM", PAUSE_TIMEOUT)
+            restore_priority(nice)
             adoption.resume(entries)
             return
         # From here to the exec nothing may yield: the pumps are paused, and
@@ -141,8 +147,9 @@ class Reloader:
         try:
             state = adoption.capture(entries, port, self.stop_deadlines, uids)
             path = handover_format.write(state, state_dir)
-            exec_image(self.program, self.options, path, state.fds)
+            exec_image(self.program, self.options, path, state.fds, nice)
         except (OSError, ReloadRefused) as error:
+            restore_priority(nice)
             handover_format.remove(handover_format.path_in(state_dir))
             log.error("reload failed before the exec: %s; stopping as on SIGTERM",
                       getattr(error, "strerror", None) or error)

@@ -97,6 +97,18 @@ def assert_counter(output: bytes, at_least: int = 1) -> None:
             assert got == want, f"at line {index}: {got!r} instead of {want!r} (gap or repeat)"
 
 
+def nice_values(pid: int) -> set:
+    """The nice values of every thread of process ``pid``."""
+    values = set()
+    for thread in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{thread}/stat") as file:
+                values.add(int(file.read().rsplit(")", 1)[1].split()[16]))
+        except FileNotFoundError:
+            pass  # the thread ended meanwhile
+    return values
+
+
 def stream_count(server: ReloadableServer, cli: Cli, task_id: str) -> int:
     result = cli.run("stream", task_id, "--tail-bytes", "100", "--no-follow")
     if result.returncode:
@@ -111,9 +123,12 @@ def test_reload_keeps_the_task_and_the_follower_sees_every_byte_once(start):
     before = cli.status_row(task_id)
     follower = cli.follow(task_id)
     first = follower.stdout.readline()  # connected: a follower that never was gives up at once
+    nice = nice_values(server.process.pid)
     server.install(CHANGED_BUILD)  # "pip install -U" of a build that says so
     took = server.reload()
     assert "taskman-server 99.0.0-reloaded" in server.log()
+    # The reload's priority boost is undone on every thread before it serves.
+    assert nice_values(server.process.pid) == nice
     after = cli.status_row(task_id)
     assert after["PID"] == before["PID"] and after["STATUS"] == "JOB_STATUS_STARTED"
     assert process_running(int(before["PID"]))

@@ -113,6 +113,17 @@ def test_check_passes_and_fails_without_blocking_the_loop(tmp_path):
     assert ticks  # the loop ran while the checks did
 
 
+def test_check_runs_ahead_of_the_tasks(tmp_path):
+    """The check gets PRIORITY_BOOST (when this process may raise priorities)."""
+    program = tmp_path / "taskman-server"
+    program.write_text("#!/bin/sh\nsleep 0.2\nps -o ni= -p $$\n")
+    program.chmod(0o755)
+    passed, text = reload.check(str(program), [])
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    expected = max(own - reload.PRIORITY_BOOST, -20) if os.geteuid() == 0 else own
+    assert passed and int(text) == expected, text
+
+
 def test_check_that_hangs_is_killed(tmp_path):
     program = tmp_path / "taskman-server"
     program.write_text("#!/bin/sh\nexec sleep 30\n")
@@ -195,12 +206,53 @@ def test_exec_failure_restores_the_descriptors(monkeypatch):
     read_end, write_end = os.pipe()
     try:
         with pytest.raises(reload.ReloadRefused, match="cannot exec"):
-            reload.exec_image("/nonexistent/taskman-server", [], "/x", [read_end])
+            reload.exec_image("/nonexistent/taskman-server", [], "/x", [read_end], nice=0)
         assert not os.get_inheritable(read_end)
         assert handover.VARIABLE not in os.environ
+        assert handover.NICE_VARIABLE not in os.environ
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+def test_take_nice(monkeypatch):
+    monkeypatch.setenv(handover.NICE_VARIABLE, "-3")
+    assert reload.take_nice() == -3
+    assert handover.NICE_VARIABLE not in os.environ
+    assert reload.take_nice() is None
+    monkeypatch.setenv(handover.NICE_VARIABLE, "x")
+    assert reload.take_nice() is None
+
+
+BOOST = """
+import os, threading
+from taskman import reload
+before = os.getpriority(os.PRIO_PROCESS, 0)
+nice = reload.boost_priority()
+if nice is None:
+    raise SystemExit(77)  # not allowed here (not root)
+boosted = max(before - reload.PRIORITY_BOOST, -20)
+assert nice == before and os.getpriority(os.PRIO_PROCESS, 0) == boosted
+started, done, tids = threading.Event(), threading.Event(), []
+def thread():
+    tids.append(threading.get_native_id()); started.set(); done.wait(10)
+worker = threading.Thread(target=thread); worker.start(); started.wait(10)
+assert os.getpriority(os.PRIO_PROCESS, tids[0]) == boosted  # inherited
+reload.restore_priority(nice)
+assert os.getpriority(os.PRIO_PROCESS, 0) == before
+assert os.getpriority(os.PRIO_PROCESS, tids[0]) == before
+done.set(); worker.join()
+"""
+
+
+def test_boost_priority_then_restore_every_thread():
+    """In a fresh interpreter: the boost is per thread, inherited by threads made
+    after it, and restore_priority puts every thread back."""
+    result = subprocess.run([sys.executable, "-c", BOOST], capture_output=True, text=True,
+                            timeout=60)
+    if result.returncode == 77:
+        pytest.skip("this process may not raise its priority (not root)")
+    assert result.returncode == 0, result.stderr
 
 
 def test_take_handover_path(monkeypatch):
