@@ -10,8 +10,9 @@ counter with no gap and no repeat.
 
     /work/venv/bin/python bench/reload.py --tasks 1000 --followers 20
 
-The cgroup driver defaults to none: the cgroup drivers spare adopted tasks'
-groups only once their setup() takes ``spare`` (docs/operations.md).
+The cgroup driver defaults to none (``--driver hybrid`` or ``v2`` for the
+real thing: their start-up clean-up spares adopted tasks' groups), so the
+numbers compare across hosts. The printed log directory holds the server's log.
 """
 
 import argparse
@@ -50,6 +51,7 @@ def main() -> int:
     address = f"127.0.0.1:{port}"
     workdir = tempfile.mkdtemp(prefix="taskman-bench-reload-")
     log_path = os.path.join(workdir, "server.log")
+    print(f"server log: {log_path}", flush=True)
     env = dict(os.environ, TASKMAN_CERTS_DIR=certs)
     with open(log_path, "wb") as log:
         server = subprocess.Popen(
