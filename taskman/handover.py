@@ -106,7 +106,11 @@ def write(handover: Handover, state_dir: str) -> str:
     """
     path = path_in(state_dir)
     temporary = f"{path}.{os.getpid()}.tmp"
-    document = {"format": FORMAT, **dataclasses.asdict(handover)}
+    # Not dataclasses.asdict: it deep-copies every value, and this runs while
+    # no call is served (~0.1 s of 1,000 tasks' 0.15 s here).
+    tasks = [{**vars(task), "pipes": [vars(pipe) for pipe in task.pipes]}
+             for task in handover.tasks]
+    document = {"format": FORMAT, **vars(handover), "tasks": tasks}
     data = json.dumps(document, separators=(",", ":")).encode()
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
@@ -164,9 +168,11 @@ def remove(path: str) -> None:
         pass
 
 
+_TASK_FIELDS = frozenset(field.name for field in dataclasses.fields(TaskState))
+
+
 def _task(entry: dict) -> TaskState:
-    fields = {field.name for field in dataclasses.fields(TaskState)}
-    unknown = set(entry) - fields
+    unknown = set(entry) - _TASK_FIELDS
     if unknown:
         raise ValueError(f"unknown task fields {sorted(unknown)}")
     entry = dict(entry)
