@@ -16,6 +16,7 @@ numbers compare across hosts. The printed log directory holds the server's log.
 """
 
 import argparse
+import datetime
 import os
 import signal
 import subprocess
@@ -113,12 +114,31 @@ def main() -> int:
         print(f"SIGHUP -> first answer: max {fmt_ms(max(r[0] for r in results))}; "
               f"refused window max {fmt_ms(max(r[1] for r in results))} "
               f"({options.tasks} tasks, {options.reloads} reloads)")
+        for check, stopped in phases(log_path):
+            print(f"from the server's log: --check and the pause {fmt_ms(check)}, "
+                  f"stop of the old image to the new one listening {fmt_ms(stopped)}")
         return 0
     finally:
         client.close()
         if server.poll() is None:
             server.send_signal(signal.SIGTERM)
             server.wait(60)
+
+
+def phases(log_path: str):
+    """Per reload, from the server's log lines: (SIGHUP to the reload going on,
+    that to the new image listening), in seconds."""
+    marks = {"SIGHUP: checking": "sighup", "reloading into": "stop", "listening on": "listening"}
+    times = {}
+    with open(log_path, errors="replace") as log:
+        for line in log:
+            for text, name in marks.items():
+                if text in line:
+                    stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+                    times.setdefault(name, []).append(stamp.timestamp())
+    listening = times.get("listening", [])[1:]  # the first is the start
+    return [(stop - sighup, up - stop) for sighup, stop, up
+            in zip(times.get("sighup", []), times.get("stop", []), listening, strict=False)]
 
 
 class Follower:
