@@ -19,7 +19,11 @@ every N (so the rows compare the same work):
     flock /tmp/taskman-heavy.lock /work/venv/bin/python bench/history.py --before dddb394
 
 ``--counts 100,100000`` for a quick run. RSS of an empty manager (N=0) is the
-baseline the target compares with.
+baseline the target compares with. ``--server`` measures a real taskman-server
+instead (retention and the finished-records quota off, the ``none`` driver;
+records owned by client001 and client002; the calls over mTLS from this
+process): its RSS once it answers, and the p50 of GetTaskStatus and ListTasks
+(client001's newest 10, admin's newest 50).
 """
 
 import argparse
@@ -33,6 +37,10 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from seed_history import task_id  # noqa: E402
+
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(BENCH_DIR)
 USERS = 10
@@ -44,6 +52,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--before", help="a commit to compare with (exported with git archive)")
     parser.add_argument("--counts", default="0,100,1000000")
+    parser.add_argument("--server", action="store_true", help="a real taskman-server")
     parser.add_argument("--child", nargs=2, metavar=("STATE_DIR", "COUNT"), help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.child:
@@ -57,7 +66,7 @@ def main() -> int:
         rows = []
         for name, tree in trees:
             for count in counts:
-                rows.append(measure(name, tree, count, scratch))
+                rows.append((measure_server if options.server else measure)(name, tree, count, scratch))
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         print_table(rows)
     finally:
@@ -74,19 +83,68 @@ def export(commit: str, scratch: str) -> str:
     return tree
 
 
-def measure(name: str, tree: str, count: int, scratch: str) -> dict:
+def seed_state(tree: str, count: int, scratch: str, owners: str = "") -> tuple:
+    """A fresh state directory with ``count`` records, in ``tree``'s schema; (path, seconds)."""
     state = os.path.join(scratch, f"state-{len(os.listdir(scratch))}")
-    environment = dict(os.environ, PYTHONPATH=tree)
     seeded = subprocess.run([sys.executable, "-c", (
         "import sys, time; sys.path.insert(0, %r); from seed_history import seed; "
-        "print(seed(%r, %d, %d))") % (BENCH_DIR, state, count, USERS)],
-        env=environment, check=True, capture_output=True, text=True, cwd=tree)
+        "print(seed(%r, %d, %d, %r))") % (BENCH_DIR, state, count, USERS, owners)],
+        env=dict(os.environ, PYTHONPATH=tree), check=True, capture_output=True, text=True, cwd=tree)
+    return state, float(seeded.stdout.strip().splitlines()[-1])
+
+
+def measure_server(name: str, tree: str, count: int, scratch: str) -> dict:
+    sys.path.insert(0, REPO_DIR)
+    from bench.common import certs_dir, free_port, rss_bytes, stop_process
+    from taskman.client import ClientError, TaskmanClient
+
+    certs = certs_dir()
+    state, seed_seconds = seed_state(tree, count, scratch, owners="client001,client002")
+    address = f"127.0.0.1:{free_port()}"
+    environment = dict(os.environ, PYTHONPATH=tree, TASKMAN_CERTS_DIR=certs)
+    began = time.perf_counter()
+    server = subprocess.Popen(
+        [os.path.join(os.path.dirname(sys.executable), "taskman-server"), "--server-address", address,
+         "--state-dir", state, "--cgroup-driver", "none", "--retention", "0", "--output-budget", "0",
+         "--quota-finished-records", "0"], env=environment, cwd=tree,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    clients = {user: TaskmanClient(address, user, certs_dir=certs, timeout=600)
+               for user in ("client001", "admin")}
+    try:
+        while True:
+            try:
+                clients["admin"].list(limit=1)
+                break
+            except ClientError:
+                if server.poll() is not None or time.perf_counter() - began > 900:
+                    raise SystemExit("the server did not start") from None
+                time.sleep(0.2)
+        result = {"tree": name, "count": count, "seed_s": round(seed_seconds, 1),
+                  "start_s": round(time.perf_counter() - began, 1),
+                  "rss_mib": round(rss_bytes(server.pid) / MiB, 1)}
+        if count:
+            rng = random.Random(20)
+            picks = [rng.randrange(0, count, 2) for _ in range(SAMPLES)]  # client001's: even
+            result["status_us"] = p50_us(lambda n: clients["client001"].status(task_id(n)), picks)
+            result["own_page_us"] = p50_us(lambda n: clients["client001"].list(limit=10), picks)
+            result["all_page_us"] = p50_us(lambda n: clients["admin"].list(limit=50), picks)
+            result["rss_after_calls_mib"] = round(rss_bytes(server.pid) / MiB, 1)
+        result["disk_mib"] = round(disk_mib(state), 1)
+        return result
+    finally:
+        stop_process(server)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def measure(name: str, tree: str, count: int, scratch: str) -> dict:
+    state, seed_seconds = seed_state(tree, count, scratch)
+    environment = dict(os.environ, PYTHONPATH=tree)
     child_run = subprocess.run([sys.executable, os.path.join(BENCH_DIR, "history.py"),
                                 "--child", state, str(count)],
                                env=environment, check=True, capture_output=True, text=True, cwd=tree)
     result = json.loads(child_run.stdout.strip().splitlines()[-1])
-    result.update(tree=name, count=count, seed_s=float(seeded.stdout.strip().splitlines()[-1]),
-                  disk_mib=disk_mib(state))
+    result.update(tree=name, count=count, seed_s=round(seed_seconds, 1),
+                  disk_mib=round(disk_mib(state), 1))
     shutil.rmtree(state, ignore_errors=True)
     return result
 
@@ -104,9 +162,6 @@ def child(state: str, count: int) -> int:
     from taskman import cgroups
     from taskman.manager import TaskManager
     from taskman.task import JobStatus
-
-    sys.path.insert(0, BENCH_DIR)
-    from seed_history import task_id
 
     began = time.perf_counter()
     manager = TaskManager(state, driver=cgroups.select_driver("none"), retention_age=0,

@@ -1,6 +1,6 @@
 """Seed a state directory's task store with N finished records, directly.
 
-    python bench/seed_history.py STATE_DIR N [--users 10]
+    python bench/seed_history.py STATE_DIR N [--users 10 | --owners client001,client002]
 
 For the history benchmark (bench/history.py): a server started on the state
 directory then holds N finished tasks, as if it had run them, without
@@ -27,8 +27,10 @@ COLUMNS = ("id", "owner", "command", "args", "pid", "status", "exit_code", "sign
 FINISHED = ((3, 0, ""), (4, 1, ""), (2, 137, "SIGKILL"))  # EXITED_OK, EXITED_ERROR, SIGNALED
 
 
-def seed(state_dir: str, count: int, users: int = 10) -> float:
-    """Write ``count`` finished records into ``state_dir``'s store; return the seconds it took."""
+def seed(state_dir: str, count: int, users: int = 10, owners: str = "") -> float:
+    """Write ``count`` finished records into ``state_dir``'s store; return the
+    seconds it took. Owned in turn by ``users`` users user000... or by the
+    comma-separated ``owners``."""
     from taskman.store import TaskStore  # the schema of the taskman under test
 
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
@@ -37,12 +39,13 @@ def seed(state_dir: str, count: int, users: int = 10) -> float:
     began = time.perf_counter()
     first = time.time() - 3600 - count * 0.001
     args = json.dumps(["-c", "echo seeded"])
+    names = owners.split(",") if owners else [f"user{number:03d}" for number in range(users)]
 
     def rows():
         for number in range(count):
             status, code, signal = FINISHED[number % len(FINISHED)]
             start = first + number * 0.001
-            yield (str(uuid.UUID(int=number + 1, version=4)), f"user{number % users:03d}", "sh",
+            yield (str(uuid.UUID(int=number + 1, version=4)), names[number % len(names)], "sh",
                    args, 1000 + number % 30000, status, code, signal, "", start, start + 0.0005,
                    0, 0, "")
 
@@ -69,8 +72,9 @@ def main() -> int:
     parser.add_argument("state_dir")
     parser.add_argument("count", type=int)
     parser.add_argument("--users", type=int, default=10)
+    parser.add_argument("--owners", default="", help="comma-separated owners (default: --users of them)")
     options = parser.parse_args()
-    seconds = seed(options.state_dir, options.count, options.users)
+    seconds = seed(options.state_dir, options.count, options.users, options.owners)
     print(f"seeded {options.count} records in {seconds:.1f} s", file=sys.stderr)
     return 0
 
