@@ -31,10 +31,9 @@ def select(store: TaskStore, owner: Optional[str], statuses: Iterable[JobStatus]
     wanted = set(statuses)
     before = None
     if after:
-        position = store.position(parse_task_id(after))
-        if position is None:
+        before = store.position(parse_task_id(after))
+        if before is None:
             raise InvalidArgument(GONE)
-        before = position[:2]
     records = store.newest(wanted, owner or None, before)
     shown = (live(task) for task in itertools.islice(records, limit or None))
     if wanted:

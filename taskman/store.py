@@ -4,7 +4,9 @@ Why SQLite in WAL mode with ``synchronous=NORMAL``: a write costs ~10 us
 (p99 ~40 us, measured here), so it can run on the gevent loop without a
 thread hop; a crash of the server loses nothing already written, and only a
 power loss can drop the last few commits (the database stays consistent).
-Only records live here; the output stays in the per-task files.
+Only records live here; the output stays in the per-task files. Finished
+tasks live only here (``taskman.history``): their statuses, listings and
+retention are queries through the indexes below, never a walk of every record.
 
 Beside each task's record: the uid it runs as and the start identity of its
 main process (what crash recovery recognises it by), and the identity -> uid
@@ -169,9 +171,9 @@ class TaskStore:
         return self._db.execute(f"SELECT {_SELECT} FROM tasks {condition} "
                                 f"ORDER BY start_time DESC, id DESC", values)
 
-    def position(self, task_id: str) -> Optional[Tuple[float, str, str]]:
-        """(start time, id, owner) of ``task_id``, where a listing continues; None if gone."""
-        return self._db.execute("SELECT start_time, id, owner FROM tasks WHERE id = ?",
+    def position(self, task_id: str) -> Optional[Tuple[float, str]]:
+        """(start time, id) of ``task_id``, where a listing continues; None if gone."""
+        return self._db.execute("SELECT start_time, id FROM tasks WHERE id = ?",
                                 (task_id,)).fetchone()
 
     def finished_totals(self) -> Dict[str, Tuple[int, int]]:
