@@ -64,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--skip", default=[], type=lambda text: [x for x in text.split(",") if x],
                         help="kinds of flood left out, comma-separated: "
                              "output,bomb,streams,stops,huge (to find what costs)")
+    parser.add_argument("--keep-logs", default=None, metavar="DIR",
+                        help="copy each round's server log into DIR (to read the server's "
+                             "own call times)")
     parser.add_argument("--flood", default=None, metavar="ADDRESS",
                         help=argparse.SUPPRESS)  # the flooding child process
     return parser.parse_args(argv)
@@ -246,6 +249,11 @@ def one_round(args, workdir: str, script: str):
         except BaseException:
             print(server.log_tail(), file=sys.stderr)
             raise
+        finally:
+            if args.keep_logs:
+                os.makedirs(args.keep_logs, exist_ok=True)
+                shutil.copy(server.log_path, os.path.join(
+                    args.keep_logs, f"server-{os.path.basename(workdir)}.log"))
     return calm, busy, counts
 
 

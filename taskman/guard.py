@@ -26,6 +26,7 @@ from taskman.errors import (
     Unauthenticated,
     Unavailable,
 )
+from taskman.turns import SendTurns
 
 log = logging.getLogger("taskman.service")
 
@@ -85,16 +86,20 @@ class CallGuard:
     output streams, since each holds an executor worker for its whole life;
     ``admit_service_stream`` does the same for health Watch and reflection
     streams within their own, smaller ``max_health_streams``, so neither kind
-    can take the other's places. The TaskManager servicer and
-    ``GuardInterceptor`` (for health checking and reflection) share one guard.
+    can take the other's places; ``send_turns`` (a taskman.turns.SendTurns)
+    shares the sending of output among open streams, fairly by user. The
+    TaskManager servicer and ``GuardInterceptor`` (for health checking and
+    reflection) share one guard.
     """
 
     def __init__(self, max_streams: int = DEFAULT_MAX_STREAMS, audit=None, metrics=None,
-                 peers=None, max_health_streams: int = DEFAULT_MAX_HEALTH_STREAMS):
+                 peers=None, max_health_streams: int = DEFAULT_MAX_HEALTH_STREAMS,
+                 send_turns: Optional[SendTurns] = None):
         self.max_streams = max_streams
         self.open_streams = 0
         self.max_health_streams = max_health_streams
         self.open_health_streams = 0
+        self.send_turns = send_turns or SendTurns()
         self.audit = audit
         self.metrics = metrics
         # Who callers are: a pki.PeerCheck or credentials.Peers (revocations).

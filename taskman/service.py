@@ -172,13 +172,18 @@ class TaskManagerServicer(task_manager_pb2_grpc.TaskManagerServicer):
             call.answered = time.monotonic()
             metrics = self.guard.metrics
             sent_bytes = metrics.stream_bytes if metrics is not None else None
+            turns = self.guard.send_turns
             with self.guard.wakeable(context, cancelled):
                 try:
                     for chunk in chunks:
                         call.sent += len(chunk.data)
                         if sent_bytes is not None:
                             sent_bytes.inc(len(chunk.data))  # live, as a long stream goes
-                        yield output_response(chunk)
+                        response = output_response(chunk)
+                        # Held until the send is done: a few sends at a
+                        # time, so other calls are not queued behind them.
+                        with turns.turn(call.user):
+                            yield response
                 finally:
                     chunks.close()
 
