@@ -169,6 +169,8 @@ def serve(settings: "Settings", adopted=None) -> int:
     if reloader.requested:
         health_servicer.end_watches()
         guard.drain("the server is reloading; reconnect")
+        if node is not None:  # the next image takes the node's name and tasks back
+            node.close(leave=False)
         reloader.reexec(server, manager, port, state_dir)  # returns only if it failed
     health_servicer.enter_graceful_shutdown()  # NOT_SERVING to Watch streams and later Checks
     health_servicer.end_watches()
@@ -213,7 +215,8 @@ def join_fleet(settings: "Settings", identity: ServerIdentity, manager: TaskMana
         lambda: node_credentials(options, identity.pki))
     _setting_up(lambda: private.close_to_tasks((key_file,)))
     fleet_settings = FleetSettings(options.servers, options.node, ca_file, certificate_file,
-                                   key_file, heartbeat_ttl=options.heartbeat_ttl)
+                                   key_file, heartbeat_ttl=options.heartbeat_ttl,
+                                   labels=options.labels)
     try:
         node = fleet_node.FleetNode(fleet_settings, manager, options.capacity,
                                     admins=settings.admins).open()

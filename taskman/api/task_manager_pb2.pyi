@@ -42,14 +42,23 @@ OUTPUT_STREAM_STDOUT: OutputStream
 OUTPUT_STREAM_STDERR: OutputStream
 
 class StartTaskRequest(_message.Message):
-    __slots__ = ("command", "args", "separate_streams")
+    __slots__ = ("command", "args", "separate_streams", "node_labels")
+    class NodeLabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     COMMAND_FIELD_NUMBER: _ClassVar[int]
     ARGS_FIELD_NUMBER: _ClassVar[int]
     SEPARATE_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    NODE_LABELS_FIELD_NUMBER: _ClassVar[int]
     command: str
     args: _containers.RepeatedScalarFieldContainer[str]
     separate_streams: bool
-    def __init__(self, command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., separate_streams: _Optional[bool] = ...) -> None: ...
+    node_labels: _containers.ScalarMap[str, str]
+    def __init__(self, command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., separate_streams: _Optional[bool] = ..., node_labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class StartTaskResponse(_message.Message):
     __slots__ = ("task_id",)

@@ -10,13 +10,13 @@ import datetime
 import json
 import time
 import uuid
-from typing import Iterable, Iterator, Optional, Protocol, runtime_checkable
+from typing import Iterable, Iterator, Mapping, Optional, Protocol, runtime_checkable
 
 import gevent.event
 import nats.errors
 
-from taskman.errors import InvalidArgument, NotFound, Unavailable
-from taskman.fleet import dispatch, output, views
+from taskman.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from taskman.fleet import dispatch, liveness, output, views
 from taskman.fleet.connection import Connection, control_subject
 from taskman.fleet.records import Record, Records
 from taskman.output import Chunk, Selector, data_only
@@ -31,7 +31,7 @@ class Backend(Protocol):
     method's contract: the same arguments, returns and errors)."""
 
     def start(self, owner: str, command: str, args: Iterable[str] = (),
-              separate_streams: bool = False) -> Task: ...
+              separate_streams: bool = False, **placement) -> Task: ...
 
     def stop(self, requester: str, task_id: str, wait: Optional[float] = None) -> Task: ...
 
@@ -67,17 +67,24 @@ class FleetBackend:
         self._closing = False
 
     def start(self, owner: str, command: str, args: Iterable[str] = (),
-              separate_streams: bool = False) -> Task:
+              separate_streams: bool = False,
+              node_labels: Optional[Mapping[str, str]] = None) -> Task:
+        """As TaskManager.start, on some host with room and every one of
+        ``node_labels``; ResourceExhausted at once if no live host has them."""
         if self._closing:
             raise Unavailable("the server is shutting down")
         if not owner:
             raise InvalidArgument("no user given")
         if not command:
             raise InvalidArgument("no command given")
+        labels = dict(node_labels or {})
+        if labels and not any(dispatch.has_labels(beat.get("labels") or {}, labels)
+                              for beat in liveness.live_hosts(self.connection).values()):
+            wanted = ", ".join(f"{key}={value}" for key, value in sorted(labels.items()))
+            raise ResourceExhausted(f"no live host in the fleet has the labels {wanted}")
         record = Record(id=str(uuid.uuid4()), owner=owner, command=command, args=list(args),
-                        separate_streams=separate_streams)
-        dispatch.submit(self.records, record)
-        return dispatch.wait_placed(self.records, record.id, self.placement_timeout).to_task()
+                        separate_streams=separate_streams, labels=labels)
+        return dispatch.place(self.records, record, self.placement_timeout).to_task()
 
     def _lookup(self, requester: str, task_id: str) -> Record:
         task_id = parse_task_id(task_id)

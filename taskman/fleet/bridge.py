@@ -139,6 +139,18 @@ class Bridge:
         finally:
             self._pending.discard(call)
 
+    def post(self, coroutine: Awaitable) -> None:
+        """Run ``coroutine`` on the loop without waiting for it (work that
+        follows an answer already given); its failure is logged."""
+        if not self.alive:
+            coroutine.close()
+            raise BridgeClosed("the fleet connection is closed")
+
+        def begin() -> None:
+            self.loop.create_task(coroutine).add_done_callback(_log_failure)
+
+        self.loop.call_soon_threadsafe(begin)
+
     def close(self, timeout: float = 5.0) -> None:
         """Cancel what still runs on the loop, stop it and close it."""
         if self._closed:
@@ -166,3 +178,7 @@ class Bridge:
             else:
                 self._greenlet.kill(block=False)
 
+
+def _log_failure(task: "asyncio.Task") -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("fleet work posted to the loop failed: %r", task.exception())

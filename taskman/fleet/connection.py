@@ -9,7 +9,7 @@ is an update). The names live here so every module agrees on them.
 import dataclasses
 import logging
 import ssl
-from typing import Any, Awaitable, List, Optional
+from typing import Any, Awaitable, Dict, List, Optional
 
 import nats
 import nats.js.api as api
@@ -56,6 +56,7 @@ class Settings:
     replicas: int = 3  # of every bucket and stream: a NATS node may die
     heartbeat_ttl: float = 15.0  # a host silent this long is lost
     max_output_bytes: int = 0  # the output stream's size limit (0: none)
+    labels: Dict[str, str] = dataclasses.field(default_factory=dict)  # what starts may require
 
     def tls_context(self) -> Optional[ssl.SSLContext]:
         if not self.ca_file:

@@ -10,7 +10,7 @@ import dataclasses
 import datetime
 import os
 import urllib.parse
-from typing import List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 from taskman.errors import ConfigError
 
@@ -47,6 +47,18 @@ def check_node_name(name: str) -> str:
     return name
 
 
+def parse_labels(pairs: Iterable[str], option: str = "--node-label") -> Dict[str, str]:
+    """``["zone=a", "gpu=yes"]`` -> {"zone": "a", "gpu": "yes"}; ConfigError
+    if one is not key=value with a non-empty key (a key given twice: the last)."""
+    labels = {}
+    for pair in pairs:
+        key, equals, value = pair.partition("=")
+        if not equals or not key.strip():
+            raise ConfigError(f"{option} {pair!r}: use key=value, e.g. zone=eu-1")
+        labels[key.strip()] = value.strip()
+    return labels
+
+
 @dataclasses.dataclass
 class FleetOptions:
     """--fleet and its companions, checked; None of them without --fleet."""
@@ -58,12 +70,14 @@ class FleetOptions:
     certificate_file: Optional[str] = None
     key_file: Optional[str] = None
     heartbeat_ttl: float = DEFAULT_HEARTBEAT_TTL
+    labels: Dict[str, str] = dataclasses.field(default_factory=dict)  # placement
 
     @classmethod
     def from_command_line(cls, options: dict) -> Optional["FleetOptions"]:
         """From docopt's dict; None without --fleet; ConfigError naming the option."""
         if not options.get("--fleet"):
-            for option in ("--node", "--fleet-ca", "--fleet-cert", "--fleet-key"):
+            for option in ("--node", "--fleet-ca", "--fleet-cert", "--fleet-key",
+                           "--node-label"):
                 if options.get(option):
                     raise ConfigError(f"{option} needs --fleet")
             return None
@@ -78,7 +92,8 @@ class FleetOptions:
         return cls(servers=parse_servers(options["--fleet"]), node=check_node_name(node),
                    capacity=capacity, ca_file=options.get("--fleet-ca"),
                    certificate_file=options.get("--fleet-cert"),
-                   key_file=options.get("--fleet-key"), heartbeat_ttl=ttl)
+                   key_file=options.get("--fleet-key"), heartbeat_ttl=ttl,
+                   labels=parse_labels(options.get("--node-label") or ()))
 
 
 def _number(value, option: str, kind, minimum, maximum):

@@ -7,8 +7,13 @@ and decides again. This is what makes a start run at most once.
 A record's phase says where the task is in the fleet; once it runs, its
 status fields say what a standalone server's Task would say:
 
-    pending --claim--> claimed --spawned--> running --end--> ended
-       \\--no host in time--> refused      (claimed|running) --host lost--> ended
+    (offer) --a host creates it--> claimed --spawned--> running --end--> ended
+       \\--no host in time: the replica creates it--> refused
+    claimed --the host could not start it--> refused
+    (claimed|running) --host lost--> ended
+
+``pending`` is the phase of an offer in the dispatch stream, never stored:
+the record is created by the host that claims it (taskman.fleet.dispatch).
 """
 
 import dataclasses
@@ -70,10 +75,10 @@ class Record:
     command: str
     args: list
     separate_streams: bool = False
+    labels: dict = dataclasses.field(default_factory=dict)  # the host must have them all
     phase: str = PENDING
     host: str = ""
     pid: int = 0
-    local_id: str = ""  # the id the host's own manager gave the task
     status: int = int(JobStatus.STARTED)
     exit_code: Optional[int] = None
     signal: str = ""
@@ -118,6 +123,8 @@ class Record:
         self.signal = task.signal
         self.source = task.source.value
         self.end_time = task.end_time.timestamp() if task.end_time else None
+        if self.start_time is None and task.start_time is not None:
+            self.start_time = task.start_time.timestamp()
         self.output_size = task.output_size
 
 

@@ -10,7 +10,7 @@ fleet what the local manager's retention removed (record and output).
 import json
 import logging
 import time
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 import gevent
 
@@ -34,24 +34,22 @@ class Worker:
         self.capacity = capacity
         self.records = Records(connection)
         self.node = connection.settings.node
-        self._local: Dict[str, Tuple[str, str]] = {}  # fleet id -> (manager's id, owner)
-        self._running: Dict[str, str] = {}  # fleet task id -> owner, while it runs
+        # Task id -> owner of every fleet task this host's manager has (the
+        # manager runs each under its fleet id), and of those still running.
+        self.owners: Dict[str, str] = {}
+        self._running: Dict[str, str] = {}
         self.claimer = dispatch.Claimer(connection, self.records, self._run, self.room)
         self.heartbeat = liveness.Heartbeat(connection, self._describe, self.fence)
         self.detector = liveness.LostDetector(connection, self.records)
         self._subscription = None
         self._sweeper: Optional[gevent.Greenlet] = None
 
-    def local_id(self, task_id: str) -> Optional[str]:
-        """The id this host's manager gave the fleet task, if it ran here."""
-        local = self._local.get(task_id)
-        return local[0] if local else None
-
     def room(self) -> int:
         return self.capacity - len(self._running)
 
     def _describe(self) -> dict:
-        return {"capacity": self.capacity, "running": len(self._running)}
+        return {"capacity": self.capacity, "running": len(self._running),
+                "labels": self.claimer.labels}
 
     def start(self) -> "Worker":
         self.heartbeat.start()
@@ -82,13 +80,13 @@ class Worker:
         self.heartbeat.stop(remove=leave)
 
     def _run(self, record: Record) -> int:
-        """The Claimer's ``run``: start locally; TaskmanError refuses."""
+        """The Claimer's ``run``: start locally under the record's id;
+        TaskmanError refuses."""
         task = self.manager.start(record.owner, record.command, record.args,
-                                  separate_streams=record.separate_streams)
-        record.local_id = task.id
-        self._local[record.id] = (task.id, record.owner)
+                                  separate_streams=record.separate_streams, task_id=record.id)
+        self.owners[record.id] = record.owner
         self._running[record.id] = record.owner
-        gevent.spawn(self._follow_through, record.id, record.owner, task.id)
+        gevent.spawn(self._follow_through, record.id, record.owner)
         return task.pid
 
     def readopt(self) -> None:
@@ -98,31 +96,29 @@ class Worker:
         output goes on from where the fleet's copy ends and their end is
         recorded as it was. One its manager does not know is recorded lost."""
         for record in self.records.all():
-            if record.host != self.node or not record.on_host or record.id in self._local:
+            if record.host != self.node or not record.on_host or record.id in self.owners:
                 continue
             try:
-                self.manager.status(record.owner, record.local_id)
-            except TaskmanError:  # no local id yet, or forgotten: nobody can tell
+                self.manager.status(record.owner, record.id)
+            except TaskmanError:  # never started here, or forgotten: nobody can tell
                 liveness.record_lost_on(self.records, record.id, self.node)
                 continue
-            self._local[record.id] = (record.local_id, record.owner)
+            self.owners[record.id] = record.owner
             self._running[record.id] = record.owner
-            gevent.spawn(self._follow_through, record.id, record.owner, record.local_id,
-                         resume=True)
+            gevent.spawn(self._follow_through, record.id, record.owner, resume=True)
             log.info("worker: task %s taken back from an earlier life", record.id)
 
-    def _follow_through(self, task_id: str, owner: str, local_id: str,
-                        resume: bool = False) -> None:
+    def _follow_through(self, task_id: str, owner: str, resume: bool = False) -> None:
         """Pump the output to the fleet, then record how the task ended."""
         try:
             offset, complete = output.stored_end(self.connection, task_id) if resume else (0, False)
             if not complete:
                 output.Publisher(self.connection, task_id, offset).pump(
-                    self.manager.chunks(owner, local_id, offset=offset, follow=True))
-            task = self.manager.status(owner, local_id)
+                    self.manager.chunks(owner, task_id, offset=offset, follow=True))
+            task = self.manager.status(owner, task_id)
             while task.running:  # the log ends a moment before the record
                 gevent.sleep(0.02)
-                task = self.manager.status(owner, local_id)
+                task = self.manager.status(owner, task_id)
 
             def finish(record: Record) -> bool:
                 if record.host != self.node or not record.on_host:
@@ -141,11 +137,11 @@ class Worker:
         try:
             request = json.loads(message.data)
             task_id = request["task"]
-            local = self._local.get(task_id)
-            if local is None:
+            owner = self.owners.get(task_id)
+            if owner is None:
                 reply = {"ok": False, "error": f"task {task_id} is not on {self.node}"}
             else:
-                task = self.manager.stop(local[1], local[0], wait=request.get("wait"))
+                task = self.manager.stop(owner, task_id, wait=request.get("wait"))
                 self._wait_recorded(task_id, task.running)
         except (TaskmanError, ValueError, KeyError) as error:
             reply = {"ok": False, "error": str(error)}
@@ -166,9 +162,7 @@ class Worker:
     def fence(self) -> None:
         """Cut off from the fleet: stop every task this host runs."""
         for task_id, owner in list(self._running.items()):
-            local = self._local.get(task_id)
-            if local is not None:
-                gevent.spawn(self.manager.stop, owner, local[0], 0)
+            gevent.spawn(self.manager.stop, owner, task_id, 0)
 
     # -- retention: the fleet forgets what the hosts forget
 
@@ -187,11 +181,11 @@ class Worker:
         that its manager's retention removed, and records no host answers for
         (lost, refused) older than ``age`` (0: keep those). Returns how many."""
         gone = []
-        for task_id, (local_id, owner) in list(self._local.items()):
+        for task_id, owner in list(self.owners.items()):
             if task_id in self._running:
                 continue
             try:
-                self.manager.status(owner, local_id)
+                self.manager.status(owner, task_id)
             except NotFound:
                 gone.append(task_id)
         if age:
@@ -200,7 +194,7 @@ class Worker:
             for record in self.records.all():
                 # A live host forgets its own; nobody else answers for these.
                 orphan = (record.host not in live
-                          or (record.host == self.node and record.id not in self._local))
+                          or (record.host == self.node and record.id not in self.owners))
                 if (record.phase in (ENDED, REFUSED) and orphan
                         and (record.end_time or record.requested_time) < horizon):
                     gone.append(record.id)
@@ -212,5 +206,5 @@ class Worker:
         """The task's record and output out of the fleet."""
         output.forget(self.connection, task_id)
         self.records.delete(task_id)
-        self._local.pop(task_id, None)
+        self.owners.pop(task_id, None)
         log.info("worker: retention removed task %s from the fleet", task_id)

@@ -7,7 +7,7 @@ import hashlib
 import gevent
 import pytest
 
-from taskman.errors import CommandNotFound, NotFound
+from taskman.errors import CommandNotFound, NotFound, ResourceExhausted
 from taskman.fleet.backend import Backend, FleetBackend, wait_ended
 from taskman.fleet.worker import Worker
 from taskman.manager import TaskManager
@@ -48,7 +48,7 @@ def test_start_on_one_replica_status_and_stream_on_the_others(fleet):
     final = wait_ended(replicas[1], "alice", task.id, 30)
     assert final.status == JobStatus.EXITED_OK and final.exit_code == 0
     host = next(worker for worker in workers if worker.node == replicas[2].records.get(task.id)[0].host)
-    local = b"".join(host.manager.stream("alice", host.local_id(task.id)))
+    local = b"".join(host.manager.stream("alice", task.id))
     assert local.endswith(b"done\n") and len(local) > 3000000
     digests = {hashlib.sha256(follower.value).hexdigest() for follower in followers}
     assert digests == {hashlib.sha256(local).hexdigest()}
@@ -88,3 +88,10 @@ def test_eight_tasks_spread_over_two_hosts(fleet):
     assert hosts == {worker.node for worker in workers}
     for task in tasks:
         assert wait_ended(replicas[0], "alice", task.id, 30).status == JobStatus.EXITED_OK
+
+
+def test_labels_no_live_host_has_are_refused_at_once(fleet):
+    replicas, _ = fleet
+    with gevent.Timeout(5):
+        with pytest.raises(ResourceExhausted, match="zone=mars"):
+            replicas[0].start("alice", "true", node_labels={"zone": "mars"})

@@ -9,7 +9,7 @@ import pytest
 from taskman.errors import CommandNotFound, NotFound, ResourceExhausted
 from taskman.fleet import dispatch
 from taskman.fleet.connection import DISPATCH_SUBJECT
-from taskman.fleet.records import CLAIMED, PENDING, REFUSED, RUNNING, Conflict, Record, Records
+from taskman.fleet.records import CLAIMED, REFUSED, RUNNING, Conflict, Record, Records
 
 
 def new_record(owner="alice"):
@@ -72,7 +72,8 @@ def test_a_missing_record_is_not_found(connect):
 class Host:
     """A claimer whose ``run`` only counts: which tasks it was asked to start."""
 
-    def __init__(self, connection, capacity=100, fail=None):
+    def __init__(self, connection, capacity=100, fail=None, labels=None):
+        connection.settings.labels = dict(labels or {})
         self.records = Records(connection)
         self.ran = []
         self.capacity = capacity
@@ -105,12 +106,13 @@ def test_a_start_on_one_replica_runs_on_exactly_one_host(connect, hosts):
     workers = [hosts(name) for name in ("h1", "h2", "h3")]
     replica = Records(connect("replica"))
     record = new_record()
-    dispatch.submit(replica, record)
-    placed = dispatch.wait_placed(replica, record.id, timeout=10)
+    placed = dispatch.place(replica, record, timeout=10)
     assert placed.phase == RUNNING and placed.pid == 4242
     assert placed.host in {worker.claimer.node for worker in workers}
     gevent.sleep(0.5)
     assert sum(worker.ran.count(record.id) for worker in workers) == 1
+    stored = replica.get(record.id)[0]
+    assert (stored.phase, stored.pid, stored.host) == (RUNNING, 4242, placed.host)
 
 
 def test_duplicate_deliveries_never_run_a_task_twice(connect, hosts):
@@ -120,26 +122,27 @@ def test_duplicate_deliveries_never_run_a_task_twice(connect, hosts):
     ids = []
     for _ in range(20):
         record = new_record()
-        dispatch.submit(replica, record)
+        assert dispatch.place(replica, record, timeout=10).phase == RUNNING
         ids.append(record.id)
         for copy in range(3):  # as a redelivery past the duplicate window would
             connection.call(connection.jetstream.publish(
-                f"{DISPATCH_SUBJECT}.{record.id}", record.id.encode(),
+                f"{DISPATCH_SUBJECT}.{record.id}", new_record_like(record).encode(),
                 headers={"Nats-Msg-Id": f"again-{copy}-{record.id}"}))
-    for task_id in ids:
-        assert dispatch.wait_placed(replica, task_id, timeout=10).phase == RUNNING
     gevent.sleep(1.0)  # time for every copy to be delivered and dropped
     ran = [task_id for worker in workers for task_id in worker.ran]
     assert sorted(ran) == sorted(ids)
     assert all(worker.ran for worker in workers), "a pull-based queue spreads the work"
 
 
-def test_a_claim_against_a_claimed_record_does_nothing(connect):
+def new_record_like(record):
+    return Record(id=record.id, owner=record.owner, command=record.command, args=record.args)
+
+
+def test_a_claim_of_a_claimed_task_does_nothing(connect):
     host = Host(connect("h1"))
     record = new_record()
-    host.records.create(record)
-    assert host.claimer.claim(record.id) is True
-    assert host.claimer.claim(record.id) is False
+    assert host.claimer.claim(new_record_like(record)) is True
+    assert host.claimer.claim(new_record_like(record)) is False
     assert host.ran == [record.id]
 
 
@@ -147,9 +150,8 @@ def test_no_host_with_room_is_resource_exhausted_and_final(connect, hosts):
     full = hosts("full", capacity=0)
     replica = Records(connect("replica"))
     record = new_record()
-    dispatch.submit(replica, record)
     with pytest.raises(ResourceExhausted):
-        dispatch.wait_placed(replica, record.id, timeout=1.0)
+        dispatch.place(replica, record, timeout=1.0)
     assert replica.get(record.id)[0].phase == REFUSED
     full.capacity = 10  # room now: the late claim loses the CAS, nothing runs
     gevent.sleep(1.5)
@@ -160,13 +162,40 @@ def test_a_hosts_refusal_reaches_the_replica_as_its_own_error(connect, hosts):
     hosts("h1", fail=CommandNotFound("command 'nope' not found"))
     replica = Records(connect("replica"))
     record = new_record()
-    dispatch.submit(replica, record)
     with pytest.raises(CommandNotFound, match="nope"):
-        dispatch.wait_placed(replica, record.id, timeout=10)
+        dispatch.place(replica, record, timeout=10)
+    assert replica.get(record.id)[0].phase == REFUSED
 
 
-def test_a_pending_record_waits_in_the_queue(connect):
+def test_an_offer_has_no_record_until_a_host_claims_it(connect, hosts):
     replica = Records(connect("replica"))
     record = new_record()
-    dispatch.submit(replica, record)
-    assert replica.get(record.id)[0].phase == PENDING
+    placing = gevent.spawn(dispatch.place, replica, record, 10)
+    gevent.sleep(0.5)
+    with pytest.raises(NotFound):
+        replica.get(record.id)
+    hosts("late")
+    assert placing.get(timeout=10).phase == RUNNING
+
+
+def test_a_start_requiring_labels_runs_only_on_a_host_with_them_all(connect, hosts):
+    plain = hosts("plain")
+    partial = hosts("partial", labels={"zone": "a"})
+    labelled = hosts("labelled", labels={"zone": "a", "gpu": "yes"})
+    replica = Records(connect("replica"))
+    for _ in range(6):
+        record = new_record()
+        record.labels = {"zone": "a", "gpu": "yes"}
+        assert dispatch.place(replica, record, timeout=10).host == labelled.claimer.node
+    assert len(labelled.ran) == 6 and not plain.ran and not partial.ran
+    record = new_record()  # no labels: anyone
+    assert dispatch.place(replica, record, timeout=10).phase == RUNNING
+
+
+def test_labels_no_host_has_are_refused(connect, hosts):
+    hosts("plain")
+    replica = Records(connect("replica"))
+    record = new_record()
+    record.labels = {"zone": "nowhere"}
+    with pytest.raises(ResourceExhausted):
+        dispatch.place(replica, record, timeout=1.0)

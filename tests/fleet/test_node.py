@@ -32,6 +32,22 @@ def test_node_names_are_subject_tokens():
             check_node_name(bad)
 
 
+def test_node_labels_are_key_value_pairs():
+    from taskman.fleet.options import FleetOptions, parse_labels
+
+    assert parse_labels(["zone=eu-1", "gpu=", " a = b "]) == {"zone": "eu-1", "gpu": "", "a": "b"}
+    for bad in (["zone"], ["=x"]):
+        with pytest.raises(ConfigError):
+            parse_labels(bad)
+    options = FleetOptions.from_command_line({"--fleet": "nats://a:4222", "--node": "n",
+                                              "--fleet-capacity": "2",
+                                              "--fleet-heartbeat-ttl": "15",
+                                              "--node-label": ["zone=a"]})
+    assert options.labels == {"zone": "a"}
+    with pytest.raises(ConfigError, match="--node-label needs --fleet"):
+        FleetOptions.from_command_line({"--node-label": ["zone=a"]})
+
+
 def test_a_node_joins_serves_and_leaves(cluster, tmp_path):
     certificate, key = cluster.authority.issue("node-test")
     settings = Settings(servers=cluster.urls, node="node-test", ca_file=cluster.authority.ca_file,
@@ -68,7 +84,7 @@ def test_retention_removes_the_record_and_output_from_the_fleet(cluster, tmp_pat
         assert b"".join(node.backend.stream("alice", task.id)) == b"bye\n"
         wait_ended(node.backend, "alice", task.id, 20)
         with gevent.Timeout(20):
-            while node.worker.local_id(task.id) is not None:
+            while task.id in node.worker.owners:
                 node.worker.sweep(age=1.0)
                 gevent.sleep(0.25)
         with pytest.raises(NotFound):
@@ -90,8 +106,8 @@ def test_a_restarted_host_takes_its_tasks_back(cluster, connect, tmp_path):
         local = manager.start("alice", "sh", ["-c", "echo from the earlier life"])
         while manager.status("alice", local.id).running:
             gevent.sleep(0.05)
-        known = Record(id=str(uuid.uuid4()), owner="alice", command="sh", args=[],
-                       phase=RUNNING, host=connection.settings.node, local_id=local.id)
+        known = Record(id=local.id, owner="alice", command="sh", args=[],
+                       phase=RUNNING, host=connection.settings.node)
         unknown = Record(id=str(uuid.uuid4()), owner="alice", command="sh", args=[],
                          phase=RUNNING, host=connection.settings.node)
         records.create(known)
