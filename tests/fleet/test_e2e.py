@@ -11,7 +11,9 @@ import concurrent.futures
 import hashlib
 import json
 import re
+import signal
 import subprocess
+import sys
 import time
 import urllib.request
 import uuid
@@ -57,6 +59,17 @@ def check_checksummed(output: bytes) -> None:
     assert body.count(b"\n") + 1 == 40000
 
 
+def reloadable(server) -> list:
+    """The server's command run from a script of its own whose interpreter is
+    this one, so a reload (which execs the program it was started as) finds
+    taskman and its dependencies."""
+    script = server.workdir / "taskman-server"
+    script.write_text(f"#!{sys.executable}\nimport sys\nfrom taskman.cli.server import main\n"
+                      f"sys.exit(main())\n")
+    script.chmod(0o755)
+    return [str(script), *server.command[server.command.index("--server-address"):]]
+
+
 class Fleet:
     """The cluster and the three servers, and the CLI against any of them."""
 
@@ -78,6 +91,7 @@ class Fleet:
             self.servers[name] = server_harness.Server(
                 workdir, "--ca-dir", str(self.ca_dir), "--fleet", ",".join(self.cluster.urls),
                 "--node", name, "--fleet-capacity", str(CAPACITY), copy_pki=False)
+            self.servers[name].command = reloadable(self.servers[name])
         self.env = {"TASKMAN_CERTS_DIR": str(self.servers["a"].pki_dir)}
 
     def start(self) -> None:
@@ -251,6 +265,32 @@ def test_thirty_tasks_spread_over_the_three_hosts(fleet):
     assert sum(hosts.values()) == 30, hosts
     assert all(hosts[name] > 0 for name in NODES), hosts  # every host ran some
     assert all(count <= 30 for count in hosts.values())
+
+
+@pytest.mark.timeout(300)
+def test_a_reloaded_host_keeps_its_task_and_its_place_in_the_fleet(fleet):
+    """SIGHUP on the host running a task: the node does not leave the fleet
+    (its task is never reported lost), the new image takes the task back,
+    and a follower on another replica gets the whole output."""
+    marker = f"reload-{time.time_ns()}"
+    task_id = fleet.start_task(*checksummed(pause=0.4), marker, on="a")
+    host = next(name for name, count in fleet.hosts_of(marker).items() if count)
+    reader = next(name for name in NODES if name != host)
+    follower = fleet.follow(task_id, reader)
+    time.sleep(1.0)
+    fleet.servers[host].process.send_signal(signal.SIGHUP)
+    time.sleep(1.5)  # within the reload
+    assert fleet.status(task_id, on=reader)["status"] == "JOB_STATUS_STARTED"
+    output, errors = follower.communicate(timeout=120)
+    assert follower.returncode == 0, errors.decode()
+    check_checksummed(output)
+    final = fleet.wait_ended(task_id, on=reader)
+    assert (final["status"], final["exit_code"]) == ("JOB_STATUS_EXITED_OK", 0), final
+    log = fleet.servers[host].log()
+    assert fleet.servers[host].process.poll() is None, log
+    assert "reloading into" in log and f"task {task_id} taken back" in log, log[-3000:]
+    assert "recorded lost" not in log, log[-3000:]
+    assert fleet.status(task_id, on=host)["status"] == "JOB_STATUS_EXITED_OK"
 
 
 @pytest.mark.timeout(300)
