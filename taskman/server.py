@@ -219,7 +219,8 @@ def join_fleet(settings: "Settings", identity: ServerIdentity, manager: TaskMana
                                    labels=options.labels)
     try:
         node = fleet_node.FleetNode(fleet_settings, manager, options.capacity,
-                                    admins=settings.admins).open()
+                                    admins=settings.admins,
+                                    running_quota=settings.quotas.running_tasks).open()
     except TaskmanError as error:
         raise ConfigError(f"cannot join the fleet: {error}") from None
     log.info("fleet: node %s, capacity %d, NATS %s, heartbeat TTL %gs", options.node,

@@ -6,6 +6,7 @@ implements it over the fleet, for a server that is one replica of many. The
 servicer holds one or the other and never asks which.
 """
 
+import collections
 import datetime
 import json
 import time
@@ -15,6 +16,7 @@ from typing import Iterable, Iterator, Mapping, Optional, Protocol, runtime_chec
 import gevent.event
 import nats.errors
 
+from taskman import quotas
 from taskman.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from taskman.fleet import dispatch, liveness, output, views
 from taskman.fleet.connection import Connection, control_subject
@@ -23,6 +25,7 @@ from taskman.output import Chunk, Selector, data_only
 from taskman.task import JobStatus, Task, parse_task_id
 
 ADMIN = "admin"
+HOSTS_FRESH = 1.0  # seconds a replica reuses what the hosts' heartbeats said
 
 
 @runtime_checkable
@@ -59,18 +62,51 @@ class FleetBackend:
     ``taskman.fleet.worker.Worker``; a fleet server runs both."""
 
     def __init__(self, connection: Connection, admins: Iterable[str] = (ADMIN,),
-                 placement_timeout: float = dispatch.PLACEMENT_TIMEOUT):
+                 placement_timeout: float = dispatch.PLACEMENT_TIMEOUT,
+                 running_quota: int = 0):
         self.connection = connection
         self.records = Records(connection)
         self.admins = frozenset(admins)
         self.placement_timeout = placement_timeout
+        self.running_quota = running_quota  # each user's running tasks, fleet-wide (0: none)
         self._closing = False
+        self._hosts: Optional[tuple] = None  # (when read, node -> heartbeat)
+        self._placed_since = collections.Counter()  # owner -> starts since that read
+
+    def _live_hosts(self) -> dict:
+        """The live hosts' heartbeats, read again once HOSTS_FRESH old."""
+        now = time.monotonic()
+        if self._hosts is None or now - self._hosts[0] > HOSTS_FRESH:
+            self._hosts = (now, liveness.live_hosts(self.connection))
+            self._placed_since = collections.Counter()
+        return self._hosts[1]
+
+    def running_of(self, owner: str) -> int:
+        """``owner``'s running tasks in the whole fleet, as the hosts' last
+        heartbeats (each at most TTL/6 old) counted them, plus the starts
+        this replica placed since it read them."""
+        counted = sum((beat.get("users") or {}).get(owner, 0)
+                      for beat in self._live_hosts().values())
+        return counted + self._placed_since[owner]
+
+    def _check_placement(self, owner: str, labels: dict) -> None:
+        if self.running_quota:
+            running = self.running_of(owner)
+            if running >= self.running_quota:
+                raise quotas.exceeded("running_tasks", running, self.running_quota, owner)
+        if labels and not any(dispatch.has_labels(beat.get("labels") or {}, labels)
+                              for beat in self._live_hosts().values()):
+            wanted = ", ".join(f"{key}={value}" for key, value in sorted(labels.items()))
+            raise ResourceExhausted(f"no live host in the fleet has the labels {wanted}")
 
     def start(self, owner: str, command: str, args: Iterable[str] = (),
               separate_streams: bool = False,
               node_labels: Optional[Mapping[str, str]] = None) -> Task:
         """As TaskManager.start, on some host with room and every one of
-        ``node_labels``; ResourceExhausted at once if no live host has them."""
+        ``node_labels``. ResourceExhausted at once if no live host has them,
+        or if ``owner`` runs ``running_quota`` tasks in the fleet already
+        (counted as ``running_of`` says: a burst on several replicas within
+        one heartbeat may pass it; each host's own quota still holds)."""
         if self._closing:
             raise Unavailable("the server is shutting down")
         if not owner:
@@ -78,13 +114,12 @@ class FleetBackend:
         if not command:
             raise InvalidArgument("no command given")
         labels = dict(node_labels or {})
-        if labels and not any(dispatch.has_labels(beat.get("labels") or {}, labels)
-                              for beat in liveness.live_hosts(self.connection).values()):
-            wanted = ", ".join(f"{key}={value}" for key, value in sorted(labels.items()))
-            raise ResourceExhausted(f"no live host in the fleet has the labels {wanted}")
+        self._check_placement(owner, labels)
         record = Record(id=str(uuid.uuid4()), owner=owner, command=command, args=list(args),
                         separate_streams=separate_streams, labels=labels)
-        return dispatch.place(self.records, record, self.placement_timeout).to_task()
+        placed = dispatch.place(self.records, record, self.placement_timeout)
+        self._placed_since[owner] += 1
+        return placed.to_task()
 
     def _lookup(self, requester: str, task_id: str) -> Record:
         task_id = parse_task_id(task_id)

@@ -24,7 +24,7 @@ class FleetNode:
     """The fleet connection, this server's replica backend and its worker."""
 
     def __init__(self, settings: Settings, manager, capacity: int,
-                 admins: Iterable[str] = (ADMIN,)):
+                 admins: Iterable[str] = (ADMIN,), running_quota: int = 0):
         if capacity < 1:
             raise ConfigError("the fleet capacity of a server must be at least 1")
         check_node_name(settings.node)
@@ -32,6 +32,7 @@ class FleetNode:
         self.manager = manager
         self.capacity = capacity
         self.admins = tuple(admins)
+        self.running_quota = running_quota  # each user's, fleet-wide (0: none)
         self.connection: Optional[Connection] = None
         self.backend: Optional[FleetBackend] = None
         self.worker: Optional[Worker] = None
@@ -40,7 +41,8 @@ class FleetNode:
         """Join the fleet. Raises Unavailable (no NATS server answered) or
         ConfigError (refused)."""
         self.connection = Connection(bridge.shared(), self.settings).open(timeout)
-        self.backend = FleetBackend(self.connection, self.admins)
+        self.backend = FleetBackend(self.connection, self.admins,
+                                    running_quota=self.running_quota)
         self.worker = Worker(self.connection, self.manager, self.capacity).start()
         return self
 

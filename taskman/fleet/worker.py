@@ -48,8 +48,11 @@ class Worker:
         return self.capacity - len(self._running)
 
     def _describe(self) -> dict:
+        users: Dict[str, int] = {}
+        for owner in self._running.values():
+            users[owner] = users.get(owner, 0) + 1
         return {"capacity": self.capacity, "running": len(self._running),
-                "labels": self.claimer.labels}
+                "labels": self.claimer.labels, "users": users}
 
     def start(self) -> "Worker":
         self.heartbeat.start()

@@ -95,3 +95,24 @@ def test_labels_no_live_host_has_are_refused_at_once(fleet):
     with gevent.Timeout(5):
         with pytest.raises(ResourceExhausted, match="zone=mars"):
             replicas[0].start("alice", "true", node_labels={"zone": "mars"})
+
+
+def test_the_running_tasks_quota_counts_the_whole_fleet(fleet, connect):
+    replicas, _ = fleet
+    quota = FleetBackend(connect("quota-replica"), running_quota=3)
+    sleepers = [quota.start("carol", "sleep", ["60"]) for _ in range(3)]
+    with pytest.raises(ResourceExhausted, match="running tasks 3 of 3 for carol"):
+        quota.start("carol", "true")
+    quota.start("dave", "true")  # another user's count
+    gevent.sleep(1.5)  # the hosts' heartbeats now count carol's three, on both hosts
+    with pytest.raises(ResourceExhausted):
+        quota.start("carol", "true")
+    replicas[1].stop("carol", sleepers[0].id)
+    with gevent.Timeout(10):
+        while True:
+            gevent.sleep(0.5)
+            try:
+                quota.start("carol", "true")
+                break
+            except ResourceExhausted:
+                continue
