@@ -12,7 +12,12 @@ loopback: tests/fleet/nats_cluster.py) and prints a table:
   ``output.follow`` on another connection, against bare asyncio nats-py
   (no gevent, another process) publishing the same chunks 16 in flight and
   replaying them with an ordered consumer on a second connection;
-- a dead host: from its last heartbeat to its task recorded lost, at --ttl.
+- 100 followers (--followers) over three replica connections of one
+  process, following one M MiB output live: time, byte-exact, and the
+  process's RSS before and at the end;
+- a dead host: from its last heartbeat to its task recorded lost, at --ttl;
+- the publisher's pause when the output stream's leader is killed
+  (SIGKILL) mid-publish: the longest gap between two chunks handed over.
 
 Run as root on a host with cgroups, like the server; nats-server from the
 fleet-test extra.
@@ -26,6 +31,7 @@ import gevent.monkey  # noqa: I001 (gevent patches first, as in the server)
 gevent.monkey.patch_all()
 
 import argparse  # noqa: E402
+import hashlib  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -156,6 +162,70 @@ def one_follower(cluster, mebibytes: int) -> tuple:
     return mebibytes / fleet_seconds, mebibytes / bare_seconds
 
 
+def rss_mib() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def many_followers(cluster, mebibytes: int, count: int) -> tuple:
+    """(seconds, RSS before, RSS at the end) for ``count`` followers over
+    three connections, every copy byte-exact."""
+    size = mebibytes * 1024 * 1024
+    publisher_connection = connect(cluster, "bench-many-publisher")
+    replicas = [connect(cluster, f"bench-many-{number}") for number in range(3)]
+    task_id = f"bench-many-{time.time_ns()}"
+    data = os.urandom(size)
+    before = rss_mib()
+    began = time.monotonic()
+
+    def follow(connection):  # a digest, not a copy: RSS is the fleet's, not the copies'
+        digest = hashlib.sha256()
+        for chunk in output.follow(connection, task_id):
+            digest.update(chunk.data)
+        return digest.digest()
+
+    followers = [gevent.spawn(follow, replicas[number % 3]) for number in range(count)]
+    publisher = output.Publisher(publisher_connection, task_id)
+    publisher.pump(Chunk(offset, Stream.STDOUT, time.time_ns(), data[offset:offset + CHUNK])
+                   for offset in range(0, size, CHUNK))
+    gevent.joinall(followers, timeout=600, raise_error=True)
+    seconds = time.monotonic() - began
+    after = rss_mib()
+    assert all(follower.value == hashlib.sha256(data).digest() for follower in followers)
+    return seconds, before, after
+
+
+def leader_death_pause(cluster, mebibytes: int) -> float:
+    """The longest gap between two chunks handed to the fleet while the
+    output stream's leader is killed a quarter of the way in."""
+    from taskman.fleet.connection import OUTPUT_STREAM
+
+    size = mebibytes * 1024 * 1024
+    host = connect(cluster, "bench-leader-host")
+    publisher = output.Publisher(host, f"bench-leader-{time.time_ns()}")
+    data = bytes(range(256)) * (CHUNK // 256)
+    gaps, victim = [], None
+    last = time.monotonic()
+    for offset in range(0, size, CHUNK):
+        if victim is None and offset >= size // 4:
+            leader = host.call(host.jetstream.stream_info(OUTPUT_STREAM)).cluster.leader
+            victim = cluster.node(leader)
+            victim.kill()
+            last = time.monotonic()
+        publisher.publish(Chunk(offset, Stream.STDOUT, time.time_ns(), data))
+        now = time.monotonic()
+        gaps.append(now - last)
+        last = now
+    publisher.finish()
+    gaps.append(time.monotonic() - last)
+    victim.restart()
+    cluster.wait_healthy(cluster.nodes)
+    return max(gaps)
+
+
 def dead_host(cluster, ttl: float) -> float:
     host = connect(cluster, "bench-doomed")
     watcher = connect(cluster, "bench-watcher")
@@ -182,6 +252,7 @@ def main() -> int:
     parser.add_argument("--starts", type=int, default=50)
     parser.add_argument("--mebibytes", type=int, default=64)
     parser.add_argument("--ttl", type=float, default=15.0)
+    parser.add_argument("--followers", type=int, default=100)
     arguments = parser.parse_args()
     TTL[0] = arguments.ttl
     with tempfile.TemporaryDirectory(prefix="taskman-bench-fleet-") as directory:
@@ -194,6 +265,9 @@ def main() -> int:
             print(f"start p50 {fleet:.1f} ms vs {local:.1f} ms; follower {ours:.1f} vs "
                   f"{bare:.1f} MiB/s", file=sys.stderr)
             detected = dead_host(cluster, arguments.ttl)
+            many_seconds, rss_before, rss_after = many_followers(
+                cluster, max(1, arguments.mebibytes // 4), arguments.followers)
+            pause = leader_death_pause(cluster, arguments.mebibytes)
         finally:
             cluster.stop()
             bridge.shared().close()
@@ -204,6 +278,10 @@ def main() -> int:
          f"{ours:.1f} MiB/s (fleet)", f"{bare:.1f} MiB/s (bare nats-py)", f"{ours / bare:.2f}x"),
         (f"dead host -> task recorded lost (TTL {arguments.ttl:g} s)",
          f"{detected:.1f} s after its last heartbeat", f"bound {arguments.ttl * 4 / 3:.1f} s", ""),
+        (f"{arguments.followers} followers over 3 connections, "
+         f"{max(1, arguments.mebibytes // 4)} MiB each, byte-exact",
+         f"{many_seconds:.1f} s", f"RSS {rss_before:.0f} -> {rss_after:.0f} MiB", ""),
+        ("publisher pause, output stream leader SIGKILLed", f"{pause:.1f} s", "", ""),
     ]
     widths = [max(len(row[column]) for row in rows) for column in range(4)]
     for row in rows:
