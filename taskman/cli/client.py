@@ -16,31 +16,34 @@ is one sentence on stderr, never a traceback.
 import os
 import sys
 
-import docopt
-
-from taskman.cli.follow import Follower, parse_count, parse_since
-from taskman.cli.formats import (  # noqa: F401 (format_time: importable here too)
-    OUTPUT_FORMATS,
-    TimestampedLines,
-    format_table,
-    format_time,
-    json_line,
-    status_object,
-)
 from taskman.cli.messages import (  # noqa: F401 (EXIT_CODES: the table, importable here too)
     EXIT_CODES,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_TASKMAN_FAILED,
     EXIT_USAGE,
     describe_error,
     exit_code,
 )
-from taskman.cli.run import EXIT_TASKMAN_FAILED
 from taskman.cli.usage import MAIN_HELP, PATTERNS, RUN_HELP
-from taskman.cli.usage_command import USAGE_HELP
-from taskman.defaults import DEFAULT_ADDRESS, JOB_STATUS_NAMES, JOB_STATUS_PREFIX, version
 from taskman.errors import ConfigError
-from taskman.task import command_line
+
+# Everything else is imported by the command that needs it: a CLI start is
+# mostly interpreter and grpc start-up, and each module more shows (the
+# floor and the measurements are in docs/benchmark-history.md, #20 CLI start).
+# Importable from here as before; loaded on first use (PEP 562).
+_LAZY = {"OUTPUT_FORMATS": "taskman.cli.formats", "TimestampedLines": "taskman.cli.formats",
+         "format_table": "taskman.cli.formats", "format_time": "taskman.cli.formats",
+         "json_line": "taskman.cli.formats", "status_object": "taskman.cli.formats"}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_LAZY[name]), name)
+
 
 START_HELP = """\
 Usage:
@@ -170,7 +173,15 @@ Example:
 """  # noqa: E501
 
 HELP = {"start": START_HELP, "get-status": GET_STATUS_HELP, "stop": STOP_HELP,
-        "stream": STREAM_HELP, "list": LIST_HELP, "run": RUN_HELP, "usage": USAGE_HELP}
+        "stream": STREAM_HELP, "list": LIST_HELP, "run": RUN_HELP, "usage": None}
+
+
+def _help(command: str) -> str:
+    if command == "usage":
+        from taskman.cli.usage_command import USAGE_HELP
+
+        return USAGE_HELP
+    return HELP[command]
 
 
 class UsageError(ConfigError):
@@ -202,6 +213,8 @@ def _run(argv: list) -> int:
         return EXIT_OK
     command = argv[0]
     if command == "--version":
+        from taskman.defaults import version
+
         print(f"taskman {version()}")
         return EXIT_OK
     if command == "completion":
@@ -213,11 +226,11 @@ def _run(argv: list) -> int:
                          "stream, list, usage or completion (taskman --help)")
     before_separator = argv[1:argv.index("--")] if "--" in argv else argv[1:]
     if "--help" in before_separator or "-h" in before_separator:
-        print(HELP[command], end="")
+        print(_help(command), end="")
         return EXIT_OK
     options = _parse(command, argv)
     output_format = options.get("--output") or "table"
-    if output_format not in OUTPUT_FORMATS:
+    if output_format not in ("table", "json"):  # taskman.cli.formats.OUTPUT_FORMATS
         raise UsageError(f"unknown --output {output_format!r}: use table or json")
 
     # Before grpc is imported (by taskman.client): a TLS 1.3-only client, and
@@ -228,7 +241,7 @@ def _run(argv: list) -> int:
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     from taskman import client as client_module
 
-    address = options["--server-address"] or DEFAULT_ADDRESS
+    address = options["--server-address"] or client_module.DEFAULT_ADDRESS
     state_dir = options.get("--state-dir")
     try:
         addresses = client_module.split_addresses(address)
@@ -261,10 +274,12 @@ def _run(argv: list) -> int:
 
 
 def _parse(command: str, argv: list) -> dict:
+    import docopt
+
     try:
         return docopt.docopt(PATTERNS[command], argv=argv, default_help=False)
     except docopt.DocoptExit:
-        usage = HELP[command].split("\n\n", 1)[0]
+        usage = _help(command).split("\n\n", 1)[0]
         raise UsageError(f"{argv[0]}: missing, unknown or misplaced arguments "
                          f"(see taskman {argv[0]} --help)\n{usage}") from None
 
@@ -275,6 +290,8 @@ def _start(client, options: dict, output_format: str) -> int:
     task_id = client.start(options["<command>"], options["<args>"],
                            separate_streams=options["--separate-streams"])
     if output_format == "json":
+        from taskman.cli.formats import json_line
+
         print(json_line({"task_id": task_id}))
     else:
         print("TASK ID\n-------\n" + task_id)
@@ -286,6 +303,8 @@ STATUS_COLUMNS = ("TASK ID", "START TIME", "PID", "STATUS", "EXIT CODE", "SIGNAL
 
 
 def _get_status(client, task_id: str, output_format: str) -> int:
+    from taskman.cli.formats import format_table, format_time, json_line, status_object
+
     status = client.status(task_id)
     if output_format == "json":
         print(json_line(status_object(status)))
@@ -308,6 +327,8 @@ COMMAND_WIDTH = 60
 
 
 def _list(client, options: dict, output_format: str) -> int:
+    from taskman.cli.formats import format_table, format_time, json_line, status_object
+
     statuses = [_status_name(value) for value in options["--status"]]
     limit = options["--limit"]
     if limit is not None and (not limit.isdigit() or int(limit) > 2 ** 32 - 1):
@@ -328,6 +349,8 @@ def _list(client, options: dict, output_format: str) -> int:
 
 
 def _status_name(value: str) -> str:
+    from taskman.defaults import JOB_STATUS_NAMES, JOB_STATUS_PREFIX
+
     name = value.upper()
     if not name.startswith(JOB_STATUS_PREFIX):
         name = JOB_STATUS_PREFIX + name
@@ -339,6 +362,8 @@ def _status_name(value: str) -> str:
 
 def _command_column(task) -> str:
     """The command line, cut to COMMAND_WIDTH characters ending in "..."."""
+    from taskman.task import command_line
+
     text = command_line(task.command, list(task.args), limit=sys.maxsize)
     return text if len(text) <= COMMAND_WIDTH else text[:COMMAND_WIDTH - 3] + "..."
 
@@ -348,7 +373,9 @@ def _stop(client, task_id: str, output_format: str, no_wait: bool = False) -> in
 
     # The server returns once the signal is sent; wait here (bounded) for the end.
     ended = client.stop(task_id, wait=0 if no_wait else STOP_WAIT)
-    if output_format == "json":  # the status once stopped (or as it is, with --no-wait)
+    if output_format == "json":
+        from taskman.cli.formats import json_line, status_object
+  # the status once stopped (or as it is, with --no-wait)
         print(json_line(status_object(ended or client.status(task_id))))
     else:
         print(f"Task {task_id} stop request received.")
@@ -357,6 +384,9 @@ def _stop(client, task_id: str, output_format: str, no_wait: bool = False) -> in
 
 def _stream(client, options: dict) -> int:
     """The output as raw bytes on stdout (the RFD's), in the view asked for."""
+    from taskman.cli.follow import Follower, parse_count, parse_since
+    from taskman.cli.formats import TimestampedLines
+
     out = sys.stdout.buffer
 
     def write(data: bytes, moment=None) -> None:

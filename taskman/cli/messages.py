@@ -8,6 +8,8 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+# `taskman run`'s own failures, as `docker run`: never one of the task's codes.
+EXIT_TASKMAN_FAILED = 125
 # gRPC status code name -> exit code; anything else is EXIT_ERROR.
 EXIT_CODES = {
     "INVALID_ARGUMENT": 3,

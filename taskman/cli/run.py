@@ -15,9 +15,8 @@ import time
 
 from taskman.cli.follow import Follower
 from taskman.cli.formats import json_line, status_object
-from taskman.cli.messages import EXIT_INTERRUPTED, describe_error
+from taskman.cli.messages import EXIT_INTERRUPTED, EXIT_TASKMAN_FAILED, describe_error
 
-EXIT_TASKMAN_FAILED = 125
 SIGNAL_BASE = 128
 STATUS_POLL = 0.1  # seconds between status calls once the output has ended
 

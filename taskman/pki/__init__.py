@@ -22,20 +22,8 @@ No grpc here: the library half of identity. RSA-4096 keys cost about a second
 each; ``key_size`` exists so that tests can make one real PKI and copy it.
 """
 
-from cryptography.hazmat.primitives import serialization
+import importlib
 
-from taskman.pki.authority import Authority, Bundle, Issued, default_server_names
-from taskman.pki.directory import PKI, Status, issued_json, status_table
-from taskman.pki.files import (
-    DEMO_CA_KEY_SHA256,
-    check_pair,
-    load_certificate,
-    load_key,
-    new_key,
-    trusts_demo_ca,
-    write_atomically,
-)
-from taskman.pki.identity import Peer, PeerCheck, identity_from_pem, peer_from_pem, read_revoked
 from taskman.pki.names import (
     BACKDATE,
     CA_CERT,
@@ -56,6 +44,30 @@ from taskman.pki.names import (
     check_name,
     name_problem,
 )
+
+# The rest is imported on first use (PEP 562): importing cryptography costs
+# the CLI, which only needs the names above and PeerCheck's module, more than
+# grpc itself does.
+_HOMES = {
+    "taskman.pki.authority": ("Authority", "Bundle", "Issued", "default_server_names"),
+    "taskman.pki.directory": ("PKI", "Status", "issued_json", "status_table"),
+    "taskman.pki.files": ("DEMO_CA_KEY_SHA256", "check_pair", "load_certificate", "load_key",
+                          "new_key", "trusts_demo_ca", "write_atomically"),
+    "taskman.pki.identity": ("Peer", "PeerCheck", "identity_from_pem", "peer_from_pem",
+                             "read_revoked"),
+    "cryptography.hazmat.primitives": ("serialization",),
+}
+_HOME_OF = {name: module for module, names in _HOMES.items() for name in names}
+
+
+def __getattr__(name: str):
+    module = _HOME_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "PKI", "Authority", "Bundle", "Issued", "Status", "Peer", "PeerCheck",

@@ -5,14 +5,13 @@ first of two CNs. Revocations come from the CA's signed CRL (``ca.crl``).
 """
 
 import warnings
-from typing import Dict, Iterable, NamedTuple
-
-from cryptography import x509
-from cryptography.x509.oid import NameOID
+from typing import TYPE_CHECKING, Dict, Iterable, NamedTuple
 
 from taskman.errors import ConfigError, Unauthenticated
-from taskman.pki.files import file_stamp
 from taskman.pki.names import PEER_CACHE_SIZE, name_problem
+
+if TYPE_CHECKING:  # cryptography is imported where it is used: the CLI never needs it
+    from cryptography import x509
 
 # -- identity of a peer
 
@@ -29,6 +28,9 @@ def peer_from_pem(pem: bytes) -> Peer:
     matters: gRPC's ``x509_common_name`` shows only the first of two CNs.
     Raises Unauthenticated with a sentence saying why.
     """
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
     try:
         # cryptography warns (rather than fails) on a CN over 64 characters;
         # the name check below refuses it with a reason instead.
@@ -68,7 +70,10 @@ class PeerCheck:
     """
 
     def __init__(self, revoked: Iterable[int] = ()):
-        self.revoked = frozenset(revoked)
+        self.revoked = frozenset(revoked)  # from this host's CRL
+        # Revoked on other hosts of a fleet (taskman.fleet.revocations): one
+        # list for every replica; kept apart so a CRL reload does not drop it.
+        self.fleet_revoked: frozenset = frozenset()
         self._peers: Dict[bytes, object] = {}
         self._crl_stamp = None
 
@@ -85,7 +90,7 @@ class PeerCheck:
             self._peers[pem] = peer
         if isinstance(peer, Unauthenticated):
             raise peer
-        if peer.serial in self.revoked:
+        if peer.serial in self.revoked or peer.serial in self.fleet_revoked:
             raise Unauthenticated(f"the client certificate of {peer.name} "
                                   f"(serial {peer.serial:x}) is revoked")
         return peer.name
@@ -98,12 +103,14 @@ class PeerCheck:
             return True
         return False
 
-    def reload_revocations(self, crl_path: str, ca_certificate: x509.Certificate) -> bool:
+    def reload_revocations(self, crl_path: str, ca_certificate: "x509.Certificate") -> bool:
         """Load the CRL again if its file changed; True if the set changed.
 
         A CRL that does not parse or is not signed by the CA is refused
         (ConfigError) and the previous set stays.
         """
+        from taskman.pki.files import file_stamp
+
         stamp = file_stamp(crl_path)
         if stamp == self._crl_stamp:
             return False
@@ -114,8 +121,10 @@ class PeerCheck:
         return changed
 
 
-def read_revoked(crl_path: str, ca_certificate: x509.Certificate) -> frozenset:
+def read_revoked(crl_path: str, ca_certificate: "x509.Certificate") -> frozenset:
     """Serial numbers in the CRL at ``crl_path`` (none if the file is absent)."""
+    from cryptography import x509
+
     try:
         with open(crl_path, "rb") as file:
             data = file.read()
