@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 import traceback
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
@@ -490,7 +490,8 @@ class Bench:
         taskman_cli = os.path.join(os.path.dirname(_script("taskman-server", self.args.server)),
                                    "taskman")
         if os.path.exists(taskman_cli):
-            result["taskman_ctl_start"] = _stats(self._cli_start_latencies(taskman_cli, 10))
+            starts, floor = self._cli_start_latencies(taskman_cli, 10)
+            result["taskman_ctl_start"], result["cli_floor"] = _stats(starts), _stats(floor)
             result["taskman_cli_stream"] = self._cli_stream(taskman_cli, size)
         else:
             self.notes.append("taskman CLI not found beside taskman-server: CLI rows skipped.")
@@ -501,8 +502,10 @@ class Bench:
     def _cli_base(self, cli: str) -> List[str]:
         return [sys.executable, cli]
 
-    def _cli_start_latencies(self, cli: str, count: int) -> List[float]:
-        latencies = []
+    def _cli_start_latencies(self, cli: str, count: int) -> Tuple[List[float], List[float]]:
+        """`taskman start` as a user types it, and interleaved with it the
+        floor any gRPC CLI pays: an interpreter that imports grpc."""
+        latencies, floor = [], []
         for _ in range(count):
             began = time.perf_counter()
             subprocess.run(self._cli_base(cli) + ["start", "--user-id", USER,
@@ -510,7 +513,10 @@ class Bench:
                                                   "--", TRUE],
                            check=True, capture_output=True, timeout=60)
             latencies.append(time.perf_counter() - began)
-        return latencies
+            began = time.perf_counter()
+            subprocess.run([sys.executable, "-c", "import grpc"], check=True, timeout=60)
+            floor.append(time.perf_counter() - began)
+        return latencies, floor
 
     def _cli_stream(self, cli: str, size: int) -> dict:
         """`taskman stream` of a live 'head -c SIZE /dev/zero' task, read from its stdout."""
@@ -804,6 +810,11 @@ def render(bench: Bench, info: Dict[str, str], command: str, failures: Dict[str,
         add(f"| `taskman start` CLI p50 | {fmt_ms(peer_result['taskman_ctl_start']['p50'])} | "
             f"`supervisorctl start` | {fmt_ms(peer_result['ctl_start']['p50'])} | "
             f"{value:.1f}× | |")
+        if "cli_floor" in peer_result:
+            value = ratio(peer_result["taskman_ctl_start"]["p50"], peer_result["cli_floor"]["p50"])
+            add(f"| `taskman start` CLI p50 vs its floor | "
+                f"{fmt_ms(peer_result['taskman_ctl_start']['p50'])} | `python -c 'import grpc'` | "
+                f"{fmt_ms(peer_result['cli_floor']['p50'])} | {value:.1f}× | |")
     if status and peer_result:
         value = ratio(status["taskman"]["p50"], peer_result["api_status"]["p50"])
         add(f"| GetTaskStatus p50 | {fmt_ms(status['taskman']['p50'])} | supervisord "
