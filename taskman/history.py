@@ -5,11 +5,14 @@ saved, the manager drops it, and everything about it is read back on demand
 (its status from the store, its output by reopening its log). What stays in
 memory is per user, not per task: each user's count of finished records and
 their output bytes (the disk budget and the quotas), summed by the store once
-at start and kept up to date as tasks end and are forgotten; and the output
+at start and kept up to date as tasks end and are forgotten; the output
 logs someone is reading, held only as long as they are (weak references),
-so retention can spare them.
+so retention can spare them; and a bounded number of the records that ended
+last, which are the ones asked for most (a client waiting for its task's
+end, the quotas' counts).
 """
 
+import collections
 import logging
 import os
 import types
@@ -30,6 +33,9 @@ log = logging.getLogger("taskman.history")
 # Records forgotten per retention pass: a pass over a million expired records
 # would hold the hub for seconds; between passes others run.
 PRUNE_BATCH = 5000
+# Records that ended last, kept in memory: about 1 KiB each, so a few MiB
+# whatever the history holds.
+RECENT = 4096
 
 Row = Tuple[str, str, int]  # id, owner, output size: what retention needs of a record
 
@@ -47,20 +53,26 @@ class History:
         self.total_bytes = sum(self.bytes.values())
         # task id -> its log, while someone holds it (a reader, a follower).
         self._logs: "weakref.WeakValueDictionary[str, OutputLog]" = weakref.WeakValueDictionary()
+        self._recent: "collections.OrderedDict[str, Task]" = collections.OrderedDict()
 
     def __len__(self) -> int:
         return sum(self.records.values())
 
     def add(self, task: Task, output: OutputLog) -> None:
-        """Count a task that just ended; its followers keep reading ``output``."""
+        """Count a task that just ended (``task``: its saved record); its
+        followers keep reading ``output``."""
         self.records[task.owner] = self.records.get(task.owner, 0) + 1
         self.bytes[task.owner] = self.bytes.get(task.owner, 0) + output.size
         self.total_bytes += output.size
         self._logs[task.id] = output
+        self._recent[task.id] = task
+        if len(self._recent) > RECENT:
+            self._recent.popitem(last=False)  # the earliest ended: not moved when read
 
     def record(self, task_id: str) -> Optional[Task]:
         """The saved record of ``task_id`` (None if there is none)."""
-        return self.store.load(task_id)
+        recent = self._recent.get(task_id)
+        return recent.snapshot() if recent is not None else self.store.load(task_id)
 
     def log(self, task: Task) -> OutputLog:
         """The output log of finished ``task``: the one being read if any
@@ -106,6 +118,7 @@ class History:
             self.total_bytes -= size
             if not self.records[owner]:
                 del self.records[owner], self.bytes[owner]
+            self._recent.pop(task_id, None)
             output = self._logs.pop(task_id, None)
             if output is not None:
                 output.finish()

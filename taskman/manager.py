@@ -295,12 +295,11 @@ class TaskManager:
             proc.close_output()
             entry.log.finish()
             self._discard_group(entry.group, emptied=task.end_time is not None)
-            # A finished task lives on disk only (taskman.history): the
-            # entry goes, unless its record could not be saved.
             entry.process = entry.group = None
-            if self._store_call(self.store.save, self._snapshot(entry)):
+            record = self._snapshot(entry)  # from now on on disk only, unless the save fails
+            if self._store_call(self.store.save, record):
                 del self._tasks[task.id]
-                self.history.add(task, entry.log)
+                self.history.add(record, entry.log)
             entry.ended.set()
             self._notify("ended", entry.task.snapshot())
             if self.retention_bytes and self.history.total_bytes > self.retention_bytes:

@@ -1,6 +1,6 @@
 """Finished tasks live in the store, not in memory (#20): served from it once
-their entry is dropped, never loaded wholesale at start, forgotten by
-retention through store queries. Real processes on the ``none`` driver;
+their entry is dropped (or from the few that ended last), never loaded
+wholesale at start, forgotten by retention through store queries. Real processes on the ``none`` driver;
 histories are seeded straight into the store."""
 
 import datetime
@@ -64,7 +64,9 @@ def seed(state_dir, count, users=("alice", "bob"), ended_hours_ago=1.0, output_s
 # -- served from the store
 
 
-def test_a_finished_task_is_dropped_and_served_from_the_store(manager):
+@pytest.mark.parametrize("recent", [0, 4096], ids=["from the store", "recently ended"])
+def test_a_finished_task_is_dropped_and_served_from_the_store(manager, recent, monkeypatch):
+    monkeypatch.setattr("taskman.history.RECENT", recent)
     task = manager.start("alice", "sh", ["-c", "echo one; echo two >&2; exit 3"])
     done = dropped(manager, task.id)
     assert (done.status, done.exit_code, done.output_size) == (JobStatus.EXITED_ERROR, 3, 8)
