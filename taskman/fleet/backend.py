@@ -9,10 +9,12 @@ servicer holds one or the other and never asks which.
 import collections
 import datetime
 import json
+import logging
 import time
 import uuid
 from typing import Iterable, Iterator, Mapping, Optional, Protocol, runtime_checkable
 
+import gevent
 import gevent.event
 import nats.errors
 
@@ -23,6 +25,8 @@ from taskman.fleet.connection import Connection, control_subject
 from taskman.fleet.records import Record, Records
 from taskman.output import Chunk, Selector, data_only
 from taskman.task import JobStatus, Task, parse_task_id
+
+log = logging.getLogger("taskman.fleet.backend")
 
 ADMIN = "admin"
 HOSTS_FRESH = 1.0  # seconds a replica reuses what the hosts' heartbeats said
@@ -72,14 +76,28 @@ class FleetBackend:
         self._closing = False
         self._hosts: Optional[tuple] = None  # (when read, node -> heartbeat)
         self._placed_since = collections.Counter()  # owner -> starts since that read
+        self._reading: Optional[gevent.Greenlet] = None
 
     def _live_hosts(self) -> dict:
-        """The live hosts' heartbeats, read again once HOSTS_FRESH old."""
-        now = time.monotonic()
-        if self._hosts is None or now - self._hosts[0] > HOSTS_FRESH:
-            self._hosts = (now, liveness.live_hosts(self.connection))
-            self._placed_since = collections.Counter()
+        """The live hosts' heartbeats. Read once HOSTS_FRESH old, in the
+        background (a start does not wait for the few reads), except the
+        first time."""
+        if self._hosts is None:
+            self._read_hosts()
+        elif time.monotonic() - self._hosts[0] > HOSTS_FRESH and self._reading is None:
+            self._reading = gevent.spawn(self._read_hosts)
         return self._hosts[1]
+
+    def _read_hosts(self) -> None:
+        try:
+            self._hosts = (time.monotonic(), liveness.live_hosts(self.connection))
+            self._placed_since = collections.Counter()
+        except Exception as error:  # the last snapshot stands; the next start retries
+            if self._hosts is None:
+                raise
+            log.warning("fleet: could not read the hosts' heartbeats: %r", error)
+        finally:
+            self._reading = None
 
     def running_of(self, owner: str) -> int:
         """``owner``'s running tasks in the whole fleet, as the hosts' last
