@@ -209,14 +209,17 @@ class TaskmanClient:
         self._current = (self._current + 1) % len(self.addresses)
         return self.address
 
-    def start(self, command: str, args=(), separate_streams: bool = False) -> str:
+    def start(self, command: str, args=(), separate_streams: bool = False,
+              node_labels: Optional[dict] = None) -> str:
         """Start ``command args...``; return the new task's id.
 
         ``separate_streams``: stdout and stderr on a pipe each, so streams
         can tell them apart (their exact interleaving is lost).
+        ``node_labels``: in a fleet, run only on a host with every one.
         """
         request = task_manager_pb2.StartTaskRequest(command=command, args=list(args),
-                                                    separate_streams=separate_streams)
+                                                    separate_streams=separate_streams,
+                                                    node_labels=node_labels or {})
         return self._unary("StartTask", request, retry=_not_started).task_id
 
     def stop(self, task_id: str, wait: float = STOP_WAIT) -> Optional[TaskStatus]:

@@ -129,7 +129,8 @@ def _run(argv: list) -> int:
             if command == "run":
                 from taskman.cli import run
 
-                return run.run(client, options["<command>"], options["<args>"], output_format)
+                return run.run(client, options["<command>"], options["<args>"], output_format,
+                               node_labels=_node_labels(options))
             if command == "start":
                 return _start(client, options, output_format)
             if command == "get-status":
@@ -163,7 +164,8 @@ def _parse(command: str, argv: list) -> dict:
 
 def _start(client, options: dict, output_format: str) -> int:
     task_id = client.start(options["<command>"], options["<args>"],
-                           separate_streams=options["--separate-streams"])
+                           separate_streams=options["--separate-streams"],
+                           node_labels=_node_labels(options))
     if output_format == "json":
         from taskman.cli.formats import json_line
 
@@ -171,6 +173,17 @@ def _start(client, options: dict, output_format: str) -> int:
     else:
         print("TASK ID\n-------\n" + task_id)
     return EXIT_OK
+
+
+def _node_labels(options: dict) -> dict:
+    """--node-label key=value, repeated, as a dict; UsageError for anything else."""
+    labels = {}
+    for label in options.get("--node-label") or ():
+        key, equals, value = label.partition("=")
+        if not equals or not key:
+            raise UsageError(f"invalid --node-label {label!r}: expected key=value")
+        labels[key] = value
+    return labels
 
 
 STATUS_COLUMNS = ("TASK ID", "START TIME", "PID", "STATUS", "EXIT CODE", "SIGNAL", "SOURCE",

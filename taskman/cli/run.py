@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 import time
+from typing import Optional
 
 from taskman.cli.follow import Follower
 from taskman.cli.formats import json_line, status_object
@@ -37,11 +38,12 @@ def exit_status(status) -> int:
     return EXIT_TASKMAN_FAILED  # ended in a state without a code (UNKNOWN)
 
 
-def run(client, command: str, args: list, output_format: str = "table") -> int:
+def run(client, command: str, args: list, output_format: str = "table",
+        node_labels: Optional[dict] = None) -> int:
     """Run ``command args...`` through ``client`` (a TaskmanClient); return the exit status."""
     client_errors = _client_errors()
     try:
-        task_id = client.start(command, args, separate_streams=True)
+        task_id = client.start(command, args, separate_streams=True, node_labels=node_labels)
     except client_errors as error:
         print(f"taskman: {describe_error(error)}", file=sys.stderr)
         return EXIT_TASKMAN_FAILED

@@ -22,11 +22,13 @@ Options:
   --since <time>
   --offset <n>
   --user <name>
+  --node-label <label>
 """
 
 PATTERNS = {
     "start": "Usage:\n  taskman start --user-id <user-id> " + SERVER
-             + " [--separate-streams] [-o <format>] [--help] -- <command> [<args>...]\n",
+             + " [--separate-streams] [--node-label <label>]... [-o <format>] [--help]"
+               " -- <command> [<args>...]\n",
     "get-status": "Usage:\n  taskman get-status <task-id> --user-id <user-id> " + SERVER
                   + " [-o <format>] [--help]\n",
     "stop": "Usage:\n  taskman stop <task-id> --user-id <user-id> " + SERVER
@@ -39,13 +41,13 @@ PATTERNS = {
     "usage": "Usage:\n  taskman usage --user-id <user-id> [--user <name> | --all] " + SERVER
              + " [-o <format>] [--help]\n",
     "run": "Usage:\n  taskman run --user-id <user-id> " + SERVER
-           + " [-o <format>] [--help] -- <command> [<args>...]\n",
+           + " [--node-label <label>]... [-o <format>] [--help] -- <command> [<args>...]\n",
 }
 PATTERNS = {command: pattern + COMMON_OPTIONS for command, pattern in PATTERNS.items()}
 
 RUN_HELP = """\
 Usage:
-  taskman run --user-id <user-id> [--server-address <host:port>] [-o json] [--help] -- <command> [args...]
+  taskman run --user-id <user-id> [--server-address <host:port>] [--node-label <key=value>]... [-o json] [--help] -- <command> [args...]
 
 Description:
   Start a task with its stdout and stderr kept apart, print its stdout to stdout
@@ -60,6 +62,8 @@ Options:
       The user or client ID issuing the request (e.g., client001). This flag is required.
   --server-address <host:port>
       The gRPC server address to connect to (e.g., localhost:50051). Defaults to localhost:50051 if not set.
+  --node-label <key=value>
+      In a fleet, run only on a host with this label (repeat for several: every one).
   -o json, --output json
       After the output, print the task's final status as one JSON object, the last
       line on stderr (stdout carries only the task's stdout).
@@ -77,8 +81,8 @@ Example:
 
 MAIN_HELP = """\
 Usage:
-  taskman start --user-id <user-id> [--server-address <host:port>] [--separate-streams] [-o json] [--help] -- <command> [args...]
-  taskman run --user-id <user-id> [--server-address <host:port>] [-o json] [--help] -- <command> [args...]
+  taskman start --user-id <user-id> [--server-address <host:port>] [--separate-streams] [--node-label <key=value>]... [-o json] [--help] -- <command> [args...]
+  taskman run --user-id <user-id> [--server-address <host:port>] [--node-label <key=value>]... [-o json] [--help] -- <command> [args...]
   taskman get-status <task-id> --user-id <user-id> [--server-address <host:port>] [-o json] [--help]
   taskman stop <task-id> --user-id <user-id> [--server-address <host:port>] [--no-wait] [-o json] [--help]
   taskman stream <task-id> --user-id <user-id> [--server-address <host:port>] [--stdout | --stderr] [--timestamps] [--tail <n>] [--since <time>] [--no-follow] [--offset <n>] [--help]
@@ -104,6 +108,8 @@ Options added to the RFD's commands (docs/cli.md has the details):
                            a server started with --state-dir <dir> (default /var/lib/taskman)
   -o json, --output json   one JSON object (one per line for list) instead of the table
   --separate-streams       start: stdout and stderr on a pipe each, so stream can tell them apart
+  --node-label <key=value> start, run: in a fleet, only on a host with this label (repeatable:
+                           every one); a standalone server ignores it
   --stdout, --stderr       stream: only that stream (of a task started with separate streams)
   --timestamps             stream: an RFC 3339 time (UTC) before each line
   --tail <n>               stream: start <n> lines before the end of the output there is now

@@ -1,0 +1,35 @@
+"""`taskman start/run --node-label key=value`: the labels a fleet host must
+have (StartTaskRequest.node_labels); a standalone server runs the task anyway."""
+
+import pytest
+from server_harness import taskman
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_start_and_run_take_node_labels(server):
+    where = ("--user-id", "client001", "--server-address", server.address)
+    started = taskman("start", *where, "--node-label", "disk=ssd", "--node-label", "zone=a=b",
+                      "--", "true")
+    assert started.returncode == 0, started.stderr.decode()
+    ran = taskman("run", *where, "--node-label", "disk=ssd", "--", "sh", "-c", "exit 4")
+    assert ran.returncode == 4, ran.stderr.decode()
+
+
+@pytest.mark.parametrize("label", ["nolabel", "=value"])
+def test_a_label_without_key_and_value_is_a_usage_error(label):
+    result = taskman("start", "--user-id", "client001", "--node-label", label, "--", "true")
+    assert result.returncode == 2, result.stderr.decode()
+    assert b"expected key=value" in result.stderr
+    ran = taskman("run", "--user-id", "client001", "--node-label", label, "--", "true")
+    assert ran.returncode == 125, ran.stderr.decode()
+
+
+def test_the_request_carries_the_labels():
+    from taskman.api import task_manager_pb2
+    from taskman.cli.client import _node_labels
+
+    labels = _node_labels({"--node-label": ["disk=ssd", "zone=a=b", "empty="]})
+    assert labels == {"disk": "ssd", "zone": "a=b", "empty": ""}
+    request = task_manager_pb2.StartTaskRequest(command="true", node_labels=labels)
+    assert dict(request.node_labels) == labels
