@@ -17,7 +17,7 @@ import fcntl
 import os
 import signal as signals
 import time
-from typing import Iterable, Iterator, List, Set
+from typing import Iterable, Iterator, List, Optional, Set
 
 from taskman.errors import CgroupError
 
@@ -174,8 +174,12 @@ def pids(directories: Iterable[str]) -> Set[int]:
     return found
 
 
-def signal_listed(directories: List[str], number: int) -> int:
+def signal_listed(directories: List[str], number: int, first: Optional[int] = None) -> int:
     """Send ``number`` to every process the groups list; return how many got it.
+
+    ``first`` (the task's main process) is signalled before the others: a
+    shell that sees its child die of the signal before it gets its own would
+    exit with a status instead of dying of the signal the stop sent.
 
     pid_max is 32768 on common hosts, so a listed pid can exit and be reused
     by an unrelated process before kill(2). To never signal a stranger, each
@@ -184,7 +188,7 @@ def signal_listed(directories: List[str], number: int) -> int:
     """
     pinned = {}
     try:
-        for pid in pids(directories):
+        for pid in sorted(pids(directories), key=lambda pid: pid != first):
             try:
                 pinned[pid] = os.pidfd_open(pid)
             except ProcessLookupError:

@@ -216,7 +216,7 @@ class HierarchyDriver(Driver):
         group.pid = pid
 
     def signal(self, group: Group, number: int) -> None:
-        cgroupfs.signal_listed(self._all_directories(group), number)
+        cgroupfs.signal_listed(self._all_directories(group), number, first=group.pid)
 
     def kill(self, group: Group) -> None:
         """cgroup.kill where a hierarchy has it (atomic, follows forks);
