@@ -145,7 +145,14 @@ def serve(settings: "Settings", adopted=None) -> int:
 
     log.info("listening on %s:%d (taskman-server %s; mTLS, TLS 1.3 only; self-test: %s)",
              settings.host, port, version(), refusal)
-    watcher = identity.watch(on_revocation=guard.end_revoked_streams)
+    revocations = fleet_revocations(node, identity)
+
+    def on_revocation(peers) -> None:
+        if revocations is not None:  # the fleet's revocations into the peer check first
+            revocations.sync()
+        guard.end_revoked_streams(peers)
+
+    watcher = identity.watch(on_revocation=on_revocation)
     if driver.name == "none":
         # Asked for explicitly, but never quietly: tasks run with no limits.
         log.warning("cgroup driver: %s", driver.describe())
@@ -226,6 +233,25 @@ def join_fleet(settings: "Settings", identity: ServerIdentity, manager: TaskMana
     log.info("fleet: node %s, capacity %d, NATS %s, heartbeat TTL %gs", options.node,
              options.capacity, ",".join(options.servers), options.heartbeat_ttl)
     return node
+
+
+def fleet_revocations(node, identity: ServerIdentity):
+    """With a fleet: one revocation list for every replica
+    (taskman.fleet.revocations), synced once now and then from the identity
+    watch; None without a fleet, or if the fleet's list cannot be opened
+    (this server's own CRL still holds; the log says why)."""
+    if node is None:
+        return None
+    from taskman.fleet.revocations import FleetRevocations
+
+    try:
+        revocations = FleetRevocations(node.connection, identity.peers).open()
+    except TaskmanError as error:
+        log.error("fleet: the fleet-wide revocation list is not available (%s); "
+                  "only this server's CRL is checked", error)
+        return None
+    revocations.sync()
+    return revocations
 
 
 def leave_fleet(node) -> None:
