@@ -25,6 +25,13 @@ LONGEST_PAUSE = 2.0
 # own cancellation: it closes the iterator). Asking again settles which: a
 # revoked certificate then reads UNAUTHENTICATED, a removed task NOT_FOUND.
 RESUMABLE = ("UNAVAILABLE", "CANCELLED")
+# A server that says it is reloading (SIGHUP) is back within seconds, at the
+# same address: with no other address to go to, it is asked again every
+# RELOAD_PAUSE until RELOAD_WAIT has passed, quietly, so the follower's pause
+# is the reload's and not a back-off's.
+RELOADING = "reloading"
+RELOAD_WAIT = 60.0  # seconds; a loaded (or emulated) host may take tens
+RELOAD_PAUSE = 0.1
 
 
 class Follower:
@@ -53,6 +60,7 @@ class Follower:
         servers stay unreachable, or at once for any other failure."""
         failures = 0
         untried = len(getattr(self.client, "addresses", ())) - 1
+        reload_ends = 0.0  # while the server is known to be reloading
         while True:
             reached = self.offset
             try:
@@ -64,13 +72,20 @@ class Follower:
                 if self.offset != reached:
                     failures = 0  # bytes came through: the budget is for a lasting loss
                 lost = self.client.address
+                message = error.message.strip() or "unavailable"
+                if RELOADING in message and self.connected and untried <= 0:
+                    reload_ends = time.monotonic() + RELOAD_WAIT
+                    self.note(f"taskman: {lost}: {message}; reconnecting from offset "
+                              f"{self.offset} (waiting up to {RELOAD_WAIT:g}s)")
+                if time.monotonic() < reload_ends:
+                    time.sleep(RELOAD_PAUSE)
+                    continue
                 if not self.connected:
                     # Never answered: try each other address once, at once.
                     if untried <= 0:
                         raise
                     untried -= 1
-                    self.note(f"taskman: cannot reach {lost} "
-                              f"({error.message.strip() or 'unavailable'}); trying "
+                    self.note(f"taskman: cannot reach {lost} ({message}); trying "
                               f"{self._next_address()}")
                     continue
                 failures += 1
@@ -78,8 +93,7 @@ class Follower:
                     raise
                 pause = 0.0 if failures == 1 else min(FIRST_PAUSE * 2 ** (failures - 2),
                                                       LONGEST_PAUSE)
-                self.note(f"taskman: lost the server at {lost} "
-                          f"({error.message.strip() or 'unavailable'}); reconnecting from "
+                self.note(f"taskman: lost the server at {lost} ({message}); reconnecting from "
                           f"offset {self.offset} to {self._next_address()} in {pause:.1f}s "
                           f"(attempt {failures} of {RETRIES})")
                 time.sleep(pause)

@@ -140,3 +140,44 @@ def test_other_failures_are_not_retried(pauses):
     with pytest.raises(Failure):
         run(client)
     assert len(client.asked) == 1
+
+
+def test_a_reloading_server_is_waited_for_at_its_address_quietly(pauses, monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(follow.time, "monotonic", lambda: clock[0])
+    pauses_taken = []
+
+    def sleep(seconds):
+        pauses_taken.append(seconds)
+        clock[0] += seconds
+
+    monkeypatch.setattr(follow.time, "sleep", sleep)
+    refused = [([], Failure("UNAVAILABLE", "failed to connect: Connection refused"))] * 30
+    client = FakeClient(["a:1"], [([3], Failure("UNAVAILABLE", "the server is reloading; reconnect")),
+                                  *refused, ([4], None)])
+    follower, received, notes = run(client)
+    # Past the 11 retries a lasting loss gets, at the reload's pace, one note.
+    assert len(client.asked) == 32 and set(client.asked[1:]) == {("a:1", 3)}
+    assert pauses_taken == [follow.RELOAD_PAUSE] * 31
+    assert len(notes) == 1 and "reloading" in notes[0] and "offset 3" in notes[0]
+    assert follower.offset == 7
+
+
+def test_a_reload_that_outlasts_the_wait_fails_as_a_lost_server(pauses, monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(follow.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(follow.time, "sleep", lambda seconds: clock.__setitem__(0, clock[0] + seconds))
+    refused = Failure("UNAVAILABLE", "failed to connect: Connection refused")
+    client = FakeClient(["a:1"], [([3], Failure("UNAVAILABLE", "the server is reloading"))]
+                        + [([], refused)] * 1000)
+    with pytest.raises(Failure):
+        run(client)
+    waited = clock[0]
+    assert follow.RELOAD_WAIT <= waited < follow.RELOAD_WAIT + 30
+
+
+def test_with_other_replicas_a_reload_is_failed_over_at_once(pauses):
+    client = FakeClient(["a:1", "b:2"], [([3], Failure("UNAVAILABLE", "the server is reloading")),
+                                         ([4], None)])
+    follower, received, notes = run(client)
+    assert client.asked == [("a:1", 0), ("b:2", 3)] and pauses == [0.0]
