@@ -34,6 +34,7 @@ from taskman.cgroups import select_driver
 from taskman.credentials import DEMO_CA_ADVICE, MAKE_REAL_ONES, ServerIdentity
 from taskman.defaults import default_state_dir, version
 from taskman.errors import ConfigError, TaskmanError
+from taskman.fleet import membership
 from taskman.holdings import Holdings
 from taskman.manager import TaskManager
 from taskman.output import ensure_directory
@@ -122,7 +123,7 @@ def serve(settings: "Settings", adopted=None) -> int:
         audit.close()
         raise
     try:
-        node = join_fleet(settings, identity, manager)
+        node = membership.join(settings, identity, manager, _setting_up)
     except ConfigError:
         manager.shutdown(timeout=0)
         audit.close()
@@ -139,13 +140,13 @@ def serve(settings: "Settings", adopted=None) -> int:
         audit.record("server.refused_to_start", reason=f"TLS 1.3-only self-test failed: {error}")
         server.stop(None)
         manager.shutdown(timeout=0)
-        leave_fleet(node)
+        membership.leave(node)
         raise ConfigError(f"refusing to run: the TLS 1.3-only self-test failed ({error})") \
             from None
 
     log.info("listening on %s:%d (taskman-server %s; mTLS, TLS 1.3 only; self-test: %s)",
              settings.host, port, version(), refusal)
-    revocations = fleet_revocations(node, identity)
+    revocations = membership.revocations(node, identity)
 
     def on_revocation(peers) -> None:
         if revocations is not None:  # the fleet's revocations into the peer check first
@@ -185,7 +186,7 @@ def serve(settings: "Settings", adopted=None) -> int:
     log.info("shutting down: refusing new calls, stopping running tasks")
     stopped = server.stop(grace=settings.stop_grace + SHUTDOWN_MARGIN)
     manager.shutdown()
-    leave_fleet(node)  # after the tasks ended, so their ends are recorded in the fleet
+    membership.leave(node)  # after the tasks ended, so their ends are recorded in the fleet
     stopped.wait(settings.stop_grace + SHUTDOWN_MARGIN + 1)
     executor.shutdown(wait=False)
     if metrics_server is not None:
@@ -205,58 +206,6 @@ def reopen_audit(audit: AuditLog) -> None:
                   audit.path, error.strerror)
         return
     log.info("audit log reopened: %s", audit.path)
-
-
-def join_fleet(settings: "Settings", identity: ServerIdentity, manager: TaskManager):
-    """With --fleet: join the fleet as a replica and a worker for this host
-    (taskman.fleet.node.FleetNode); None without it, and nothing of the
-    fleet (nor nats) is imported. ConfigError if the fleet cannot be joined."""
-    if settings.fleet is None:
-        return None
-    from taskman.fleet import node as fleet_node
-    from taskman.fleet.connection import Settings as FleetSettings
-    from taskman.fleet.options import node_credentials
-
-    options = settings.fleet
-    ca_file, certificate_file, key_file = _setting_up(
-        lambda: node_credentials(options, identity.pki))
-    _setting_up(lambda: private.close_to_tasks((key_file,)))
-    fleet_settings = FleetSettings(options.servers, options.node, ca_file, certificate_file,
-                                   key_file, heartbeat_ttl=options.heartbeat_ttl,
-                                   labels=options.labels)
-    try:
-        node = fleet_node.FleetNode(fleet_settings, manager, options.capacity,
-                                    admins=settings.admins,
-                                    running_quota=settings.quotas.running_tasks).open()
-    except TaskmanError as error:
-        raise ConfigError(f"cannot join the fleet: {error}") from None
-    log.info("fleet: node %s, capacity %d, NATS %s, heartbeat TTL %gs", options.node,
-             options.capacity, ",".join(options.servers), options.heartbeat_ttl)
-    return node
-
-
-def fleet_revocations(node, identity: ServerIdentity):
-    """With a fleet: one revocation list for every replica
-    (taskman.fleet.revocations), synced once now and then from the identity
-    watch; None without a fleet, or if the fleet's list cannot be opened
-    (this server's own CRL still holds; the log says why)."""
-    if node is None:
-        return None
-    from taskman.fleet.revocations import FleetRevocations
-
-    try:
-        revocations = FleetRevocations(node.connection, identity.peers).open()
-    except TaskmanError as error:
-        log.error("fleet: the fleet-wide revocation list is not available (%s); "
-                  "only this server's CRL is checked", error)
-        return None
-    revocations.sync()
-    return revocations
-
-
-def leave_fleet(node) -> None:
-    if node is not None:
-        node.close()
 
 
 class EscapingFormatter(logging.Formatter):
