@@ -1,84 +1,57 @@
 """What each user holds on the server, for the quotas' ``measure``.
 
-Counted from the manager's public API, without scanning every user's tasks
-on every start: a listener keeps each user's task ids (seeded once from the
-listing at start, then from "started" events), and ``measure`` looks at that
-user's tasks only, dropping the ids retention has forgotten since.
+Counted from the manager's public state, with nothing kept per task: running
+tasks from the manager's entries (the running tasks only), finished records
+and their output bytes from its history's per-user totals, which the store
+sums once at start and the history keeps up to date.
 """
 
-import threading
-from typing import Dict, List
+from typing import List
 
-from taskman.errors import NotFound
 from taskman.quotas import Measured
 
 
 class Holdings:
-    """Each user's tasks on a manager, once ``attach``ed to it.
+    """Each user's holdings on a manager, once ``attach``ed to it.
 
     Made before the manager (the server's one Quotas, which the manager
-    takes, measures through it); measures nothing until attached.
+    takes, measures through it); measures nothing until attached. Running
+    tasks are counted from the manager's entries (running tasks only), the
+    finished ones from its history's per-user totals: nothing per task.
     """
 
     def __init__(self):
         self.manager = None
         self.admin = ""
-        self._lock = threading.Lock()
-        self._ids: Dict[str, Dict[str, None]] = {}  # user -> task ids, oldest first
 
     def attach(self, manager, admin: str) -> None:
-        """Count ``manager``'s tasks from now on, seen through ``admin`` (a
-        name in ``manager.admins``, who may look at every task)."""
+        """Count ``manager``'s tasks from now on (``admin``: kept for callers)."""
         self.manager, self.admin = manager, admin
-        manager.listeners.append(self.task_event)
-        for task in reversed(manager.tasks(admin)):  # newest first -> oldest first
-            self._add(task.owner, task.id)
-
-    def task_event(self, event: str, task) -> None:
-        """A manager listener: remember each started task under its owner."""
-        if event == "started":
-            self._add(task.owner, task.id)
 
     def users(self) -> List[str]:
         """The users who have tasks the server still knows, sorted."""
-        with self._lock:
-            return sorted(self._ids)
+        if self.manager is None:
+            return []
+        running = {entry.task.owner for entry in list(self.manager.entries())}
+        return sorted(running | set(self.manager.history.records))
 
     def measure(self, user: str) -> Measured:
         """``user``'s running tasks, finished records, output bytes on disk
         (running tasks included) and largest running command line."""
         if self.manager is None:
             return Measured()
-        with self._lock:
-            ids = list(self._ids.get(user, ()))
-        running = finished = output = largest = 0
-        for task_id in ids:
-            try:
-                task = self.manager.status(self.admin, task_id)
-            except NotFound:  # forgotten by retention
-                self._forget(user, task_id)
+        running = output = largest = 0
+        for entry in list(self.manager.entries()):
+            task = entry.task
+            if task.owner != user:
                 continue
-            output += task.output_size
+            output += entry.log.size
             if task.running:
                 running += 1
-                size = argument_bytes(task.command, task.args)
-                largest = max(largest, size)
-            else:
-                finished += 1
-        return Measured(running_tasks=running, finished_records=finished,
-                        output_bytes=output, largest_arguments=largest)
-
-    def _add(self, user: str, task_id: str) -> None:
-        with self._lock:
-            self._ids.setdefault(user, {})[task_id] = None
-
-    def _forget(self, user: str, task_id: str) -> None:
-        with self._lock:
-            ids = self._ids.get(user)
-            if ids is not None:
-                ids.pop(task_id, None)
-                if not ids:
-                    del self._ids[user]
+                largest = max(largest, argument_bytes(task.command, task.args))
+        history = self.manager.history
+        return Measured(running_tasks=running, finished_records=history.records.get(user, 0),
+                        output_bytes=output + history.bytes.get(user, 0), largest_arguments=largest)
 
 
 def argument_bytes(command: str, args) -> int:
