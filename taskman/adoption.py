@@ -224,7 +224,7 @@ def last_resort(adopted, state_dir: str) -> int:
     state, _ = adopted
     store = TaskStore(os.path.join(state_dir, "tasks.db"))
     try:
-        records = {task.id: task for task in store.load_all()}
+        records = {task.id: task for task in store.load_running()}
 
         def record(task_id: str, wait_status: int) -> None:
             task = records.get(task_id)

@@ -96,8 +96,14 @@ class TaskManagerServicer(task_manager_pb2_grpc.TaskManagerServicer):
 
     def StartTask(self, request, context):
         with self.unary(context, "StartTask") as call:
+            placement = {}
+            if request.node_labels:  # only a fleet chooses among hosts
+                if not getattr(self.manager, "places_by_labels", False):
+                    raise InvalidArgument("node labels need a fleet server (--fleet); "
+                                          "this server runs tasks on its own host")
+                placement["node_labels"] = dict(request.node_labels)
             task = self.manager.start(call.user, request.command, list(request.args),
-                                      separate_streams=request.separate_streams)
+                                      separate_streams=request.separate_streams, **placement)
             call.task_id = task.id
             return task_manager_pb2.StartTaskResponse(task_id=task.id)
 

@@ -24,7 +24,7 @@ from taskman.quotas import QuotaLimits
 USAGE = """\
 Usage:
   taskman-server [--server-address <host:port>] [options] [--io-device <MAJ:MIN>]...
-                 [--san <name>]... [--admin <name>]...
+                 [--san <name>]... [--admin <name>]... [--node-label <key=value>]...
   taskman-server pki issue <name> [options]
   taskman-server pki revoke <name-or-serial> [options]
   taskman-server pki list [options]
@@ -180,6 +180,9 @@ Options:
       This server's name in the fleet: letters, digits, - and _, one per host.
   --fleet-capacity <n>
       Fleet tasks this server runs at once [default: 8].
+  --node-label <key=value>
+      A label of this host in the fleet, e.g. zone=eu-1; repeatable. A start that
+      requires labels (taskman start --node-label) runs only on a host with all of them.
   --fleet-ca <path>
       The CA of the NATS servers' certificates (default: this server's CA).
   --fleet-cert <path>

@@ -65,6 +65,8 @@ class FleetBackend:
     stopping through NATS. The host's half (running what it claimed) is
     ``taskman.fleet.worker.Worker``; a fleet server runs both."""
 
+    places_by_labels = True  # start() takes node_labels (a standalone manager does not)
+
     def __init__(self, connection: Connection, admins: Iterable[str] = (ADMIN,),
                  placement_timeout: float = dispatch.PLACEMENT_TIMEOUT,
                  running_quota: int = 0):

@@ -30,6 +30,7 @@ from taskman import cgroups
 from taskman.cgroups import Limits, cgroupfs, detect
 from taskman.cgroups.v2 import SERVER_LEAF, V2Driver
 from taskman.manager import TaskManager
+from taskman.output import log_path
 from taskman.task import JobStatus, Source
 
 PY = sys.executable
@@ -77,7 +78,7 @@ def output_of(manager, task_id):
 
 def output_so_far(manager, task_id):
     """The complete lines the task wrote so far (read without following)."""
-    with open(manager._tasks[task_id].log.path, "rb") as output:
+    with open(log_path(manager.output_dir, task_id), "rb") as output:
         text = output.read().decode()
     return text.strip() if text.endswith("\n") else ""
 

@@ -30,6 +30,7 @@ CAPACITY = 4
 TTL = 15.0  # the default --fleet-heartbeat-ttl
 LOST_BOUND = TTL + TTL / 3 + 5.0  # key expiry + one detector round + slack on 2 busy cores
 NODES = ("a", "b", "c")
+LABELLED = "c"  # the one host with a label (disk=ssd)
 
 # A deterministic output of about 4 MiB, written in bursts, then its own sha256.
 CHECKSUMMED = r"""
@@ -88,9 +89,10 @@ class Fleet:
             state.mkdir(parents=True, mode=0o700)
             # Smaller keys than a server makes, for speed; the same CA.
             pki.PKI.open(str(state / "pki"), ca_directory=str(self.ca_dir), key_size=2048)
+            labels = ("--node-label", "disk=ssd") if name == LABELLED else ()
             self.servers[name] = server_harness.Server(
                 workdir, "--ca-dir", str(self.ca_dir), "--fleet", ",".join(self.cluster.urls),
-                "--node", name, "--fleet-capacity", str(CAPACITY), copy_pki=False)
+                "--node", name, "--fleet-capacity", str(CAPACITY), *labels, copy_pki=False)
             self.servers[name].command = reloadable(self.servers[name])
         self.env = {"TASKMAN_CERTS_DIR": str(self.servers["a"].pki_dir)}
 
@@ -129,10 +131,15 @@ class Fleet:
                                       self.servers[on].address, timeout=timeout, env=self.env)
 
     def start_task(self, *command: str, on: str = "a", user: str = "client001") -> str:
-        result = server_harness.taskman("start", "--user-id", user, "--server-address",
-                                        self.servers[on].address, "--", *command, env=self.env)
+        result = self.try_start(*command, on=on, user=user)
         assert result.returncode == 0, result.stderr.decode()
         return result.stdout.decode().split()[-1]
+
+    def try_start(self, *command: str, on: str = "a", user: str = "client001",
+                  options=()) -> subprocess.CompletedProcess:
+        return server_harness.taskman("start", "--user-id", user, "--server-address",
+                                      self.servers[on].address, *options, "--", *command,
+                                      env=self.env)
 
     def status(self, task_id: str, on: str = "a", user: str = "client001") -> dict:
         result = self.cli("get-status", task_id, "-o", "json", on=on, user=user)
@@ -214,6 +221,22 @@ def test_start_on_a_status_on_b_stream_everywhere_stop_on_c(fleet):
     assert stopped.returncode == 0, stopped.stderr.decode()
     final = fleet.wait_ended(sleeper, on="a", timeout=30)
     assert (final["status"], final["termination_source"]) == ("JOB_STATUS_SIGNALED", "user")
+
+
+@pytest.mark.timeout(120)
+def test_a_start_that_requires_labels_runs_only_where_they_are(fleet):
+    marker = f"labelled-{uuid.uuid4().hex[:8]}"
+    task_ids = []
+    for on in NODES:  # asked of every replica; only the labelled host runs them
+        started = fleet.try_start("sh", "-c", "echo on ssd", marker, on=on,
+                                  options=("--node-label", "disk=ssd"))
+        assert started.returncode == 0, started.stderr.decode()
+        task_ids.append(started.stdout.decode().split()[-1])
+    for task_id in task_ids:
+        assert fleet.wait_ended(task_id, on="a")["status"] == "JOB_STATUS_EXITED_OK"
+    assert fleet.hosts_of(marker) == {name: 3 if name == LABELLED else 0 for name in NODES}
+    nowhere = fleet.try_start("true", on="b", options=("--node-label", "disk=nvme"))
+    assert nowhere.returncode == 6, nowhere.stderr.decode()  # RESOURCE_EXHAUSTED
 
 
 @pytest.mark.timeout(120)

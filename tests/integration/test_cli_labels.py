@@ -1,5 +1,7 @@
 """`taskman start/run --node-label key=value`: the labels a fleet host must
-have (StartTaskRequest.node_labels); a standalone server runs the task anyway."""
+have (StartTaskRequest.node_labels). Only a fleet places by labels: a
+standalone server refuses them (INVALID_ARGUMENT, exit 3), since no host of
+its own could be told to have them; tests/fleet places them."""
 
 import pytest
 from server_harness import taskman
@@ -7,13 +9,16 @@ from server_harness import taskman
 pytestmark = pytest.mark.timeout(120)
 
 
-def test_start_and_run_take_node_labels(server):
+def test_a_standalone_server_refuses_node_labels(server):
     where = ("--user-id", "client001", "--server-address", server.address)
     started = taskman("start", *where, "--node-label", "disk=ssd", "--node-label", "zone=a=b",
                       "--", "true")
-    assert started.returncode == 0, started.stderr.decode()
+    assert started.returncode == 3, started.stderr.decode()
+    assert b"node labels need a fleet server" in started.stderr
     ran = taskman("run", *where, "--node-label", "disk=ssd", "--", "sh", "-c", "exit 4")
-    assert ran.returncode == 4, ran.stderr.decode()
+    assert ran.returncode == 125 and b"node labels need a fleet" in ran.stderr, ran.stderr
+    plain = taskman("run", *where, "--", "sh", "-c", "exit 4")
+    assert plain.returncode == 4, plain.stderr.decode()
 
 
 @pytest.mark.parametrize("label", ["nolabel", "=value"])

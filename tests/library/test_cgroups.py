@@ -23,6 +23,7 @@ from taskman import cgroups
 from taskman.cgroups import Limits, cgroupfs, detect
 from taskman.errors import CgroupError
 from taskman.manager import TaskManager
+from taskman.output import log_path
 from taskman.task import JobStatus, Source
 
 PY = sys.executable
@@ -132,7 +133,7 @@ def test_fork_loop_is_held_at_the_pids_limit(run):
 
 
 def output_of_so_far(manager, task_id):
-    path = manager._tasks[task_id].log.path  # the output file, read without following
+    path = log_path(manager.output_dir, task_id)  # the output file, read without following
     with open(path, "rb") as output:
         text = output.read().decode()
     return text.strip() if text.endswith("\n") else ""
