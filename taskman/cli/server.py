@@ -247,6 +247,24 @@ def _size(number: int) -> str:
     return str(number)
 
 
+def patch_all() -> None:
+    """gevent's monkey.patch_all, with the installed packages' entry points
+    read once: it looks them up for each of its plugin events, about 25
+    scans of every package's metadata and half the patch's time (0.32 ->
+    0.15 s measured here), which a reload's first answer waits for."""
+    import functools
+    from importlib import metadata
+
+    from gevent import monkey
+
+    scan = metadata.entry_points
+    metadata.entry_points = functools.lru_cache(maxsize=None)(scan)
+    try:
+        monkey.patch_all()
+    finally:
+        metadata.entry_points = scan
+
+
 def main(argv=None) -> int:
     text = usage()
     try:
@@ -284,9 +302,7 @@ def main(argv=None) -> int:
 
     tls.restrict_to_tls13()
     os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "0"
-    from gevent import monkey
-
-    monkey.patch_all()
+    patch_all()
     # A reload (SIGHUP) exec'd this image: adopt the running tasks before
     # anything can yield to the loop (docs/design.md, reload).
     adopted = adopt_handed_over_tasks()
