@@ -19,7 +19,7 @@ import enum
 import errno
 import os
 import struct
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Iterable, NamedTuple, Optional, Tuple
 
 # offset u64, time ns i64, length u32, stream u8, padding to 24 bytes
 RECORD = struct.Struct("<QqIB3x")
@@ -167,26 +167,16 @@ class IndexReader:
                    read: Callable[[int, int], bytes], block: int) -> int:
         """The offset where the last ``wanted`` lines of the selected streams
         before ``end`` start (a last line without a newline counts, as in tail)."""
-        newlines_left = wanted
-        last_byte = True
-        for record in self._backward(end, selector):
-            high = min(record.end, end)
-            while high > record.offset:
-                low = max(record.offset, high - block)
-                data = read(low, high - low)
-                if last_byte and data.endswith(b"\n"):
-                    newlines_left += 1  # ends a line, does not start one
-                last_byte = False
-                position = len(data)
-                while True:
-                    position = data.rfind(b"\n", 0, position)
-                    if position < 0:
-                        break
-                    newlines_left -= 1
-                    if newlines_left == 0:
-                        return low + position + 1
-                high = low
-        return 0
+        def blocks():
+            for record in self._backward(end, selector):
+                high = min(record.end, end)
+                while high > record.offset:
+                    low = max(record.offset, high - block)
+                    yield low, read(low, high - low)
+                    high = low
+
+        start = last_lines_start(blocks(), wanted)
+        return 0 if start is None else start
 
     def _backward(self, end: int, selector: Selector):
         number = self.locate(end - 1) if end > 0 else -1
@@ -195,6 +185,27 @@ class IndexReader:
             if selector.wants(record.stream):
                 yield record
             number -= 1
+
+
+def last_lines_start(blocks: Iterable[Tuple[int, bytes]], wanted: int) -> Optional[int]:
+    """Where the last ``wanted`` lines start, given the output as (offset,
+    bytes) blocks from its end backwards; a last line without a newline
+    counts, as in tail. None when there are fewer lines: they all are."""
+    newlines_left = wanted
+    last_byte = True
+    for offset, data in blocks:
+        if last_byte and data.endswith(b"\n"):
+            newlines_left += 1  # ends a line, does not start one
+        last_byte = False
+        position = len(data)
+        while True:
+            position = data.rfind(b"\n", 0, position)
+            if position < 0:
+                break
+            newlines_left -= 1
+            if newlines_left == 0:
+                return offset + position + 1
+    return None
 
 
 def write_chunk(fd: int, data: bytes, index_fd: int, record_number: int, offset: int,

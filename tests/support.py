@@ -27,6 +27,24 @@ def skip_needs_root(why):
     pytest.skip(f"needs root: {why} (uid {os.geteuid()})")
 
 
+def driver_for_tests(kind, suffix=""):
+    """A cgroup driver for a test's TaskManager: ``none``, or the host's own
+    (``cgroup``) under a root of this process's own, since another taskman
+    server on this host (a developer's, a benchmark's) holds the default one
+    locked. Skips, in TASKMAN_REQUIRE_CGROUPS's words, where there is none."""
+    from taskman import cgroups
+
+    if kind == "none":
+        return cgroups.select_driver("none")
+    if os.geteuid() != 0:
+        skip_needs_root("cgroups are managed by root")
+    try:
+        return cgroups.select_driver("auto", cgroups.Limits(),
+                                     root=f"taskman-test-{os.getpid()}{suffix}")
+    except Exception as error:  # noqa: BLE001 - the reason is printed
+        pytest.skip(f"no cgroup driver on this host: {error}")
+
+
 def poll_for(predicate, timeout=10.0, message="condition", interval=0.01):
     """Return predicate()'s first truthy value; fail the test after ``timeout``."""
     deadline = time.monotonic() + timeout

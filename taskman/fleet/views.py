@@ -17,7 +17,7 @@ import collections
 from typing import Iterable, Iterator, Optional
 
 from taskman.output import Chunk
-from taskman.output_index import Selector
+from taskman.output_index import Selector, last_lines_start
 
 
 def view_start(stored: Iterable[Chunk], selector: Selector, tail_bytes: int = 0,
@@ -64,21 +64,9 @@ def _tail_bytes(kept, wanted: int) -> int:
 
 
 def _tail_lines(kept, wanted: int) -> int:
-    newlines_left = wanted
-    last_byte = True
-    for chunk in reversed(kept):
-        data = chunk.data
-        if last_byte and data.endswith(b"\n"):
-            newlines_left += 1  # ends a line, does not start one
-        last_byte = False
-        position = len(data)
-        while True:
-            position = data.rfind(b"\n", 0, position)
-            if position < 0:
-                break
-            newlines_left -= 1
-            if newlines_left == 0:
-                return chunk.offset + position + 1
+    start = last_lines_start(((chunk.offset, chunk.data) for chunk in reversed(kept)), wanted)
+    if start is not None:
+        return start
     return kept[0].offset if kept else 0
 
 

@@ -15,7 +15,7 @@ import gevent
 import gevent.event
 import pytest
 
-from support import fixture, poll_for, process_running
+from support import driver_for_tests, fixture, poll_for, process_running
 from taskman import cgroups
 from taskman.errors import CommandNotFound, InvalidArgument, NotExecutable, NotFound, Unavailable
 from taskman.manager import TaskManager
@@ -24,20 +24,9 @@ from taskman.task import JobStatus, Source
 PY = sys.executable
 
 
-def _driver(kind):
-    if kind == "none":
-        return cgroups.select_driver("none")
-    try:
-        # A root of our own: another taskman server on this host (a developer's,
-        # a benchmark's) holds the default one locked.
-        return cgroups.select_driver("auto", cgroups.Limits(), root=f"taskman-test-{os.getpid()}")
-    except Exception as error:  # noqa: BLE001 - the reason is printed
-        pytest.skip(f"no cgroup driver on this host: {error}")
-
-
 @pytest.fixture(params=["none", "cgroup"])
 def manager(request, state_dir):
-    mgr = TaskManager(state_dir, driver=_driver(request.param), stop_grace=2.0)
+    mgr = TaskManager(state_dir, driver=driver_for_tests(request.param), stop_grace=2.0)
     yield mgr
     mgr.shutdown(timeout=15)
 

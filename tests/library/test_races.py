@@ -11,29 +11,18 @@ failed before its fix), then fixed:
   ("output unavailable" on its first read).
 """
 
-import os
 
 import gevent
 import pytest
 
-from support import poll_for
-from taskman import cgroups
+from support import driver_for_tests, poll_for
 from taskman.manager import TaskManager
 from taskman.task import JobStatus, Source
 
 
-def _driver(kind):
-    if kind == "none":
-        return cgroups.select_driver("none")
-    try:
-        return cgroups.select_driver("auto", cgroups.Limits(), root=f"taskman-test-{os.getpid()}")
-    except Exception as error:  # noqa: BLE001 - the reason is printed
-        pytest.skip(f"no cgroup driver on this host: {error}")
-
-
 @pytest.fixture(params=["none", "cgroup"])
 def manager(request, state_dir):
-    mgr = TaskManager(state_dir, driver=_driver(request.param), stop_grace=30.0)
+    mgr = TaskManager(state_dir, driver=driver_for_tests(request.param), stop_grace=30.0)
     yield mgr
     mgr.shutdown(timeout=15)
 

@@ -19,9 +19,7 @@ import tempfile
 import gevent
 import pytest
 
-from support import poll_for, process_running, processes_of
-from taskman import cgroups
-from taskman.errors import CgroupError
+from support import driver_for_tests, poll_for, process_running, processes_of
 from taskman.manager import TaskManager
 from taskman.task import JobStatus, Source
 
@@ -43,18 +41,6 @@ while :; do sleep 0.05; done
 """
 
 
-def _driver(kind):
-    if kind == "none":
-        return cgroups.select_driver("none")
-    if os.geteuid() != 0:
-        pytest.skip(f"needs root: cgroups are managed by root (uid {os.geteuid()})")
-    try:
-        return cgroups.select_driver("auto", cgroups.Limits(),
-                                     root=f"taskman-test-{os.getpid()}-stop")
-    except CgroupError as error:
-        pytest.skip(f"no cgroup driver on this host: {error}")
-
-
 @pytest.fixture
 def script():
     """The tree's script in a 0755 directory of its own: readable by any task
@@ -71,7 +57,7 @@ def script():
 
 @pytest.mark.parametrize("kind", ["cgroup", "none"])
 def test_every_process_of_the_tree_gets_sigterm_before_sigkill(kind, script, state_dir):
-    manager = TaskManager(state_dir, driver=_driver(kind), stop_grace=GRACE)
+    manager = TaskManager(state_dir, driver=driver_for_tests(kind, "-stop"), stop_grace=GRACE)
     try:
         task = manager.start("alice", "sh", [script, "main", "setsid" if kind == "cgroup" else ""])
         output = []
