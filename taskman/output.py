@@ -4,13 +4,11 @@ The output lives on disk, not in the server's memory, so a task that writes
 gigabytes costs page cache, not RSS. One writer (the task's pump) appends;
 any number of readers follow from their own offsets with ``pread`` on one
 shared descriptor, each waking on a gevent Event when caught up. Each
-appended chunk also gets a record in the log's index (``output_index``):
-its stream and the time it was read, so a reader can select a stream, start
-at a time, or tail by bytes or lines.
-
-Also owns the output directory's layout: one ``<task id>.log`` per task,
-its index in a sibling directory (``output_index.index_path``), created here
-(``create_log``, ``reopen_log``) and named in ``log_path`` only.
+appended chunk also gets a record in the log's index (``output_index``): its
+stream and read time, so a reader can select a stream, start at a time, or
+tail by bytes or lines. Also owns the directory's layout: ``<task id>.log``
+and its index (``output_index.index_path``), created here (``create_log``,
+``reopen_log``) and named in ``log_path`` only.
 """
 
 import datetime
@@ -46,6 +44,8 @@ CHUNK_SIZE = 64 * 1024
 
 # Non-matching records a follower skips before letting other greenlets run.
 _SKIPS_PER_YIELD = 4096
+# Records join a chunk (stamped with its first's time) only within this: --timestamps' precision.
+_MERGE_NS = 1_000_000
 
 # Where output is written to disk. Once the kernel throttles writers of dirty
 # pages, a write blocks for tens to hundreds of ms: off the event loop it
@@ -306,7 +306,7 @@ class OutputLog:
                 while (stop == last.end and stop - offset < chunk_size
                        and number + 1 < index.count()):
                     after = index.record(number + 1)
-                    if after.stream != record.stream:
+                    if after.stream != record.stream or after.time_ns - record.time_ns >= _MERGE_NS:
                         break
                     number, last = number + 1, after
                     stop = min(after.end, offset + chunk_size, limit)

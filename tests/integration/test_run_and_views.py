@@ -231,10 +231,14 @@ def test_tail_on_a_finished_and_a_live_task(cli):
 
 def test_since_on_a_live_and_a_finished_task(cli):
     task_id = cli.start_id("client001", "sh", "-c", "echo early; sleep 1.5; echo late; sleep 60")
-    wait_for(lambda: cli.run("stream", task_id, "--no-follow").stdout == b"early\n")
-    between = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=0.3)
     wait_for(lambda: cli.run("stream", task_id, "--no-follow").stdout == b"early\nlate\n")
-    since = between.isoformat().replace("+00:00", "Z")
+    # Halfway between the two lines' own times (1.5 s apart), however slowly
+    # a loaded host ran this test's polls.
+    stamped = cli.run("stream", task_id, "--timestamps", "--no-follow").stdout.decode()
+    early, late = (parse_time(line.split(" ", 1)[0]) for line in stamped.splitlines())
+    assert late - early >= datetime.timedelta(seconds=1), stamped
+    since = (early + (late - early) / 2).astimezone(datetime.timezone.utc).isoformat()
+    since = since.replace("+00:00", "Z")
     assert cli.run("stream", task_id, "--since", since, "--no-follow").stdout == b"late\n"
     assert cli.run("stream", task_id, "--since", "1h", "--no-follow").stdout == b"early\nlate\n"
     cli.run("stop", task_id)
