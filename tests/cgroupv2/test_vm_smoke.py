@@ -187,9 +187,15 @@ def test_io_max_on_block_device(base):
                        preexec_fn=_into(cg), capture_output=True, text=True,
                        timeout=120)
     took = time.monotonic() - t0
-    stat = guest.read(f"{cg}/io.stat")
-    print(f"3 MiB O_DIRECT at wbps=1MiB/s took {took:.2f}s; io.stat: {stat.strip()}")
     assert p.returncode == 0, p.stderr
+    # io.stat's counters are flushed lazily (per-CPU rstat): a CI run read
+    # wbytes=2 MiB, wios=2 just after the third write had returned. Bounded.
+    deadline = time.monotonic() + 5
+    stat = guest.read(f"{cg}/io.stat")
+    while f"wbytes={3 << 20}" not in stat and time.monotonic() < deadline:
+        time.sleep(0.1)
+        stat = guest.read(f"{cg}/io.stat")
+    print(f"3 MiB O_DIRECT at wbps=1MiB/s took {took:.2f}s; io.stat: {stat.strip()}")
     assert took >= 1.5
     assert f"{majmin} " in stat and f"wbytes={3 << 20}" in stat
 
