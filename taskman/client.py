@@ -32,6 +32,7 @@ STOP_POLL_FIRST, STOP_POLL_MAX = 0.05, 0.5  # seconds between status polls
 # Seconds to connect (TCP and TLS) to one of several addresses before the
 # call moves on to the next. grpc's minimum connect timeout is what bounds it.
 CONNECT_TIMEOUT = 3.0
+RECONNECT_BACKOFF_MS = 100  # the first; at most ten times that
 # A StartTask that met UNAVAILABLE is tried on another replica only when the
 # first cannot have started it: no connection was made, or it refused new
 # work. Any other UNAVAILABLE (e.g. no host took the task in time) may
@@ -181,6 +182,13 @@ class TaskmanClient:
         self._options = list(options)
         if len(self.addresses) > 1:
             self._options.append(("grpc.min_reconnect_backoff_ms", int(CONNECT_TIMEOUT * 1000)))
+        else:
+            # One address: a server that went away (a reload, a restart) is
+            # back there, and grpc's default backoff (1 s, growing by 1.6x up
+            # to 120 s) would keep a follower's reconnections failing at once
+            # long after it listens again.
+            self._options += [("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS),
+                              ("grpc.max_reconnect_backoff_ms", 10 * RECONNECT_BACKOFF_MS)]
         self._current = 0
         self._channels: dict = {}  # address -> (channel, stub), made on first use
 

@@ -147,6 +147,7 @@ def test_reload_keeps_the_task_and_the_follower_sees_every_byte_once(start):
     print(f"SIGHUP to listening again: {took:.2f}s")
 
 
+@pytest.mark.timeout(300)  # a follower may wait out a reload for up to 60 s (cli.follow)
 def test_three_reloads_under_many_followers(start):
     followers_count = int(os.environ.get("TASKMAN_TEST_RELOAD_FOLLOWERS", "16"))
     server = start()
