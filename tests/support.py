@@ -125,6 +125,16 @@ def small_tmpfs(path, size):
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 
 
+# A Python task printing 0, 1, 2, ... a line a millisecond: its output shows
+# any gap or repeat a follower saw (the reload tests of both suites).
+COUNTER = ("import time\n"
+           "i = 0\n"
+           "while True:\n"
+           "    print(i, flush=True)\n"
+           "    i += 1\n"
+           "    time.sleep(0.001)\n")
+
+
 # Where files tasks must see live: tasks run as unprivileged uids with their
 # own tmpfs on /tmp, /var/tmp, /dev/shm and /run/lock, and the checkout may be
 # unreadable to them. Mode 0755 all the way down.

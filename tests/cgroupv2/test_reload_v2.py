@@ -19,7 +19,7 @@ import guest
 import pytest
 from test_server_e2e import CLI, PYTHON, ROOT, USER, ended, get_status, server, start, taskman
 
-from support import poll_for
+from support import COUNTER, poll_for
 
 guest.require_pure_v2(__name__)
 
@@ -27,12 +27,6 @@ pytestmark = pytest.mark.timeout(400)
 
 __all__ = ["server"]  # the fixture, shared with test_server_e2e
 
-COUNTER = ("import time\n"
-           "i = 0\n"
-           "while True:\n"
-           "    print(i, flush=True)\n"
-           "    i += 1\n"
-           "    time.sleep(0.001)\n")
 
 
 def listenings(server) -> int:

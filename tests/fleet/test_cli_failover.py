@@ -14,12 +14,8 @@ from test_e2e import NODES, Fleet, check_checksummed, checksummed
 
 @pytest.fixture(scope="module")
 def fleet(nats_server_binary, tmp_path_factory):
-    fleet = Fleet(tmp_path_factory.mktemp("failover"), nats_server_binary)
-    try:
-        fleet.start()
+    with Fleet(tmp_path_factory.mktemp("failover"), nats_server_binary) as fleet:
         yield fleet
-    finally:
-        fleet.stop()
 
 
 def follow(fleet, task_id: str, address: str) -> subprocess.Popen:

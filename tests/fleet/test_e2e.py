@@ -101,6 +101,17 @@ class Fleet:
         for server in self.servers.values():
             server.start()
 
+    def __enter__(self) -> "Fleet":
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     def stop(self) -> None:
         try:
             for server in self.servers.values():
@@ -193,12 +204,8 @@ class Fleet:
 
 @pytest.fixture(scope="module")
 def fleet(nats_server_binary, tmp_path_factory):
-    fleet = Fleet(tmp_path_factory.mktemp("e2e"), nats_server_binary)
-    try:
-        fleet.start()
+    with Fleet(tmp_path_factory.mktemp("e2e"), nats_server_binary) as fleet:
         yield fleet
-    finally:
-        fleet.stop()
 
 
 @pytest.mark.timeout(300)

@@ -16,14 +16,8 @@ from pathlib import Path
 import pytest
 from server_harness import Cli, Server, started_servers, wait_for
 
-from support import process_running
+from support import COUNTER, process_running
 
-COUNTER = ("import time\n"
-           "i = 0\n"
-           "while True:\n"
-           "    print(i, flush=True)\n"
-           "    i += 1\n"
-           "    time.sleep(0.001)\n")
 RELOAD_TIMEOUT = 30.0
 
 SCRIPT = """#!{python}
