@@ -1,10 +1,18 @@
-"""The transport ceiling: a bare gRPC server streaming canned 64 KiB messages.
+"""The transport ceiling: a bare gRPC server answering the TaskManager API
+with canned replies.
 
-It serves the TaskManager API's StreamTaskOutput with the taskman server's
-certificates and mutual TLS, set up under gevent the way taskman-server is
-(patch first, then grpc, then ``init_gevent``), but with no task, no output
-file and no manager behind it: the request's ``task_id`` is the number of
-bytes to send. A follower of taskman can only be as fast as this.
+It serves the taskman server's certificates with mutual TLS, set up under
+gevent the way taskman-server is (patch first, then grpc, then
+``init_gevent``), with no task, output file, manager, guard or record behind
+it. Whatever taskman does, over gRPC it can only be this fast:
+
+- StartTask and GetTaskStatus answer at once with a fixed reply (the
+  GetTaskStatus reply is a finished task's, the size taskman sends): the
+  floor of a unary call;
+- StreamTaskOutput with ``task_id`` "N" sends N bytes as canned 64 KiB
+  messages; with "N@PATH" it sends the first N bytes of the file PATH, read
+  with ``pread`` 64 KiB at a time (a fresh buffer per message, as taskman's
+  reader has), so a follower can check them byte for byte.
 
     python bench/ceiling.py PORT
 """
@@ -40,14 +48,46 @@ MAX_STREAMS = 4096
 class Ceiling(task_manager_pb2_grpc.TaskManagerServicer):
     def __init__(self):
         self.payload = os.urandom(CHUNK)
+        self.started = task_manager_pb2.StartTaskResponse(task_id="00000000-0000-4000-8000-000000000001")
+        status = task_manager_pb2.TaskStatusResponse(
+            task_id=self.started.task_id, exit_code=0, process_id=12345,
+            status=task_manager_pb2.JobStatus.Value("JOB_STATUS_EXITED_OK"), owner="client001",
+            command="/bin/true", output_bytes=0)
+        status.start_time.GetCurrentTime()
+        status.end_time.GetCurrentTime()
+        self.status = status
 
-    def StreamTaskOutput(self, request, context):  # noqa: N802 (gRPC's method name)
-        remaining = int(request.task_id)
+    def StartTask(self, request, context):  # noqa: N802 (gRPC's method name)
+        return self.started
+
+    def GetTaskStatus(self, request, context):  # noqa: N802
+        return self.status
+
+    def StreamTaskOutput(self, request, context):  # noqa: N802
+        size, _, path = request.task_id.partition("@")
+        remaining = int(size)
+        if path:
+            yield from _from_file(path, remaining)
+            return
         payload = self.payload
         while remaining > 0:
             chunk = payload if remaining >= CHUNK else payload[:remaining]
             remaining -= len(chunk)
             yield task_manager_pb2.StreamTaskOutputResponse(output=chunk)
+
+
+def _from_file(path: str, size: int):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        offset = 0
+        while offset < size:
+            chunk = os.pread(fd, min(CHUNK, size - offset), offset)
+            if not chunk:
+                return
+            offset += len(chunk)
+            yield task_manager_pb2.StreamTaskOutputResponse(output=chunk)
+    finally:
+        os.close(fd)
 
 
 def main() -> None:

@@ -42,6 +42,12 @@ def ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator else float("nan")
 
 
+def stats(values: Sequence[float]) -> Dict[str, float]:
+    """Count, p50, p99 and max of ``values`` (nan when empty)."""
+    return {"n": len(values), "p50": median(values), "p99": percentile(values, 0.99),
+            "max": max(values, default=float("nan"))}
+
+
 # -- certificates
 
 
@@ -199,11 +205,12 @@ def cpu_seconds(pid: int) -> float:
 
 
 class Worker:
-    """A bench worker (bench/worker.py) as a subprocess: send commands, read JSON replies."""
+    """A bench client process (bench/worker.py or bench/clients.py): send commands, read JSON replies."""
 
-    def __init__(self, args: List[str], env: Optional[Dict[str, str]] = None):
+    def __init__(self, args: List[str], env: Optional[Dict[str, str]] = None,
+                 script: str = "worker.py"):
         self.proc = subprocess.Popen(
-            [sys.executable, os.path.join(BENCH_DIR, "worker.py"), *args],
+            [sys.executable, os.path.join(BENCH_DIR, script), *args],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
             env=env, start_new_session=True)
 

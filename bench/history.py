@@ -74,6 +74,21 @@ def main() -> int:
     return 0
 
 
+def section_history(bench) -> None:
+    """For bench/run.py: the installed taskman-server on 0, 100 and
+    ``--history-records`` seeded records, each on a fresh state directory."""
+    scratch = tempfile.mkdtemp(prefix="history-", dir=bench.workdir)
+    try:
+        rows = []
+        for count in (0, 100, bench.args.history_records):
+            rows.append(measure_server("installed", None, count, scratch))
+            bench.log(f"history {count:,} records: rss {rows[-1]['rss_mib']} MiB, start "
+                      f"{rows[-1]['start_s']} s, status p50 {rows[-1].get('status_us', '-')} us")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    bench.results["history"] = {"rows": rows, "samples": SAMPLES}
+
+
 def export(commit: str, scratch: str) -> str:
     tree = os.path.join(scratch, "tree-" + commit)
     os.makedirs(tree)
@@ -83,30 +98,41 @@ def export(commit: str, scratch: str) -> str:
     return tree
 
 
-def seed_state(tree: str, count: int, scratch: str, owners: str = "") -> tuple:
-    """A fresh state directory with ``count`` records, in ``tree``'s schema; (path, seconds)."""
+def _environment(tree) -> dict:
+    """The environment that runs ``tree``'s taskman; the installed one for None."""
+    if tree is None:
+        return {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    return dict(os.environ, PYTHONPATH=tree)
+
+
+def seed_state(tree, count: int, scratch: str, owners: str = "") -> tuple:
+    """A fresh state directory with ``count`` records, in ``tree``'s schema
+    (None: the installed taskman's); (path, seconds)."""
     state = os.path.join(scratch, f"state-{len(os.listdir(scratch))}")
     seeded = subprocess.run([sys.executable, "-c", (
         "import sys, time; sys.path.insert(0, %r); from seed_history import seed; "
         "print(seed(%r, %d, %d, %r))") % (BENCH_DIR, state, count, USERS, owners)],
-        env=dict(os.environ, PYTHONPATH=tree), check=True, capture_output=True, text=True, cwd=tree)
+        env=_environment(tree), check=True, capture_output=True, text=True, cwd=tree or scratch)
     return state, float(seeded.stdout.strip().splitlines()[-1])
 
 
-def measure_server(name: str, tree: str, count: int, scratch: str) -> dict:
-    sys.path.insert(0, REPO_DIR)
-    from bench.common import certs_dir, free_port, rss_bytes, stop_process
+def measure_server(name: str, tree, count: int, scratch: str) -> dict:
+    """A real taskman-server (``tree``'s, or the installed one for None) on
+    ``count`` seeded records: its RSS once it answers, and call latencies."""
+    from common import certs_dir, free_port, stop_process
+    from common import rss_bytes as process_rss
+
     from taskman.client import ClientError, TaskmanClient
 
     certs = certs_dir()
     state, seed_seconds = seed_state(tree, count, scratch, owners="client001,client002")
     address = f"127.0.0.1:{free_port()}"
-    environment = dict(os.environ, PYTHONPATH=tree, TASKMAN_CERTS_DIR=certs)
+    environment = dict(_environment(tree), TASKMAN_CERTS_DIR=certs)
     began = time.perf_counter()
     server = subprocess.Popen(
         [os.path.join(os.path.dirname(sys.executable), "taskman-server"), "--server-address", address,
          "--state-dir", state, "--cgroup-driver", "none", "--retention", "0", "--output-budget", "0",
-         "--quota-finished-records", "0"], env=environment, cwd=tree,
+         "--quota-finished-records", "0"], env=environment, cwd=tree or scratch,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     clients = {user: TaskmanClient(address, user, certs_dir=certs, timeout=600)
                for user in ("client001", "admin")}
@@ -117,21 +143,23 @@ def measure_server(name: str, tree: str, count: int, scratch: str) -> dict:
                 break
             except ClientError:
                 if server.poll() is not None or time.perf_counter() - began > 900:
-                    raise SystemExit("the server did not start") from None
+                    raise RuntimeError(f"taskman-server on {count} records did not start") from None
                 time.sleep(0.2)
         result = {"tree": name, "count": count, "seed_s": round(seed_seconds, 1),
                   "start_s": round(time.perf_counter() - began, 1),
-                  "rss_mib": round(rss_bytes(server.pid) / MiB, 1)}
+                  "rss_mib": round(process_rss(server.pid) / MiB, 1)}
         if count:
             rng = random.Random(20)
             picks = [rng.randrange(0, count, 2) for _ in range(SAMPLES)]  # client001's: even
             result["status_us"] = p50_us(lambda n: clients["client001"].status(task_id(n)), picks)
             result["own_page_us"] = p50_us(lambda n: clients["client001"].list(limit=10), picks)
             result["all_page_us"] = p50_us(lambda n: clients["admin"].list(limit=50), picks)
-            result["rss_after_calls_mib"] = round(rss_bytes(server.pid) / MiB, 1)
+            result["rss_after_calls_mib"] = round(process_rss(server.pid) / MiB, 1)
         result["disk_mib"] = round(disk_mib(state), 1)
         return result
     finally:
+        for client in clients.values():
+            client.close()
         stop_process(server)
         shutil.rmtree(state, ignore_errors=True)
 

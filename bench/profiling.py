@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from typing import Dict, List, Optional
 
 RATE = 200  # samples per second
@@ -114,3 +115,47 @@ def table(summary: Dict[str, object], key: str, top: int = 12) -> List[str]:
     for name, count in summary[key][:top]:
         rows.append(f"| {100 * count / total:.1f}% | {count} | `{name}` |")
     return rows
+
+
+def section_profile(bench) -> None:
+    """py-spy on the running server: StartTask in a loop, then one follower
+    replaying a finished task in a loop."""
+    import common
+    from harness import follow
+
+    if not py_spy():
+        bench.notes.append("py-spy not installed: no profiles.")
+        return
+    seconds = bench.args.profile_seconds
+    server = bench.server
+    result = {}
+    raw = os.path.join(bench.workdir, "profile-start.txt")
+    recorder = record(server.pid, seconds, raw)
+    time.sleep(0.5)  # py-spy attaches
+    cpu_before = common.cpu_seconds(server.pid)
+    count, began = 0, time.perf_counter()
+    while time.perf_counter() - began < seconds:
+        bench.client.start("/bin/true")
+        count += 1
+    cpu = common.cpu_seconds(server.pid) - cpu_before
+    finish(recorder, seconds + 60)
+    result["start"] = {**summarize(raw, server.pid), "calls": count, "cpu_per_call": cpu / max(count, 1)}
+    size = bench.args.stream_bytes
+    task_id = bench.client.start("head", ["-c", str(size), "/dev/zero"])
+    bench.wait_ended(task_id, 120)
+    follower = bench.worker("follow", server.address, "1")
+    follower.receive(60)
+    raw = os.path.join(bench.workdir, "profile-stream.txt")
+    recorder = record(server.pid, seconds, raw)
+    time.sleep(0.5)
+    streamed, cpu_before, began = 0, common.cpu_seconds(server.pid), time.perf_counter()
+    while time.perf_counter() - began < seconds:
+        streamed += follow(follower, task_id, size)["bytes"]
+    cpu = common.cpu_seconds(server.pid) - cpu_before
+    finish(recorder, seconds + 60)
+    bench.close_workers()
+    server.discard_output(task_id)
+    result["stream"] = {**summarize(raw, server.pid), "bytes": streamed,
+                        "cpu_per_gib": cpu / max(streamed, 1) * common.GiB}
+    bench.results["profile"] = result
+    bench.log("profiles recorded")

@@ -1,0 +1,108 @@
+"""The benchmark report's verdicts (bench/targets.py): ratios, met and not
+met, and a row for every target even when its section did not run.
+
+Pure functions on a results dict: nothing is measured here.
+"""
+
+import math
+import os
+import sys
+
+import pytest
+
+BENCH_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "bench")
+sys.path.insert(0, BENCH_DIR)
+targets = pytest.importorskip("targets")
+
+MiB = 1024 * 1024
+
+
+def stats(p50, p99=None):
+    return {"n": 100, "p50": p50, "p99": p99 if p99 is not None else p50 * 2, "max": p50 * 3}
+
+
+def results():
+    return {
+        "history": {"samples": 300, "rows": [
+            {"count": 0, "rss_mib": 64.0},
+            {"count": 100, "rss_mib": 64.5, "status_us": 400.0, "own_page_us": 500.0, "all_page_us": 800.0},
+            {"count": 1_000_000, "rss_mib": 66.0, "rss_after_calls_mib": 70.0, "status_us": 500.0,
+             "own_page_us": 900.0, "all_page_us": 2000.0}]},
+        "start": {"sandboxed": stats(0.0026), "unconfined": stats(0.0014), "ceiling_unary": stats(0.0006),
+                  "gate_spawn_wait": stats(0.0014), "floor": 0.0020},
+        "peer": {"api_start": stats(0.0015), "ctl_start": stats(0.066), "taskman_ctl_start": stats(0.070),
+                 "cli_floor": stats(0.050)},
+        "status": {"taskman": stats(0.00066), "ceiling": stats(0.00060)},
+        "sustained": {"taskman": {"clients": 4, "per_second": 610.0, "latency": stats(0.005, 0.021)},
+                      "ceiling": {"clients": 4, "per_second": 2400.0, "latency": stats(0.001, 0.004)}},
+        "stream": {"bytes": 1024 * MiB, "live": {"rate": 430 * MiB}, "ceiling": {"rate": 460 * MiB}},
+        "fanout": {"rows": [{"followers": 1000, "bytes_each": 4 * MiB, "exact": 1000, "rss_peak": 200 * MiB,
+                             "aggregate": 470 * MiB}],
+                   "ceiling": {"followers": 1000, "exact": 1000, "rss_peak": 190 * MiB}},
+        "idle": {"followers": 10_000, "open": 10_000, "rss_before": 80 * MiB, "rss_streams": 900 * MiB,
+                 "per_follower": 82 * 1024},
+    }
+
+
+def by_what(rows, start):
+    return next(row for row in rows if row.what.startswith(start))
+
+
+def test_ratio_formatting():
+    assert targets.format_ratio(1.234) == "1.23×"
+    assert targets.format_ratio(0.9) == "0.90×"
+    assert targets.format_ratio(7177.4) == "7177×"
+    assert targets.format_ratio(float("nan")) == "n/a"
+    assert math.isnan(targets.ratio(1.0, 0))
+    assert math.isnan(targets.ratio(None, 2.0))
+
+
+def test_verdicts():
+    assert targets.verdict(True) == "met"
+    assert targets.verdict(False) == "**not met**"
+    assert targets.verdict(None) == "not measured"
+    assert targets.at_most(1.3, 1.3) is True
+    assert targets.at_most(1.31, 1.3) is False
+    assert targets.at_most(float("nan"), 1.3) is None
+    assert targets.at_least(0.9, 0.9) is True
+    assert targets.both(True, False) is False
+    assert targets.both(True, None) is None
+
+
+def test_every_target_has_a_row_when_nothing_ran():
+    rows = targets.summary({})
+    assert sorted({row.target for row in rows}) == ["1", "2", "3", "4", "5", "6", "7"]
+    assert all(row.met is None and "not measured" in row.markdown() for row in rows)
+
+
+def test_rows_from_a_run():
+    rows = targets.summary(results())
+    assert sorted({row.target for row in rows}) == ["1", "2", "3", "4", "5", "6", "7"]
+    history = by_what(rows, "server RSS with 1,000,000")
+    assert history.met is True and history.ratio == "+6.0 MiB"  # after the calls, not at start
+    assert by_what(rows, "ListTasks, admin's").met is False  # 2.5x its cost with 100 records
+    start = by_what(rows, "StartTask p50 (mTLS")
+    assert (start.ratio, start.met) == ("1.30×", True)
+    assert by_what(rows, "StartTask p50, sandbox mapped off").met is True  # 0.93x supervisord
+    assert by_what(rows, "GetTaskStatus p50").met is True  # 1.1x
+    assert by_what(rows, "`taskman start` CLI p50").met is False  # 1.06x supervisorctl
+    floor = by_what(rows, "`taskman start` CLI p50, beside")
+    assert floor.goal == "" and floor.markdown().endswith("|  |")
+    assert by_what(rows, "sustained starts").met is True
+    assert by_what(rows, "StartTask p99 under").met is False  # 21 ms
+    assert by_what(rows, "1,000 followers of one task").met is True  # 1.05x the bare server
+    assert by_what(rows, "1,000 followers: aggregate").met is True  # 470 vs 460 MiB/s
+    idle = by_what(rows, "10,000 idle followers")
+    assert idle.met is True and idle.ratio == "82 KiB each"
+    assert by_what(rows, "1 follower of a live task").met is True  # 430/460 = 0.93x
+
+
+def test_a_follower_short_of_its_bytes_fails_the_fanout_row_and_quick_runs_say_so():
+    run = results()
+    run["fanout"]["rows"][0]["exact"] = 999
+    run["history"]["rows"][-1]["count"] = 100_000
+    run["idle"].update(followers=1000, open=1000)
+    rows = targets.summary(run)
+    assert by_what(rows, "1,000 followers of one task").met is False
+    assert "(quick run: 100,000, not 1,000,000)" in by_what(rows, "server RSS").what
+    assert "(quick run: not 10,000)" in by_what(rows, "1,000 idle followers").what
