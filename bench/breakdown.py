@@ -1,10 +1,12 @@
 """Where a start's time goes: the library's start path timed piece by piece.
 
-    python bench/breakdown.py COUNT STATE_DIR
+    python bench/breakdown.py COUNT STATE_DIR [WARM]
 
 Runs a TaskManager in this process (gevent-patched like the server, default
 cgroup driver under a cgroup root of its own, so it never touches a running
-server's groups), wraps the steps of ``TaskManager.start`` with timers,
+server's groups; WARM ready groups per user as a server keeps, by default
+taskman.task_groups.WARM_PER_OWNER, 0 for none), wraps the steps of
+``TaskManager.start`` with timers,
 starts /bin/true COUNT times and prints one JSON line: the p50 of each step
 and of the whole call, and of a bare posix_spawn+waitpid in the same process.
 StartTask over gRPC minus ``manager.start`` is then the RPC's own cost.
@@ -32,6 +34,7 @@ from taskman import manager as manager_module  # noqa: E402
 from taskman import process  # noqa: E402
 from taskman.cgroups import select_driver  # noqa: E402
 from taskman.manager import TaskManager  # noqa: E402
+from taskman.task_groups import WARM_PER_OWNER  # noqa: E402
 
 timings = collections.defaultdict(list)
 # Kept before the timers wrap it: the bare spawns below are not timed as steps.
@@ -53,17 +56,20 @@ def timed(owner, name: str, label: str) -> None:
 
 def main() -> None:
     count, state_dir = int(sys.argv[1]), sys.argv[2]
+    warm = int(sys.argv[3]) if len(sys.argv) > 3 else WARM_PER_OWNER
     os.makedirs(state_dir, exist_ok=True)
     driver = select_driver("auto", root="taskman-bench-breakdown", io_paths=("/", state_dir))
-    manager = TaskManager(state_dir=state_dir, driver=driver, stop_grace=1)
+    manager = TaskManager(state_dir=state_dir, driver=driver, stop_grace=1, warm_groups=warm)
     try:
         timed(manager_module, "create_log", "output file (OutputLog)")
-        timed(manager.driver, "create", "cgroup create (mkdir + limits)")
+        # With ready groups, the driver's create runs in the worker, off the
+        # start's path; the start itself waits only for the group it takes.
+        timed(manager.groups, "create", "task group (ready, or made in the worker)")
+        timed(manager.driver, "create", "cgroup create (mkdir + limits, in the worker)")
         timed(manager.driver, "place", "cgroup place (pid into cgroup.procs)")
-        timed(process, "spawn", "spawn (gate shell, place, release)")
-        timed(os, "posix_spawn", "posix_spawn of the gate shell")
-        if hasattr(manager, "_persist"):
-            timed(manager, "_persist", "task record (SQLite)")
+        timed(process, "spawn", "spawn (gate, place, release)")
+        timed(os, "posix_spawn", "posix_spawn of the gate")
+        timed(manager.store, "save_started", "task record (SQLite)")
         for _ in range(20):
             manager.start("bench", "/bin/true")
             gevent.sleep(0.005)

@@ -18,7 +18,6 @@ import itertools
 import logging
 import os
 import signal
-import uuid
 from typing import Dict, Iterable, Iterator, Optional, Union
 
 import gevent
@@ -29,12 +28,13 @@ from taskman.cgroups import Driver, Group
 from taskman.cgroups.none import ProcessGroupDriver
 from taskman.cgroups.slices import Owner
 from taskman.defaults import default_state_dir
-from taskman.errors import CgroupError, InvalidArgument, NotFound, Unavailable
+from taskman.errors import InvalidArgument, NotFound, Unavailable
 from taskman.history import History
 from taskman.holdings import argument_bytes
 from taskman.output import Chunk, OutputLog, Selector, create_log, data_only, ensure_directory
 from taskman.store import TaskStore
 from taskman.task import JobStatus, Source, Task, command_line, is_task_id, now, parse_task_id
+from taskman.task_groups import GROUP_EMPTY_TIMEOUT, WARM_PER_OWNER, TaskGroups
 
 log = logging.getLogger("taskman.manager")
 
@@ -44,7 +44,6 @@ ADMIN = "admin"
 # of file within milliseconds. A process that escaped the group (only possible
 # with the ``none`` driver) could hold it open forever: stop waiting then.
 EOF_TIMEOUT = 5.0
-GROUP_EMPTY_TIMEOUT = 10.0
 # A stop request returns after this long even if the task is still in its
 # grace period: well inside clients' deadlines (the CLI's is 60 s).
 STOP_WAIT_MAX = 30.0
@@ -76,7 +75,10 @@ class TaskManager:
     seconds, and oldest first while their output exceeds ``retention_bytes``
     (0 disables either). ``users`` (a taskman.users.Users) runs each user's
     tasks as its own unprivileged uid in the sandbox; None runs them as the
-    server's own user, unconfined (library use). ``quotas`` (a
+    server's own user, unconfined (library use). ``warm_groups``: task
+    groups kept ready per recent user (taskman.task_groups); None: a few
+    when ``users`` is given (a server's manager), none for library use,
+    whose callers may list a slice's groups. ``quotas`` (a
     taskman.quotas.Quotas): each user's quotas on starts, output and finished
     records; None: no per-user quotas (library use).
     """
@@ -85,7 +87,8 @@ class TaskManager:
                  stop_grace: float = 10.0, admins: Iterable[str] = (ADMIN,),
                  search_path: str = process.DEFAULT_PATH, output_max_bytes: int = 0,
                  retention_age: float = retention.DEFAULT_AGE,
-                 retention_bytes: int = retention.DEFAULT_BUDGET, users=None, quotas=None, adopted=None):
+                 retention_bytes: int = retention.DEFAULT_BUDGET, users=None, quotas=None, adopted=None,
+                 warm_groups: Optional[int] = None):
         self.state_dir = ensure_directory(state_dir or default_state_dir())
         self.output_dir = ensure_directory(os.path.join(self.state_dir, "output"))
         self.driver = driver or ProcessGroupDriver()
@@ -109,6 +112,9 @@ class TaskManager:
         self._recover(spared)  # before setup(): it looks for the earlier life's processes
         self.history = History(self.store, self.output_dir)  # after: it counts the recovered
         adoption.setup_driver(self.driver, spared)
+        if warm_groups is None:
+            warm_groups = WARM_PER_OWNER if users is not None else 0
+        self.groups = TaskGroups(self.driver, warm_groups)
         for entry in adoption.entries(adopted, _Entry, self.output_dir, self.output_max_bytes):
             self._tasks[entry.task.id] = entry
             adoption.run(entry, self._supervise, self._terminate, self._kill)
@@ -143,24 +149,24 @@ class TaskManager:
             process.validate_argument(argument, "argument")
         if self.quotas is not None:
             self.quotas.check_start(owner, argument_bytes(command, args))
-        if task_id is None:
-            task_id = str(uuid.uuid4())
-        elif not is_task_id(task_id) or task_id in self._tasks or self.store.position(task_id):
+        if task_id is not None and (not is_task_id(task_id) or task_id in self._tasks
+                                    or self.store.position(task_id)):
             raise InvalidArgument(f"task id {task_id!r} is malformed or taken")
-        output = create_log(self.output_dir, task_id, self.output_max_bytes)
-        group = None
+        # Each user's slice: by uid if confined; by name if not (all
+        # unconfined users share one uid, but not one slice). A ready
+        # group comes with the id of its task.
+        group = self.groups.create(Owner(owner, sandbox.uid if sandbox.confined else None), task_id)
+        task_id = group.task_id
+        output = None
         try:
-            # Each user's slice: by uid if confined; by name if not (all
-            # unconfined users share one uid, but not one slice).
-            uid = sandbox.uid if sandbox.confined else None
-            group = self.driver.create(task_id, owner=Owner(owner, uid))
+            output = create_log(self.output_dir, task_id, self.output_max_bytes)
             proc = process.spawn(executable, args, confinement.environment(task_id, owner, self.search_path),
                                  place=lambda pid: self.driver.place(group, pid),
                                  separate_streams=separate_streams, sandbox=sandbox)
         except BaseException as error:
-            output.remove()
-            if group is not None:
-                self._discard_group(group)
+            if output is not None:
+                output.remove()
+            self.groups.discard(group)
             if isinstance(error, OSError):
                 raise process.spawn_error(error) from None
             raise
@@ -168,8 +174,7 @@ class TaskManager:
                     start_time=now())
         entry = _Entry(task, output, group, proc)
         self._tasks[task_id] = entry
-        self._store_call(self.store.save, task)
-        self._store_call(self.store.save_process, task_id, confinement.uid_of(sandbox),
+        self._store_call(self.store.save_started, task, confinement.uid_of(sandbox),
                          proc.start_identity)
         gevent.spawn(self._supervise, entry)
         self._notify("started", task.snapshot())
@@ -263,6 +268,7 @@ class TaskManager:
         gevent.wait([entry.ended for entry in running],
                     timeout=GROUP_EMPTY_TIMEOUT + EOF_TIMEOUT)
         self._pruner.kill()
+        self.groups.close()
         self.driver.close()  # the store stays open: calls still in flight read finished tasks
 
     # -- running a task
@@ -276,7 +282,7 @@ class TaskManager:
             exited_at = now()
             # The task is its whole tree: what the main process left behind
             # dies with it, which also releases the output pipe they hold.
-            self._kill_group(entry.group)
+            self.groups.kill(entry.group)
             source = stopping.ended_by(entry, wait_status)
             if (source is Source.NONE and os.WIFSIGNALED(wait_status)
                     and os.WTERMSIG(wait_status) == signal.SIGKILL
@@ -294,7 +300,7 @@ class TaskManager:
         finally:
             proc.close_output()
             entry.log.finish()
-            self._discard_group(entry.group, emptied=task.end_time is not None)
+            self.groups.discard(entry.group, emptied=task.end_time is not None)
             entry.process = entry.group = None
             record = self._snapshot(entry)  # from now on on disk only, unless the save fails
             if self._store_call(self.store.save, record):
@@ -320,32 +326,8 @@ class TaskManager:
     def _kill(self, entry: _Entry) -> None:
         stopping.kill(entry, self.driver, self._safely)
 
-    def _kill_group(self, group: Group) -> None:
-        """SIGKILL everything in the group and wait (bounded) until it is empty."""
-        with gevent.Timeout(GROUP_EMPTY_TIMEOUT, False):
-            while not self._safely(self.driver.is_empty, group, default=True):
-                self._safely(self.driver.kill, group)
-                gevent.sleep(0.005)
-            return
-        log.error("task %s: processes survived SIGKILL for %ss", group.task_id,
-                  GROUP_EMPTY_TIMEOUT)
-
-    def _discard_group(self, group: Group, emptied: bool = False) -> None:
-        """Remove the task's groups, first emptying them unless ``emptied``."""
-        try:
-            if not emptied:
-                self._kill_group(group)
-            self.driver.remove(group)
-        except CgroupError as error:
-            log.error("task %s: %s", group.task_id, error)
-
     def _safely(self, method, group: Group, *args, default=False):
-        """Call a driver method during clean-up, logging instead of raising."""
-        try:
-            return method(group, *args)
-        except (CgroupError, OSError) as error:
-            log.error("task %s: %s failed: %s", group.task_id, method.__name__, error)
-            return default
+        return self.groups.safely(method, group, *args, default=default)
 
     # -- records
 

@@ -104,6 +104,14 @@ class TaskStore:
         self._db.executemany("DELETE FROM tasks WHERE id = ?", ids)
         self._db.executemany("DELETE FROM processes WHERE task_id = ?", ids)
 
+    def save_started(self, task: Task, uid: int, start_identity: str) -> None:
+        """Record a task that just started: its record and its process, in
+        one transaction (one commit, not two, on the start's path)."""
+        with self._db:  # BEGIN ... COMMIT, or ROLLBACK if either fails
+            self._db.execute("BEGIN")
+            self.save(task)
+            self.save_process(task.id, uid, start_identity)
+
     def save_process(self, task_id: str, uid: int, start_identity: str) -> None:
         """Record the uid and the main process's start identity of a task."""
         self._db.execute("INSERT OR REPLACE INTO processes (task_id, uid, start_identity) "

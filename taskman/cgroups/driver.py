@@ -88,6 +88,9 @@ class Driver(abc.ABC):
 
     name = "abstract"
     limits: Optional[Limits] = None
+    # True where making and removing groups is kernel work worth doing off
+    # the event loop and ahead of demand (taskman.task_groups).
+    costly = False
 
     def setup(self, spare: frozenset = frozenset()) -> int:
         """Prepare the driver's root; remove groups left by an earlier run of

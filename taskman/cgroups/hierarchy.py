@@ -73,6 +73,7 @@ class HierarchyDriver(Driver):
     # False: kill by freezing even where cgroup.kill exists, as on a kernel
     # before 5.14, so that path can be tested on a host that has both.
     use_cgroup_kill = True
+    costly = True
 
     def __init__(self, hierarchies: List[Hierarchy], limits: Optional[Limits],
                  devices: Tuple[str, ...] = (),

@@ -1,0 +1,170 @@
+"""A manager's task groups: made ahead of demand, emptied and removed off the event loop.
+
+Why: making a task's groups (on a hybrid host a directory in six hierarchies
+and its limit files) and removing them are each a few hundred microseconds
+of kernel work. On the gevent loop they held up every other user's calls,
+and at start they were on the caller's path. Here they run in a thread of
+their own, whose syscalls release the GIL, so the loop keeps serving; and
+for each user who started a task lately a few groups wait ready, each named
+after the id its task will get, limits written: a start takes one and the
+refill follows, off its path.
+
+What stays true: a warm group is made by the driver's own ``create``, in the
+user's slice with every limit, before any process is in it; only the task's
+process is ever placed in it. A user idle for ``IDLE_SECONDS`` keeps none (so
+their slice goes with their last task), at most ``MAX_OWNERS`` users keep
+any, and shutdown removes them all; after a crash or a reload the driver's
+start-up clean-up removes them like any group of the earlier run (they are
+named like task groups). One worker thread does every create and remove, so
+the driver's slice lock is never contended across threads.
+"""
+
+import collections
+import logging
+import time
+import uuid
+from typing import Deque, Dict, Optional, Set
+
+import gevent
+import gevent.threadpool
+
+from taskman.cgroups import Driver, Group
+from taskman.cgroups.slices import Owner
+from taskman.errors import CgroupError
+
+log = logging.getLogger("taskman.groups")
+
+# Ready groups per user: enough for a burst of starts while the refill runs.
+WARM_PER_OWNER = 4
+MAX_OWNERS = 16
+IDLE_SECONDS = 30.0
+# After the main process exits and its group is killed, the pipe reaches end
+# of file within milliseconds; a group still populated after this is logged.
+GROUP_EMPTY_TIMEOUT = 10.0
+
+
+class TaskGroups:
+    """The groups of one manager's tasks through ``driver``; ``warm``: ready
+    groups kept per user (0: none, every group is made at its start)."""
+
+    def __init__(self, driver: Driver, warm: int = 0):
+        self.driver = driver
+        self.warm = warm if driver.costly else 0
+        self._worker = gevent.threadpool.ThreadPool(1)
+        self._ready: Dict[Owner, Deque[Group]] = {}
+        self._used: "collections.OrderedDict[Owner, float]" = collections.OrderedDict()
+        self._filling: Set[Owner] = set()
+        self._closed = False
+        self._sweeper = gevent.spawn(self._sweep) if warm else None
+
+    def create(self, owner: Owner, task_id: Optional[str] = None) -> Group:
+        """A group for a new task of ``owner``: a ready one (its task id is
+        ``group.task_id``) unless ``task_id`` is given; raises CgroupError."""
+        group = None
+        if self.warm and task_id is None and not self._closed:
+            self._used[owner] = time.monotonic()
+            self._used.move_to_end(owner)
+            ready = self._ready.get(owner)
+            if ready:
+                group = ready.popleft()
+        if group is None:
+            group = self._call(self.driver.create, task_id or str(uuid.uuid4()), owner)
+        if self.warm and task_id is None and not self._closed:
+            self._refill(owner)
+        return group
+
+    def kill(self, group: Group) -> bool:
+        """SIGKILL everything in the group and wait (bounded) until it is
+        empty; False if processes survived."""
+        with gevent.Timeout(GROUP_EMPTY_TIMEOUT, False):
+            while not self.safely(self.driver.is_empty, group, default=True):
+                self.safely(self.driver.kill, group)
+                gevent.sleep(0.005)
+            return True
+        log.error("task %s: processes survived SIGKILL for %ss", group.task_id,
+                  GROUP_EMPTY_TIMEOUT)
+        return False
+
+    def discard(self, group: Group, emptied: bool = False) -> None:
+        """Remove the task's groups, first emptying them unless ``emptied``."""
+        if not emptied:
+            self.kill(group)
+        try:
+            self._call(self.driver.remove, group)
+        except CgroupError as error:
+            log.error("task %s: %s", group.task_id, error)
+
+    def safely(self, method, group: Group, *args, default=False):
+        """Call a driver method during clean-up, logging instead of raising."""
+        try:
+            return method(group, *args)
+        except (CgroupError, OSError) as error:
+            log.error("task %s: %s failed: %s", group.task_id, method.__name__, error)
+            return default
+
+    def close(self) -> None:
+        """Remove every ready group (the server is stopping); later creates
+        make their group at once."""
+        self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.kill()
+        for owner in list(self._ready):
+            self._drain(owner)
+        while self._filling:  # a refill in the worker: it drains its own group
+            gevent.sleep(0.005)
+        self._worker.kill()
+
+    def _call(self, method, *args):
+        """``method(*args)`` in the worker thread where the driver's work is
+        costly, else here (the ``none`` driver's groups are a pid)."""
+        if self.driver.costly:
+            return self._worker.apply(method, args)
+        return method(*args)
+
+    # -- the warm pool
+
+    def _refill(self, owner: Owner) -> None:
+        if owner not in self._filling:
+            self._filling.add(owner)
+            gevent.spawn(self._fill, owner)
+        while len(self._used) > MAX_OWNERS:
+            oldest = next(iter(self._used))
+            del self._used[oldest]
+            gevent.spawn(self._drain, oldest)
+
+    def _fill(self, owner: Owner) -> None:
+        try:
+            ready = self._ready.setdefault(owner, collections.deque())
+            while len(ready) < self.warm and self._wanted(owner):
+                group = self._worker.apply(self.driver.create, (str(uuid.uuid4()), owner))
+                if not self._wanted(owner) or self._ready.get(owner) is not ready:
+                    self._remove(group)  # drained while it was being made
+                    return
+                ready.append(group)
+        except Exception as error:  # noqa: BLE001 - a start makes its group itself then
+            log.warning("cannot make a group ahead for %s: %s", owner.identity, error)
+        finally:
+            self._filling.discard(owner)
+
+    def _wanted(self, owner: Owner) -> bool:
+        return not self._closed and owner in self._used
+
+    def _sweep(self) -> None:
+        while True:
+            gevent.sleep(IDLE_SECONDS / 2)
+            horizon = time.monotonic() - IDLE_SECONDS
+            for owner, used in list(self._used.items()):
+                if used < horizon:
+                    del self._used[owner]
+                    self._drain(owner)
+
+    def _drain(self, owner: Owner) -> None:
+        ready = self._ready.pop(owner, None)
+        while ready:
+            self._remove(ready.popleft())
+
+    def _remove(self, group: Group) -> None:
+        try:
+            self._worker.apply(self.driver.remove, (group,))
+        except CgroupError as error:
+            log.error("removing a ready group of %s: %s", group.task_id, error)
