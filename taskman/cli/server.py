@@ -14,6 +14,7 @@ import sys
 import docopt
 
 from taskman.cgroups import Limits
+from taskman.cli import parsed_options
 from taskman.cli.settings import Settings, days
 from taskman.defaults import DEFAULT_MAX_STREAMS, default_state_dir, version
 from taskman.errors import TaskmanError
@@ -267,11 +268,15 @@ def patch_all() -> None:
 
 def main(argv=None) -> int:
     text = usage()
-    try:
-        options = docopt.docopt(text, argv=argv, default_help=False)
-    except docopt.DocoptExit as error:
-        print(error, file=sys.stderr)
-        return EXIT_USAGE
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    # A reload's new image: the old image's parse of this same command line.
+    options = parsed_options.handed_over(text, arguments)
+    if options is None:
+        try:
+            options = docopt.docopt(text, argv=arguments, default_help=False)
+        except docopt.DocoptExit as error:
+            print(error, file=sys.stderr)
+            return EXIT_USAGE
     if options["--help"]:
         print(text, end="")
         return EXIT_OK
@@ -297,6 +302,7 @@ def main(argv=None) -> int:
         print(f"taskman-server {version()}")
         return check.run(settings)
 
+    parsed_options.pass_on(text, arguments, options)  # for the image a reload execs
     # The order below is the one docs/design.md records; see the module docstring.
     from taskman import tls
 

@@ -323,3 +323,42 @@ def test_capture_after_pause_and_the_log_reopened_live(state_dir):
         adoption.resume(entries)
     finally:
         manager.shutdown(timeout=1)
+
+
+def test_the_parsed_command_line_is_handed_over_only_for_the_same_usage_and_argv(monkeypatch):
+    from taskman.cli import parsed_options
+    from taskman.cli.server import usage
+
+    monkeypatch.delenv(parsed_options.VARIABLE, raising=False)
+    text, argv = usage(), ["--server-address", "127.0.0.1:0", "--san", "a", "--san", "b"]
+    options = {"--server-address": "127.0.0.1:0", "--san": ["a", "b"], "--check": False}
+    parsed_options.pass_on(text, argv, options)
+    assert parsed_options.handed_over(text, argv) == options
+    assert parsed_options.VARIABLE not in os.environ  # taken once
+    for other_text, other_argv in ((text + "  --new-option\n", argv), (text, argv[:2])):
+        parsed_options.pass_on(text, argv, options)  # an upgrade changed the usage; other argv
+        assert parsed_options.handed_over(other_text, other_argv) is None
+    monkeypatch.setenv(parsed_options.VARIABLE, "{not json")
+    assert parsed_options.handed_over(text, argv) is None
+
+
+def test_the_new_image_parses_as_docopt_would(monkeypatch):
+    import docopt
+
+    from taskman.cli import parsed_options
+    from taskman.cli import server as server_cli
+    from taskman.errors import ConfigError
+
+    argv = ["--server-address", "127.0.0.1:0", "--admin", "bob", "--stop-grace", "2"]
+    parsed = dict(docopt.docopt(server_cli.usage(), argv=argv, default_help=False))
+    seen = []
+
+    def settings(options):  # stop main there: it has what it would serve with
+        seen.append(options)
+        raise ConfigError("enough")
+
+    monkeypatch.setattr(server_cli, "Settings", settings)
+    parsed_options.pass_on(server_cli.usage(), argv, parsed)
+    monkeypatch.setattr(docopt, "docopt", lambda *args, **kwargs: pytest.fail("parsed again"))
+    assert server_cli.main(argv) == server_cli.EXIT_USAGE
+    assert seen == [parsed]
