@@ -1,11 +1,12 @@
 """The server's command line, parsed once per usage text and argv.
 
 docopt takes 70-80 ms to parse taskman-server's usage (its pattern fix-up
-compares every option with every other by ``repr``), and a reload's new
-image, which runs with the old image's very command line, would pay it again
-inside the window where calls are refused (docs/design.md, "Reload"). So the
-old image passes its parse on in the environment, keyed by a digest of its
-usage text and argv: the new image uses it only if its own usage text (which
+compares every option with every other by ``repr``), and a reload's
+``--check`` and new image, which run with the old image's very arguments,
+would each pay it again between the SIGHUP and the first answer (the new
+image inside the window where calls are refused; docs/design.md, "Reload").
+So the server passes its parse on in the environment, keyed by a digest of
+its usage text and argv: a child uses it only if its own usage text (which
 carries every option and default) and argv give the same digest, and parses
 for itself otherwise, as after an upgrade that changed an option.
 """
@@ -30,16 +31,24 @@ def handed_over(text: str, argv: List[str]) -> Optional[dict]:
     passed = os.environ.pop(VARIABLE, None)
     if not passed:
         return None
+    wanted = key(text, argv)
     try:
-        kept = json.loads(passed)
-        if kept["key"] == key(text, argv) and isinstance(kept["options"], dict):
-            return kept["options"]
+        for kept in json.loads(passed):
+            if kept["key"] == wanted and isinstance(kept["options"], dict):
+                return kept["options"]
     except (ValueError, KeyError, TypeError):
         pass
     return None
 
 
 def pass_on(text: str, argv: List[str], options: dict) -> None:
-    """Put ``options`` (docopt's parse of ``argv``) in the environment for
-    the image this process execs."""
-    os.environ[VARIABLE] = json.dumps({"key": key(text, argv), "options": dict(options)})
+    """Put ``options`` (docopt's parse of the serving ``argv``) in the
+    environment for the reload's ``--check`` child and the image it execs.
+
+    The check runs with ``--check`` before the same arguments: a flag, so
+    docopt's parse of that argv is this one with ``--check`` true.
+    """
+    checking = dict(options, **{"--check": True})
+    os.environ[VARIABLE] = json.dumps([
+        {"key": key(text, argv), "options": dict(options)},
+        {"key": key(text, ["--check", *argv]), "options": checking}])

@@ -362,3 +362,10 @@ def test_the_new_image_parses_as_docopt_would(monkeypatch):
     monkeypatch.setattr(docopt, "docopt", lambda *args, **kwargs: pytest.fail("parsed again"))
     assert server_cli.main(argv) == server_cli.EXIT_USAGE
     assert seen == [parsed]
+    # The reload's check runs with --check first: the same parse, checking.
+    checking = ["--check", *argv]
+    parsed_options.pass_on(server_cli.usage(), argv, parsed)
+    handed = parsed_options.handed_over(server_cli.usage(), checking)
+    monkeypatch.undo()
+    assert handed == dict(docopt.docopt(server_cli.usage(), argv=checking, default_help=False))
+    assert handed["--check"] is True
