@@ -79,6 +79,10 @@ class Follower:
                               f"{self.offset} (waiting up to {RELOAD_WAIT:g}s)")
                 if time.monotonic() < reload_ends:
                     time.sleep(RELOAD_PAUSE)
+                    # A fresh channel connects at once: the old one would
+                    # wait out grpc's reconnect backoff (up to 1 s), which
+                    # grows while the server is down and so outlasts it.
+                    self._fresh_channel()
                     continue
                 if not self.connected:
                     # Never answered: try each other address once, at once.
@@ -97,6 +101,11 @@ class Follower:
                           f"offset {self.offset} to {self._next_address()} in {pause:.1f}s "
                           f"(attempt {failures} of {RETRIES})")
                 time.sleep(pause)
+
+    def _fresh_channel(self) -> None:
+        close = getattr(self.client, "close", None)
+        if close is not None:
+            close()  # the next call makes a new channel
 
     def _next_address(self) -> str:
         fail_over = getattr(self.client, "fail_over", None)

@@ -11,8 +11,6 @@ imported once they are in place.
 import os
 import sys
 
-import docopt
-
 from taskman.cgroups import Limits
 from taskman.cli import parsed_options
 from taskman.cli.settings import Settings, days
@@ -272,6 +270,8 @@ def main(argv=None) -> int:
     # A reload's new image: the old image's parse of this same command line.
     options = parsed_options.handed_over(text, arguments)
     if options is None:
+        import docopt  # here: a reload's new image does without it
+
         try:
             options = docopt.docopt(text, argv=arguments, default_help=False)
         except docopt.DocoptExit as error:
