@@ -360,6 +360,11 @@ def _peer(results: dict) -> List[str]:
             "tail -f starts at the last KiB and never ends by itself, so the bench stops it). supervisord "
             f"RSS {fmt_mib(peer['supervisord_rss'][0])} before, {fmt_mib(peer['supervisord_rss'][1])} peak "
             "during tail -f.", ""]
+    if peer.get("cli_imports"):
+        (_, total), *heaviest = peer["cli_imports"]
+        out += [f"Where `taskman start` spends its imports (`python -X importtime`, one run): "
+                f"{total * 1000:.0f} ms in all; the heaviest top-level imports, cumulative: "
+                + ", ".join(f"`{name}` {seconds * 1000:.0f} ms" for name, seconds in heaviest) + ".", ""]
     return out
 
 

@@ -51,6 +51,7 @@ def section_peer(bench) -> None:
             result["tail"] = supervisord.tail_follow(size, bench.args.tail_window)
         result["supervisord_rss"] = (rss.first, rss.peak)
     if os.path.exists(taskman_cli):
+        result["cli_imports"] = cli_imports(bench, taskman_cli)
         result["taskman_cli_stream"] = cli_stream(bench, taskman_cli, size)
     bench.results["peer"] = result
     bench.log(f"peer: supervisord startProcess p50 {fmt_ms(result['api_start']['p50'])}, "
@@ -76,6 +77,23 @@ def cli_starts(bench, supervisord, cli: str, count: int) -> Dict[str, dict]:
         subprocess.run(floor_command, check=True, timeout=60)
         timed["cli_floor"].append(time.perf_counter() - began)
     return {name: stats(values) for name, values in timed.items()}
+
+
+def cli_imports(bench, cli: str, top: int = 8) -> List[list]:
+    """`python -X importtime` of one `taskman start`: the top-level imports
+    that cost the most, [[module, cumulative seconds]], and the total."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", cli, "start", "--user-id", USER,
+                           "--server-address", bench.server.address, "--", TRUE],
+                          check=True, capture_output=True, text=True, timeout=60)
+    costs = []
+    for line in proc.stderr.splitlines():
+        if not line.startswith("import time:") or "|" not in line:
+            continue
+        _, cumulative, name = line.split("|")
+        if cumulative.strip().isdigit() and not name.startswith("   "):  # top level: one space
+            costs.append([name.strip(), int(cumulative) / 1e6])
+    costs.sort(key=lambda cost: -cost[1])
+    return [["(all top-level imports)", sum(cost for _, cost in costs)]] + costs[:top]
 
 
 def cli_stream(bench, cli: str, size: int) -> dict:

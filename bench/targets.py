@@ -84,7 +84,9 @@ def ms(seconds: Optional[float]) -> str:
 
 
 def mib(size: Optional[float]) -> str:
-    return "-" if size is None else f"{size / MiB:.0f} MiB"
+    if size is None:
+        return "-"
+    return f"{size / 1024:.0f} KiB" if 0 < size < MiB else f"{size / MiB:.0f} MiB"
 
 
 def rate(bytes_per_second: Optional[float]) -> str:
