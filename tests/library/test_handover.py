@@ -369,3 +369,20 @@ def test_the_new_image_parses_as_docopt_would(monkeypatch):
     monkeypatch.undo()
     assert handed == dict(docopt.docopt(server_cli.usage(), argv=checking, default_help=False))
     assert handed["--check"] is True
+
+
+def test_adopted_tasks_are_supervised_again_a_batch_at_a_time():
+    from taskman import adoption
+
+    started, batches = [], []
+    resumption = adoption._Resumption()
+    for number in range(2 * adoption.RESUME_BATCH + 1):
+        resumption.add(lambda number=number: started.append(number))
+    assert started == []  # not before the new image's start-up yields
+    while resumption.greenlet is not None:
+        batches.append(len(started))
+        gevent.sleep(0)  # a busy start-up: the batches go in between
+    assert started == list(range(2 * adoption.RESUME_BATCH + 1))
+    seen = batches + [len(started)]
+    steps = [after - before for before, after in zip(seen, seen[1:], strict=False)]
+    assert max(steps) <= adoption.RESUME_BATCH and len(steps) >= 3
