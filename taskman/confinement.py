@@ -8,6 +8,7 @@ cgroups is reported, since no task should be able to leave them
 (docs/security.md).
 """
 
+import functools
 import logging
 import os
 from typing import Dict, Optional
@@ -54,12 +55,18 @@ def environment(task_id: str, owner: str, search_path: str) -> dict:
     """A small, predictable environment: never the server's own (it holds
     settings and possibly secrets of the server). The sandbox sets HOME for
     a confined task (taskman.sandbox.Sandbox.environment)."""
-    env = {"PATH": search_path, "HOME": host.home_directory(),
+    env = {"PATH": search_path, "HOME": _server_home(),
            "TASKMAN_TASK_ID": task_id, "TASKMAN_USER": owner}
     for name in ("LANG", "LC_ALL", "TZ"):
         if name in os.environ:
             env[name] = os.environ[name]
     return env
+
+
+@functools.lru_cache(maxsize=None)
+def _server_home() -> str:
+    # Once: a passwd lookup per start cost more than the rest of the environment.
+    return host.home_directory()
 
 
 def uid_of(sandbox: Sandbox) -> int:

@@ -147,8 +147,9 @@ class TaskManager:
         executable = process.resolve(command, self.search_path, sandbox)
         for argument in args:
             process.validate_argument(argument, "argument")
+        size = argument_bytes(command, args)
         if self.quotas is not None:
-            self.quotas.check_start(owner, argument_bytes(command, args))
+            self.quotas.check_start(owner, size)
         if task_id is not None and (not is_task_id(task_id) or task_id in self._tasks
                                     or self.store.position(task_id)):
             raise InvalidArgument(f"task id {task_id!r} is malformed or taken")
@@ -161,7 +162,7 @@ class TaskManager:
         try:
             output = create_log(self.output_dir, task_id, self.output_max_bytes)
             proc = process.spawn(executable, args, confinement.environment(task_id, owner, self.search_path),
-                                 place=lambda pid: self.driver.place(group, pid),
+                                 place=lambda pid: self._place(group, pid, owner, size),
                                  separate_streams=separate_streams, sandbox=sandbox)
         except BaseException as error:
             if output is not None:
@@ -325,6 +326,17 @@ class TaskManager:
 
     def _kill(self, entry: _Entry) -> None:
         stopping.kill(entry, self.driver, self._safely)
+
+    def _place(self, group: Group, pid: int, owner: str, size: int) -> None:
+        # Making the group in the worker yields to the loop: the server may
+        # have begun to stop, or the user's other starts filled the quota.
+        # Checked again here, after the last yield before the task is
+        # registered; a raise kills the gate before it opens.
+        self.groups.place(group, pid)
+        if self._closing:
+            raise Unavailable("the server is shutting down")
+        if self.quotas is not None:
+            self.quotas.check_start(owner, size)
 
     def _safely(self, method, group: Group, *args, default=False):
         return self.groups.safely(method, group, *args, default=default)

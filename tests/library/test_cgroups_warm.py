@@ -16,7 +16,11 @@ from support import driver_for_tests, poll_for
 from taskman import task_groups
 from taskman.cgroups import cgroupfs
 from taskman.cgroups.slices import Owner
+from taskman.errors import ResourceExhausted, Unavailable
+from taskman.holdings import Holdings
 from taskman.manager import TaskManager
+from taskman.quotas import QuotaLimits, Quotas
+from taskman.task import JobStatus
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -116,3 +120,28 @@ def test_without_a_pool_no_group_waits(make):
     wait_ended(manager, task.id)
     poll_for(lambda: not any(os.path.exists(os.path.join(h.base, SLICE))
                              for h in manager.driver.hierarchies), message="the slice to go")
+
+
+def test_concurrent_starts_keep_the_running_quota_and_stop_with_the_server(tmp_path):
+    """A start yields while its group is made or its pid placed (in the
+    worker threads): the running-tasks quota and a shutdown are checked
+    again before the gate opens."""
+    holdings = Holdings()
+    quotas = Quotas(QuotaLimits(running_tasks=1), holdings.measure)
+    manager = TaskManager(str(tmp_path / "state"), driver=driver_for_tests("cgroup", "-quota"),
+                          stop_grace=1, quotas=quotas, warm_groups=0)
+    holdings.attach(manager, "admin")
+    try:
+        starts = [gevent.spawn(manager.start, "alice", "sleep", ["30"]) for _ in range(5)]
+        gevent.joinall(starts)
+        assert sum(start.successful() for start in starts) == 1
+        assert all(isinstance(start.exception, ResourceExhausted) for start in starts
+                   if not start.successful())
+        late = gevent.spawn(manager.start, "bob", "sleep", ["30"])
+        gevent.sleep(0)  # under way: its group is being made in the worker
+        manager.shutdown(timeout=5)
+        with pytest.raises(Unavailable):
+            late.get()
+        assert len(manager.tasks("admin", statuses=[JobStatus.STARTED])) == 0
+    finally:
+        manager.shutdown(timeout=5)

@@ -50,9 +50,10 @@ def test_starts_past_the_running_and_argument_quotas_are_refused(make):
 
 def test_each_users_oldest_finished_records_past_the_quota_are_forgotten(make):
     manager = make(finished_records=2)
-    alice = [manager.start("alice", "true") for _ in range(4)]
-    for task in alice:
-        ended(manager, "alice", task.id)
+    alice = []
+    for _ in range(4):  # one after another: started together, they may end in any order
+        alice.append(manager.start("alice", "true"))
+        ended(manager, "alice", alice[-1].id)
         gevent.sleep(0.01)  # distinct end times
     bob = manager.start("bob", "true")
     ended(manager, "bob", bob.id)
