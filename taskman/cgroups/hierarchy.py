@@ -256,16 +256,17 @@ class HierarchyDriver(Driver):
         return cgroupfs.keyed(os.path.join(directory, "cgroup.events")).get("frozen") == 1
 
     def is_empty(self, group: Group) -> bool:
-        for hierarchy, directory in self._pairs(group):
+        # A v2 group's "populated" covers its whole subtree, and every process
+        # of the task is in every hierarchy (placed in all, children inherit,
+        # and a task cannot move itself): when it says empty, the task is.
+        # Listing the five v1 trees as well cost ~1 ms of the loop per task.
+        pairs = self._pairs(group)
+        for hierarchy, directory in pairs:
             if hierarchy.version == 2:
                 events = os.path.join(directory, "cgroup.events")
                 if cgroupfs.exists(events):
-                    if cgroupfs.keyed(events).get("populated", 0):
-                        return False
-                    continue
-            if cgroupfs.pids(cgroupfs.walk(directory)):
-                return False
-        return True
+                    return not cgroupfs.keyed(events).get("populated", 0)
+        return not any(cgroupfs.pids(cgroupfs.walk(directory)) for _, directory in pairs)
 
     def oom_killed(self, group: Group) -> bool:
         for hierarchy, directory in self._pairs(group):
