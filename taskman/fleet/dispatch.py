@@ -1,19 +1,27 @@
 """Dispatch: a start offered on any replica is claimed by one host with room.
 
-The replica publishes the whole record (phase ``pending``) to the dispatch
-work-queue stream, with the subject of an inbox it listens on. Every host
-pulls from one shared durable consumer, and only while it has capacity, so
-placement follows free room. A host claims by *creating* the record in the
-tasks bucket (``claimed``, its name as host): creation is a compare-and-swap
-on "no such key", so a redelivered or duplicated message finds the record
-there and is dropped, and a start never runs twice. The host starts the
-task, answers the replica's inbox at once (core NATS: no replicated write on
-the way), then records ``running`` with the pid and acks the message.
+The replica first offers the whole record (phase ``pending``) straight to
+one host, a core NATS message to the hosts' queue group, with the subject of
+an inbox it listens on. A host with room and the labels claims by *creating*
+the record in the tasks bucket (``claimed``, its name as host): creation is a
+compare-and-swap on "no such key", so a duplicate or late offer finds the
+record there and is dropped, and a start never runs twice. The host starts
+the task, answers the replica's inbox at once (core NATS: no replicated write
+on the way), then records ``running`` with the pid. A host without room or
+the labels answers "pass".
 
-The replica waits, bounded, for that answer (looking at the bucket now and
+On a pass, or no answer within DIRECT_WAIT, the replica publishes the offer
+to the dispatch work-queue stream (durable, replicated), with the same
+inbox. Every host pulls from one shared durable consumer, and only while it
+has room, so such an offer waits for free room; the host claims it the same
+way and acks the message after answering.
+
+The replica waits, bounded, for an answer (looking at the bucket now and
 then, should the answer be lost); if none came, it creates the record itself
 as ``refused``, and a host that claims later loses that race. Until a host
-answers, the task has no record: nobody holds its id yet.
+answers, the task has no record: nobody holds its id yet. The direct offer
+saves the work queue's replicated write and ack on the way of most starts;
+the queue remains for the starts no host could take at once.
 """
 
 import logging
@@ -27,7 +35,7 @@ import nats.js.api
 from nats.js.errors import FetchTimeoutError, KeyWrongLastSequenceError
 
 from taskman.errors import NotFound, ResourceExhausted, TaskmanError, Unavailable
-from taskman.fleet.connection import DISPATCH_STREAM, DISPATCH_SUBJECT, Connection
+from taskman.fleet.connection import DISPATCH_STREAM, DISPATCH_SUBJECT, HOSTS_QUEUE, OFFER_SUBJECT, Connection
 from taskman.fleet.records import CLAIMED, REFUSED, RUNNING, Conflict, Record, Records
 
 log = logging.getLogger("taskman.fleet.dispatch")
@@ -43,6 +51,11 @@ CLOCK_SLACK = 2.0  # hosts' clocks may differ this much from the replica's
 # again this much later: longer than the host's next pull, since NATS gives
 # redeliveries before new messages (a shorter delay starved the queue).
 PASS_DELAY = 0.25
+PASS = "Taskman-Pass"  # header of a host's answer to a direct offer it cannot take
+STATUS = "Status"  # header of NATS's own answers (503: no host listens)
+# How long a replica waits for a direct offer's answer before queueing the
+# offer: a host that claimed it may still answer later, to the same inbox.
+DIRECT_WAIT = 0.5
 
 
 def has_labels(host_labels: dict, wanted: dict) -> bool:
@@ -61,10 +74,13 @@ def place(records: Records, record: Record, timeout: float = PLACEMENT_TIMEOUT) 
     record.requested_time = time.time()
     connection = records.connection
     deadline = time.monotonic() + timeout
+    expires = record.requested_time + timeout
     subscription, answer = connection.call(
-        _offer(connection, record, record.requested_time + timeout, min(timeout, LOOK)),
-        timeout + 5.0)
+        _offer_directly(connection, record, expires, min(timeout, DIRECT_WAIT)), timeout + 5.0)
     try:
+        if answer is None:  # no host took it at once: through the queue, to wait for room
+            answer = connection.call(
+                _offer(connection, subscription, record, expires, min(timeout, LOOK)), timeout + 5.0)
         while answer is None and time.monotonic() < deadline:
             try:
                 found, _ = records.get(record.id)
@@ -88,30 +104,43 @@ def place(records: Records, record: Record, timeout: float = PLACEMENT_TIMEOUT) 
     raise rebuild_error(record)
 
 
-async def _offer(connection: Connection, record: Record, expires: float, wait: float):
-    """Listen, publish the offer, wait up to ``wait`` for a host's answer:
-    (the inbox subscription, the answer's bytes or None). One trip across
-    the bridge; the publish's acknowledgement and the host's work overlap."""
+async def _offer_directly(connection: Connection, record: Record, expires: float, wait: float):
+    """Listen, offer the start to one host, wait up to ``wait`` for its
+    answer: (the inbox subscription, the answer's bytes or None). One trip
+    across the bridge, no replicated write."""
     client = connection.client
-    inbox = client.new_inbox()
-    subscription = await client.subscribe(inbox)  # before the offer: the server keeps order
+    subscription = await client.subscribe(client.new_inbox())
     try:
-        await connection.jetstream.publish(
-            f"{DISPATCH_SUBJECT}.{record.id}", record.encode(),
-            headers={"Nats-Msg-Id": f"start-{record.id}", REPLY: inbox,
-                     EXPIRES: f"{expires:.3f}"})
+        await client.publish(OFFER_SUBJECT, record.encode(), reply=subscription.subject,
+                             headers={EXPIRES: f"{expires:.3f}"})
     except BaseException:
         await _quietly_unsubscribe(subscription)
         raise
     return subscription, await _answer(subscription, wait)
 
 
+async def _offer(connection: Connection, subscription, record: Record, expires: float,
+                 wait: float) -> Optional[bytes]:
+    """Publish the offer to the work queue (answers go to ``subscription``'s
+    inbox), wait up to ``wait`` for a host's answer. The publish's
+    acknowledgement and the host's work overlap."""
+    await connection.jetstream.publish(
+        f"{DISPATCH_SUBJECT}.{record.id}", record.encode(),
+        headers={"Nats-Msg-Id": f"start-{record.id}", REPLY: subscription.subject,
+                 EXPIRES: f"{expires:.3f}"})
+    return await _answer(subscription, wait)
+
+
 async def _answer(subscription, wait: float) -> Optional[bytes]:
     """The host's answer, if it comes within ``wait`` (the inbox is then
-    closed: one answer per offer)."""
+    closed: one answer per offer); None for a pass or NATS's "no host
+    listens", which end the wait early."""
     try:
         message = await subscription.next_msg(timeout=wait)
     except nats.errors.TimeoutError:
+        return None
+    headers = message.headers or {}
+    if PASS in headers or STATUS in headers:
         return None
     await _quietly_unsubscribe(subscription)
     return message.data
@@ -141,13 +170,15 @@ def rebuild_error(record: Record) -> TaskmanError:
 
 
 class Claimer:
-    """A host's half: pull starts while there is room, claim, run, answer.
+    """A host's half: take direct offers and pull queued ones while there is
+    room, claim, run, answer.
 
     ``run(record)`` starts the task locally (under the record's id) and
     returns its pid, raising a TaskmanError if it cannot (the record is then
     ``refused`` with it). ``room()`` says how many more tasks this host
-    takes now. An offer requiring labels this host lacks (the connection's
-    settings) goes back to the queue for another host.
+    takes now; claims not yet running count against it too. An offer
+    requiring labels this host lacks (the connection's settings) is passed:
+    a direct one back to its replica, a queued one back to the queue.
     """
 
     def __init__(self, connection: Connection, records: Records,
@@ -159,6 +190,8 @@ class Claimer:
         self.run = run
         self.room = room
         self._subscription = None
+        self._direct = None
+        self._claiming = 0  # claimed or being claimed, not yet running (not in room())
         self._stopped = gevent.event.Event()
         self._greenlet: Optional[gevent.Greenlet] = None
 
@@ -167,17 +200,27 @@ class Claimer:
         self._subscription = self.connection.call(jetstream.pull_subscribe(
             f"{DISPATCH_SUBJECT}.>", durable=WORKERS, stream=DISPATCH_STREAM,
             config=nats.js.api.ConsumerConfig(ack_wait=ACK_WAIT, max_ack_pending=-1)))
+        self._direct = self.connection.call(self.connection.client.subscribe(
+            OFFER_SUBJECT, queue=HOSTS_QUEUE, cb=self._offered_directly))
         self._greenlet = gevent.spawn(self._pull)
         return self
 
     def stop(self) -> None:
         self._stopped.set()
+        if self._direct is not None:
+            try:
+                self.connection.call(self._direct.unsubscribe(), 5.0)
+            except Exception as error:  # the connection is going anyway
+                log.debug("dispatch: unsubscribe failed: %r", error)
         if self._greenlet is not None:
             self._greenlet.kill(timeout=5)
 
+    def _free(self) -> int:
+        return self.room() - self._claiming
+
     def _pull(self) -> None:
         while not self._stopped.is_set():
-            if self.room() <= 0:
+            if self._free() <= 0:
                 self._stopped.wait(0.05)
                 continue
             try:
@@ -189,7 +232,57 @@ class Claimer:
                 self._stopped.wait(0.5)
                 continue
             for record, revision, message in claims:
-                self._run_claimed(record, revision, message)
+                try:
+                    self._run_claimed(record, revision, message)
+                finally:
+                    self._claiming -= 1
+
+    async def _claim(self, record: Record) -> Optional[int]:
+        """On the loop: create the record as claimed by this host (counted in
+        ``_claiming`` until the caller ran it); its revision, or None if
+        somebody has it already. Other errors propagate (and free the room)."""
+        record.phase = CLAIMED
+        record.host = self.node
+        self._claiming += 1
+        try:
+            return await self.connection.tasks.create(record.id, record.encode())
+        except KeyWrongLastSequenceError:  # somebody's already (a duplicate, a late claim)
+            self._claiming -= 1
+            return None
+        except BaseException:
+            self._claiming -= 1
+            raise
+
+    async def _offered_directly(self, message) -> None:
+        """On the loop, for each direct offer: claim it and run it in a
+        greenlet, or pass (no room, no labels, stopping)."""
+        try:
+            record = Record.decode(message.data)
+        except (ValueError, TypeError) as error:  # not an offer: the replica queues it
+            log.warning("dispatch: a malformed direct offer: %r", error)
+            return
+        if self._stopped.is_set() or self._free() <= 0 or not has_labels(self.labels,
+                                                                         record.labels):
+            await self._pass(message)
+            return
+        try:
+            revision = await self._claim(record)
+        except Exception as error:  # the bucket did not answer: the replica queues it
+            log.warning("dispatch: task %s not claimed: %r", record.id, error)
+            await self._pass(message)
+            return
+        if revision is not None:
+            gevent.spawn(self._run_direct, record, revision, message.reply)
+
+    async def _pass(self, message) -> None:
+        if message.reply:
+            await self.connection.client.publish(message.reply, b"", headers={PASS: self.node})
+
+    def _run_direct(self, record: Record, revision: int, reply: str) -> None:
+        try:
+            self._run_claimed(record, revision, None, reply)
+        finally:
+            self._claiming -= 1
 
     async def _fetch_and_claim(self) -> list:
         """Pull an offer and claim it in the same trip to the loop: [(record,
@@ -206,18 +299,16 @@ class Claimer:
             if expires and time.time() > expires + CLOCK_SLACK:  # refused by now
                 await message.ack()
                 continue
-            if not has_labels(self.labels, record.labels):
+            if not has_labels(self.labels, record.labels) or self._free() <= 0:
                 await message.nak(delay=PASS_DELAY)
                 continue
-            record.phase = CLAIMED
-            record.host = self.node
             try:
-                revision = await self.records.connection.tasks.create(record.id, record.encode())
-            except KeyWrongLastSequenceError:  # somebody's already (a duplicate, a late claim)
-                await message.ack()
-                continue
+                revision = await self._claim(record)
             except Exception as error:  # the bucket did not answer: redelivery retries
                 log.warning("dispatch: task %s not claimed: %r", record.id, error)
+                continue
+            if revision is None:
+                await message.ack()
                 continue
             won.append((record, revision, message))
         return won
@@ -235,11 +326,14 @@ class Claimer:
             return False
         return self._run_claimed(record, revision, message)
 
-    def _run_claimed(self, record: Record, revision: int, message) -> bool:
-        """Run a task this host claimed, answer the replica, then (on the
-        loop, not waited for: the next offer is pulled meanwhile) record
-        ``running`` and ack the offer."""
-        reply = (message.headers or {}).get(REPLY) if message is not None else None
+    def _run_claimed(self, record: Record, revision: int, message,
+                     reply: Optional[str] = None) -> bool:
+        """Run a task this host claimed, answer the replica (at ``reply``, or
+        the queued ``message``'s inbox), then (on the loop, not waited for:
+        the next offer is taken meanwhile) record ``running`` and ack the
+        queued offer."""
+        if message is not None:
+            reply = (message.headers or {}).get(REPLY)
         try:
             record.pid = self.run(record)
         except TaskmanError as error:

@@ -22,6 +22,7 @@ import nats.js.errors
 from nats.js.api import DeliverPolicy
 
 from taskman.errors import Unavailable
+from taskman.fleet.bridge import BridgeClosed, FleetTimeout
 from taskman.fleet.connection import OUTPUT_STREAM, PUBLISH_RETRY_WINDOW, Connection, output_subject
 from taskman.output import Chunk
 from taskman.output_index import Stream
@@ -39,15 +40,40 @@ POLL = 1.0  # how often a waiting follower looks at ``cancelled``
 BATCH = 64  # messages per trip across the bridge (64 KiB chunks: 4 MiB)
 
 
-class Publisher:
-    """Publishes one task's chunks, WINDOW of them in flight before waiting
-    for the oldest's acknowledgement by the (replicated) stream.
+class _Entry:
+    """One chunk handed to the fleet: its message, and its acknowledgement
+    once the loop sent it."""
 
-    If a publish fails (a stream leader being elected), every chunk not yet
-    acknowledged is published again, in order, one at a time, with its own
-    message id, retried for PUBLISH_RETRY_WINDOW: the stream stores each id
-    once, so nothing is lost or repeated; one that was lost while a later
-    one was stored comes after it, which the follower puts back in order.
+    __slots__ = ("data", "headers", "future")
+
+    def __init__(self, data: bytes, headers: dict):
+        self.data = data
+        self.headers = headers
+        self.future: Optional[asyncio.Future] = None
+
+    @property
+    def confirmed(self) -> bool:
+        future = self.future
+        return (future is not None and future.done() and not future.cancelled()
+                and future.exception() is None)
+
+
+class Publisher:
+    """Publishes one task's chunks with up to WINDOW of them unacknowledged
+    by the (replicated) stream.
+
+    ``publish`` hands a chunk to the loop without a round trip: a sender on
+    the loop publishes what is queued, in order, and each acknowledgement
+    (on the loop) drops the confirmed chunks and wakes the publishing
+    greenlet, which waits only when WINDOW chunks are unacknowledged. So the
+    loop sees one wake-up per burst of chunks, not one call per chunk.
+
+    If a publish fails or no acknowledgement comes for ACK_TIMEOUT (a stream
+    leader being elected), every chunk not yet acknowledged is published
+    again, in order, one at a time, with its own message id, retried for
+    PUBLISH_RETRY_WINDOW: the stream stores each id once, so nothing is lost
+    or repeated; one that was lost while a later one was stored comes after
+    it, which the follower puts back in order.
     """
 
     def __init__(self, connection: Connection, task_id: str, published: int = 0):
@@ -55,54 +81,92 @@ class Publisher:
         self.task_id = task_id
         self.subject = output_subject(task_id)
         self.published = published  # bytes handed to the fleet
-        self._unconfirmed: collections.deque = collections.deque()  # [data, headers, future]
+        # Both touched by this greenlet and the loop's greenlet: one thread,
+        # so each change between two switches is whole.
+        self._unconfirmed: collections.deque = collections.deque()  # of _Entry, in order
+        self._outbox: collections.deque = collections.deque()  # not sent yet
+        self._sending = False  # a sender is queued or running on the loop
+        self._failure: Optional[BaseException] = None
+        self._generation = 0  # a republish starts a new one: older failures are stale
+        self._progress = gevent.event.Event()  # an acknowledgement or a failure
 
     def publish(self, chunk: Chunk) -> None:
         headers = {OFFSET: str(chunk.offset), STREAM: str(int(chunk.stream)),
                    TIME: str(chunk.time_ns), "Nats-Msg-Id": f"{self.task_id}:{chunk.offset}"}
-        entry = [bytes(chunk.data), headers, None]
-        oldest = self._unconfirmed[0][2] if len(self._unconfirmed) >= WINDOW else None
+        entry = _Entry(bytes(chunk.data), headers)
         self._unconfirmed.append(entry)
+        self._outbox.append(entry)
         self.published = chunk.offset + len(chunk.data)
-        try:
-            entry[2] = self.connection.call(self._send(entry[0], headers, oldest), ACK_TIMEOUT + 5)
-        except PUBLISH_ERRORS as error:
-            log.warning("output of task %s: publish failed (%r): publishing the last %d "
-                        "chunk(s) again", self.task_id, error, len(self._unconfirmed))
-            self._republish()
-            return
-        if oldest is not None:
-            self._unconfirmed.popleft()
+        if not self._sending:
+            self._sending = True
+            try:
+                self.connection.bridge.post(self._send(self._generation))
+            except Unavailable:  # the loop is gone: published one by one (or raising) below
+                self._sending = False
+                self._failure = BridgeClosed("the fleet connection's event loop stopped")
+        self._settle(WINDOW - 1)
 
-    async def _send(self, data: bytes, headers: dict, oldest) -> "asyncio.Future":
-        if oldest is not None:  # shielded: a timeout here must not cancel the ack
-            await asyncio.wait_for(asyncio.shield(oldest), ACK_TIMEOUT)
-        return await self.connection.jetstream.publish_async(
-            self.subject, data, headers=dict(headers), stream=OUTPUT_STREAM)
+    async def _send(self, generation: int) -> None:
+        """On the loop: publish every queued chunk, in order, without waiting
+        for acknowledgements."""
+        jetstream = self.connection.jetstream
+        try:
+            while self._outbox and generation == self._generation:
+                entry = self._outbox.popleft()
+                try:
+                    entry.future = await jetstream.publish_async(
+                        self.subject, entry.data, headers=dict(entry.headers),
+                        stream=OUTPUT_STREAM)
+                except PUBLISH_ERRORS as error:
+                    self._failed(generation, error)
+                    return
+                entry.future.add_done_callback(
+                    lambda future, generation=generation: self._acknowledged(generation, future))
+        finally:
+            if generation == self._generation:
+                self._sending = False
+
+    def _acknowledged(self, generation: int, future: "asyncio.Future") -> None:
+        """On the loop: drop the confirmed chunks at the front; wake the publisher."""
+        if future.cancelled() or future.exception() is not None:
+            self._failed(generation, future.exception() if not future.cancelled()
+                         else asyncio.CancelledError())
+            return
+        while self._unconfirmed and self._unconfirmed[0].confirmed:
+            self._unconfirmed.popleft()
+        self._progress.set()
+
+    def _failed(self, generation: int, error: BaseException) -> None:
+        if generation == self._generation and self._failure is None:
+            self._failure = error
+        self._progress.set()
+
+    def _settle(self, most: int) -> None:
+        """Wait until at most ``most`` chunks are unacknowledged; on a
+        failure, or no acknowledgement for ACK_TIMEOUT, publish them again."""
+        while len(self._unconfirmed) > most and self._failure is None:
+            self._progress.clear()
+            if not self._progress.wait(ACK_TIMEOUT):
+                self._failure = FleetTimeout(f"no acknowledgement within {ACK_TIMEOUT:g} s")
+        if self._failure is not None:
+            log.warning("output of task %s: publish failed (%r): publishing the last %d "
+                        "chunk(s) again", self.task_id, self._failure, len(self._unconfirmed))
+            self._republish()
 
     def flush(self) -> None:
         """Wait until every chunk handed over is acknowledged (or republished)."""
-        futures = [entry[2] for entry in self._unconfirmed if entry[2] is not None]
-
-        async def settle():
-            return await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True),
-                                          ACK_TIMEOUT)
-
-        try:
-            results = self.connection.call(settle(), ACK_TIMEOUT + 5) if futures else []
-            failed = len(futures) != len(self._unconfirmed) or any(
-                isinstance(result, BaseException) for result in results)
-        except PUBLISH_ERRORS:
-            failed = True
-        if failed:
-            self._republish()
-        self._unconfirmed.clear()
+        self._settle(0)
 
     def _republish(self) -> None:
-        for data, headers, future in list(self._unconfirmed):
-            _quiet(future)
-            self._publish(data, headers)
+        self._generation += 1  # the sender stops; late acknowledgements change nothing
+        self._sending = False
+        self._failure = None
+        self._outbox.clear()
+        entries = list(self._unconfirmed)
         self._unconfirmed.clear()
+        for entry in entries:
+            _quiet(entry.future)
+            self._publish(entry.data, entry.headers)
 
     def finish(self) -> None:
         """Everything acknowledged, then the end marker: followers stop after it."""
