@@ -6,12 +6,14 @@ Starts a real 3-node NATS cluster (JetStream, file storage, mutual TLS,
 loopback: tests/fleet/nats_cluster.py) and prints a table:
 
 - start p50: TaskManager.start of /bin/true (standalone) against
-  FleetBackend.start on a replica whose host is another connection (record,
-  dispatch, claim by a worker, local start, placed), both in this process;
+  FleetBackend.start on a replica whose host is another connection (offer,
+  claim by a worker, local start, answer), both in this process, taking
+  turns;
 - one follower: M MiB published by a fleet Publisher and followed live by
   ``output.follow`` on another connection, against bare asyncio nats-py
   (no gevent, another process) publishing the same chunks 16 in flight and
-  replaying them with an ordered consumer on a second connection;
+  replaying them with an ordered consumer on a second connection; three
+  rounds, taking turns, the median of each;
 - 100 followers (--followers) over three replica connections of one
   process, following one M MiB output live: time, byte-exact, and the
   process's RSS before and at the end;
@@ -113,53 +115,58 @@ def p50_ms(samples) -> float:
 
 
 def starts(cluster, directory: Path, count: int) -> tuple:
+    """(standalone p50, fleet p50) in ms. The two kinds of start alternate,
+    after one warm-up each, so both see the same machine: the same
+    nats-servers idling, the same heartbeats, the same tasks exiting."""
     standalone = TaskManager(state_dir=str(directory / "standalone"), stop_grace=1.0)
-    local = []
-    for _ in range(count):
-        began = time.perf_counter()
-        standalone.start("bench", "/bin/true")
-        local.append(time.perf_counter() - began)
-    standalone.shutdown(timeout=5)
     host_manager = TaskManager(state_dir=str(directory / "host"), stop_grace=1.0)
-    worker = Worker(connect(cluster, "bench-host"), host_manager, capacity=count + 1).start()
+    worker = Worker(connect(cluster, "bench-host"), host_manager, capacity=count + 2).start()
     replica = FleetBackend(connect(cluster, "bench-replica"))
-    fleet = []
-    for _ in range(count):
-        began = time.perf_counter()
-        replica.start("bench", "/bin/true")
-        fleet.append(time.perf_counter() - began)
+    local, fleet = [], []
+    for number in range(count + 1):
+        for start, samples in ((standalone.start, local), (replica.start, fleet)):
+            began = time.perf_counter()
+            start("bench", "/bin/true")
+            if number:  # the first of each is a warm-up
+                samples.append(time.perf_counter() - began)
     worker.stop()
     host_manager.shutdown(timeout=5)
+    standalone.shutdown(timeout=5)
     return p50_ms(local), p50_ms(fleet)
 
 
-def one_follower(cluster, mebibytes: int) -> tuple:
+def one_follower(cluster, mebibytes: int, rounds: int = 3) -> tuple:
+    """(fleet MiB/s, bare MiB/s), each the median of ``rounds``, the two
+    taking turns so both see the same machine (one run of each varied by
+    1.5x here from one run to the next)."""
     size = mebibytes * 1024 * 1024
     publisher_connection = connect(cluster, "bench-publisher")
     follower_connection = connect(cluster, "bench-follower")
-    task_id = f"bench-{time.time_ns()}"
     data = bytes(range(256)) * (CHUNK // 256)
-    began = time.monotonic()
-
-    def publish():
-        publisher = output.Publisher(publisher_connection, task_id)
-        publisher.pump(Chunk(offset, Stream.STDOUT, time.time_ns(), data)
-                       for offset in range(0, size, CHUNK))
-
-    publishing = gevent.spawn(publish)
-    received = sum(len(chunk.data) for chunk in output.follow(follower_connection, task_id))
-    fleet_seconds = time.monotonic() - began
-    publishing.get()
-    assert received == size, (received, size)
     certificate, key = cluster.authority.issue("bench-bare")
-    bare = subprocess.run(
-        [sys.executable, "-c", BARE, ",".join(cluster.urls), cluster.authority.ca_file,
-         certificate, key, f"taskman.output.bare-{time.time_ns()}", str(size)],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": ""})
-    if bare.returncode != 0:
-        raise RuntimeError(bare.stderr[-2000:])
-    bare_seconds = json.loads(bare.stdout)["seconds"]
-    return mebibytes / fleet_seconds, mebibytes / bare_seconds
+    ours, bare = [], []
+    for _ in range(rounds):
+        task_id = f"bench-{time.time_ns()}"
+        began = time.monotonic()
+
+        def publish(task_id):
+            publisher = output.Publisher(publisher_connection, task_id)
+            publisher.pump(Chunk(offset, Stream.STDOUT, time.time_ns(), data)
+                           for offset in range(0, size, CHUNK))
+
+        publishing = gevent.spawn(publish, task_id)
+        received = sum(len(chunk.data) for chunk in output.follow(follower_connection, task_id))
+        ours.append(mebibytes / (time.monotonic() - began))
+        publishing.get()
+        assert received == size, (received, size)
+        result = subprocess.run(
+            [sys.executable, "-c", BARE, ",".join(cluster.urls), cluster.authority.ca_file,
+             certificate, key, f"taskman.output.bare-{time.time_ns()}", str(size)],
+            capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": ""})
+        if result.returncode != 0:
+            raise RuntimeError(result.stderr[-2000:])
+        bare.append(mebibytes / json.loads(result.stdout)["seconds"])
+    return statistics.median(ours), statistics.median(bare)
 
 
 def rss_mib() -> float:
