@@ -207,8 +207,8 @@ def run(entry, supervise, terminate, kill) -> None:
         gevent.spawn(resume_stop, entry, terminate, kill)
 
 
-RESUME_BATCH = 50  # adopted tasks whose supervision starts per idle turn of the loop
-RESUME_WAIT = 0.05  # seconds a batch waits for an idle loop at most (a busy one never is)
+RESUME_BATCH = 10  # adopted tasks whose supervision starts per idle turn of the loop
+RESUME_WAIT = 0.01  # seconds a batch waits for an idle loop at most (a busy one never is)
 
 
 class _Resumption:
