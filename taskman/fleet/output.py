@@ -63,10 +63,10 @@ class Publisher:
     by the (replicated) stream.
 
     ``publish`` hands a chunk to the loop without a round trip: a sender on
-    the loop publishes what is queued, in order, and each acknowledgement
-    (on the loop) drops the confirmed chunks and wakes the publishing
-    greenlet, which waits only when WINDOW chunks are unacknowledged. So the
-    loop sees one wake-up per burst of chunks, not one call per chunk.
+    the loop publishes what is queued, in order, and the acknowledgements
+    (on the loop) drop the confirmed chunks. The publishing greenlet waits
+    only when WINDOW chunks are unacknowledged, until half are, so the loop
+    and the greenlet wake once per burst of chunks, not once per chunk.
 
     If a publish fails or no acknowledgement comes for ACK_TIMEOUT (a stream
     leader being elected), every chunk not yet acknowledged is published
@@ -88,7 +88,8 @@ class Publisher:
         self._sending = False  # a sender is queued or running on the loop
         self._failure: Optional[BaseException] = None
         self._generation = 0  # a republish starts a new one: older failures are stale
-        self._progress = gevent.event.Event()  # an acknowledgement or a failure
+        self._progress = gevent.event.Event()  # down to _wake_at unacknowledged, or a failure
+        self._wake_at = 0
 
     def publish(self, chunk: Chunk) -> None:
         headers = {OFFSET: str(chunk.offset), STREAM: str(int(chunk.stream)),
@@ -104,7 +105,11 @@ class Publisher:
             except Unavailable:  # the loop is gone: published one by one (or raising) below
                 self._sending = False
                 self._failure = BridgeClosed("the fleet connection's event loop stopped")
-        self._settle(WINDOW - 1)
+        if len(self._unconfirmed) >= WINDOW:
+            # Down to half before going on: the chunks that follow go over
+            # in a burst, one wake-up of the loop (and of this greenlet) for
+            # many chunks instead of one each.
+            self._settle(WINDOW // 2)
 
     async def _send(self, generation: int) -> None:
         """On the loop: publish every queued chunk, in order, without waiting
@@ -134,7 +139,8 @@ class Publisher:
             return
         while self._unconfirmed and self._unconfirmed[0].confirmed:
             self._unconfirmed.popleft()
-        self._progress.set()
+        if len(self._unconfirmed) <= self._wake_at:
+            self._progress.set()
 
     def _failed(self, generation: int, error: BaseException) -> None:
         if generation == self._generation and self._failure is None:
@@ -144,6 +150,7 @@ class Publisher:
     def _settle(self, most: int) -> None:
         """Wait until at most ``most`` chunks are unacknowledged; on a
         failure, or no acknowledgement for ACK_TIMEOUT, publish them again."""
+        self._wake_at = most
         while len(self._unconfirmed) > most and self._failure is None:
             self._progress.clear()
             if not self._progress.wait(ACK_TIMEOUT):

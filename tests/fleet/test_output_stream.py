@@ -70,6 +70,7 @@ def test_a_follower_of_a_running_task_without_live_stops_when_caught_up(connect)
     publisher = output.Publisher(host, task_id)
     for chunk in chunks_of(b"x" * (2 * CHUNK)):
         publisher.publish(chunk)
+    publisher.flush()  # stored: a chunk handed over may still be on its way
     with gevent.Timeout(10):
         assert collect(replica, task_id, live=False) == b"x" * (2 * CHUNK)
 
