@@ -15,7 +15,7 @@ from typing import Iterator, Optional
 
 import grpc
 
-from taskman import tls
+from taskman import tls, turns
 from taskman.defaults import DEFAULT_MAX_HEALTH_STREAMS, DEFAULT_MAX_STREAMS, version
 from taskman.errors import (
     CgroupError,
@@ -26,7 +26,6 @@ from taskman.errors import (
     Unauthenticated,
     Unavailable,
 )
-from taskman.turns import SendTurns
 
 log = logging.getLogger("taskman.service")
 
@@ -86,20 +85,24 @@ class CallGuard:
     output streams, since each holds an executor worker for its whole life;
     ``admit_service_stream`` does the same for health Watch and reflection
     streams within their own, smaller ``max_health_streams``, so neither kind
-    can take the other's places; ``send_turns`` (a taskman.turns.SendTurns)
-    shares the sending of output among open streams, fairly by user. The
+    can take the other's places; ``send_turns`` (a taskman.turns.Turns)
+    shares the sending of output among open streams, fairly by user, and
+    ``call_turns`` (a taskman.turns.CallTurns) runs each user's unary calls
+    a few at a time. The
     TaskManager servicer and ``GuardInterceptor`` (for health checking and
     reflection) share one guard.
     """
 
     def __init__(self, max_streams: int = DEFAULT_MAX_STREAMS, audit=None, metrics=None,
                  peers=None, max_health_streams: int = DEFAULT_MAX_HEALTH_STREAMS,
-                 send_turns: Optional[SendTurns] = None):
+                 send_turns: Optional[turns.Turns] = None,
+                 call_turns: Optional[turns.CallTurns] = None):
         self.max_streams = max_streams
         self.open_streams = 0
         self.max_health_streams = max_health_streams
         self.open_health_streams = 0
-        self.send_turns = send_turns or SendTurns()
+        self.send_turns = send_turns or turns.Turns()
+        self.call_turns = call_turns or turns.CallTurns()
         self.audit = audit
         self.metrics = metrics
         # Who callers are: a pki.PeerCheck or credentials.Peers (revocations).

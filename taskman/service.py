@@ -90,9 +90,15 @@ class TaskManagerServicer(task_manager_pb2_grpc.TaskManagerServicer):
 
     @contextlib.contextmanager
     def unary(self, context, method: str, task_id: str = "") -> Iterator[Call]:
-        """``call`` for a unary method, held among the caller's calls in flight."""
+        """``call`` for a unary method, held among the caller's calls in
+        flight, run in one of the caller's turns (taskman.turns.CallTurns),
+        which it keeps until its reply is sent."""
         with self.call(context, method, task_id) as call, self.quotas.acquire_call(call.user):
-            yield call
+            give_back = self.guard.call_turns.take(call.user)
+            try:
+                yield call
+            finally:
+                _when_done(context, give_back)
 
     def StartTask(self, request, context):
         with self.unary(context, "StartTask") as call:
@@ -192,6 +198,14 @@ class TaskManagerServicer(task_manager_pb2_grpc.TaskManagerServicer):
                             yield response
                 finally:
                     chunks.close()
+
+
+def _when_done(context, callback) -> None:
+    """Run ``callback`` when the call has ended (its reply sent), or now if
+    it has already."""
+    add_callback = getattr(context, "add_callback", None)  # absent from test doubles
+    if add_callback is None or not add_callback(callback):
+        callback()
 
 
 # -- the server's other services (health checking, reflection)

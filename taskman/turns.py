@@ -1,4 +1,5 @@
-"""Turns at sending stream output: a few streams at a time, round-robin by user.
+"""Turns: a few at a time, round-robin by user, at sending stream output and
+at running calls.
 
 Every message a stream sends, and every call's request and reply, passes
 through the gRPC server's one completion queue, served in arrival order by
@@ -15,21 +16,36 @@ are queued ahead of anybody's next call; the waiting streams are served
 round-robin by user, so a user's share of the sending does not grow with the
 number of streams it opens. One stream alone is never held back: it only
 ever has one message in flight anyway.
+
+Calls take turns too (``CallTurns``), but per user and paced. A quiet
+user's GetTaskStatus ran in under 1 ms in its handler yet took 7-12x longer
+at its client while another user's 16 threads sent StopTask back to back
+(~300 calls a second): each call's request and reply cost the loop far more
+than its handler, so the loop was busy with the flood whenever the quiet
+call's events arrived, however the handlers were ordered. Only fewer of the
+flooder's calls help: while others are active, a user's turn rests after
+each call (three times as long as the call took), so its calls, however
+many clients send them, keep the loop busy a quarter of the time per turn.
 """
 
 import collections
 import contextlib
-from typing import Deque, Dict, Iterator
+import time
+from typing import Callable, Deque, Dict, Iterator
 
 import gevent
 import gevent.event
 
 DEFAULT_SLOTS = 2
 DEFAULT_HOLD = 0.05  # seconds
+CALL_SLOTS = 2  # per user
+CALL_HOLD = 0.05  # seconds
+CALL_REST = 3.0  # times the call's own time
+ACTIVE_WINDOW = 0.2  # seconds
 
 
-class SendTurns:
-    """Grants turns at sending, ``slots`` at a time, fairly among users."""
+class Turns:
+    """Grants turns, ``slots`` at a time, fairly among users."""
 
     def __init__(self, slots: int = DEFAULT_SLOTS, hold: float = DEFAULT_HOLD):
         if slots < 1:
@@ -37,31 +53,42 @@ class SendTurns:
         self.slots = slots
         self.hold = hold
         self.free = slots
-        # user -> its streams waiting for a turn, users in the order they are served
+        # user -> its waiters (streams or calls), users in the order they are served
         self._waiting: Dict[str, Deque[gevent.event.Event]] = collections.OrderedDict()
 
     @contextlib.contextmanager
     def turn(self, user: str) -> Iterator[None]:
         """Wait for a turn of ``user``'s, hold it for the body (at most ``hold`` s)."""
+        give_back = self.take(user)
+        try:
+            yield
+        finally:
+            give_back()
+
+    def take(self, user: str) -> Callable[[], None]:
+        """Wait for a turn of ``user``'s; return what gives it back, which
+        may be called more than once, from any greenlet (only the first call
+        counts). The turn passes on by itself after ``hold`` seconds."""
         self._take(user)
         given_back = False
+        timer = gevent.get_hub().loop.timer(self.hold)
 
         def give_back() -> None:
             nonlocal given_back
             if not given_back:
                 given_back = True
+                timer.close()
                 self._pass_on()
 
-        timer = gevent.get_hub().loop.timer(self.hold)
         timer.start(give_back)
-        try:
-            yield
-        finally:
-            timer.close()
-            give_back()
+        return give_back
+
+    def idle(self) -> bool:
+        """Nothing held, nobody waiting."""
+        return self.free == self.slots and not self._waiting
 
     def waiting(self) -> int:
-        """How many streams wait for a turn."""
+        """How many wait for a turn."""
         return sum(len(queue) for queue in self._waiting.values())
 
     def _take(self, user: str) -> None:
@@ -80,7 +107,7 @@ class SendTurns:
             raise
 
     def _pass_on(self) -> None:
-        """A turn ends: give it to the next user's first waiting stream, or free it."""
+        """A turn ends: give it to the next user's first waiter, or free it."""
         if not self._waiting:
             self.free += 1
             return
@@ -101,3 +128,73 @@ class SendTurns:
             pass
         if not queue:
             del self._waiting[user]
+
+
+class CallTurns:
+    """Each user's calls run ``slots`` at a time, the rest wait in line;
+    while other users are active, each turn rests after its call.
+
+    Unlike a stream's send, a turn here is per user (a user's calls never
+    wait for another user's), and is held for the call's whole life, its
+    reply included (``take`` returns what gives it back; the servicer calls
+    it when the call ends), at most ``hold`` seconds. While another user has
+    had a call within ``window`` seconds, a turn given back rests ``rest``
+    times as long as its call took before the next call may have it, so a
+    user keeps calls in flight at most 1 / (1 + ``rest``) of the time per
+    slot: a flood of calls, however many clients send it, leaves the
+    server's loop idle most of the time for the others. Alone, a user is
+    never slowed.
+    """
+
+    def __init__(self, slots: int = CALL_SLOTS, hold: float = CALL_HOLD,
+                 rest: float = CALL_REST, window: float = ACTIVE_WINDOW,
+                 clock: Callable[[], float] = time.monotonic):
+        self.slots = slots
+        self.hold = hold
+        self.rest = rest
+        self.window = window
+        self.clock = clock
+        self._users: Dict[str, Turns] = {}
+        self._seen: Dict[str, float] = {}  # user -> when a call of theirs last ended
+
+    def take(self, user: str) -> Callable[[], None]:
+        """Wait for one of ``user``'s turns; return what gives it back."""
+        turns = self._users.get(user)
+        if turns is None:
+            turns = self._users[user] = Turns(self.slots, self.hold)
+        pass_on = turns.take(user)
+        began = self.clock()
+        given_back = False
+
+        def finish() -> None:
+            pass_on()
+            if turns.idle() and self._users.get(user) is turns:
+                del self._users[user]  # kept only while the user has calls
+
+        def give_back() -> None:
+            nonlocal given_back
+            if given_back:
+                return
+            given_back = True
+            ended = self.clock()
+            self._seen[user] = ended
+            pause = (ended - began) * self.rest if self._others_active(user, ended) else 0
+            if pause > 0:
+                gevent.spawn_later(pause, finish)
+            else:
+                finish()
+
+        return give_back
+
+    def waiting(self) -> int:
+        """How many calls wait for a turn."""
+        return sum(turns.waiting() for turns in self._users.values())
+
+    def _others_active(self, user: str, now: float) -> bool:
+        active = False
+        for other, seen in list(self._seen.items()):
+            if now - seen > self.window:
+                del self._seen[other]
+            elif other != user:
+                active = True
+        return active or any(other != user for other in self._users)

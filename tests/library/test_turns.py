@@ -1,16 +1,20 @@
-"""Turns at sending stream output (taskman/turns.py): a few at a time, handed
-round-robin by user, never held past ``hold``, given back when a waiter dies."""
+"""Turns (taskman/turns.py): at sending stream output, a few at a time, handed
+round-robin by user, never held past ``hold``, given back when a waiter dies;
+at running calls, a few of each user's at a time, resting while others are
+active."""
+
+import time
 
 import gevent
 import pytest
 
-from taskman.turns import SendTurns
+from taskman.turns import CallTurns, Turns
 
 pytestmark = pytest.mark.timeout(10)
 
 
 def test_a_lone_stream_never_waits():
-    turns = SendTurns(slots=1, hold=5)
+    turns = Turns(slots=1, hold=5)
     for _ in range(100):
         with turns.turn("client001"):
             pass
@@ -18,7 +22,7 @@ def test_a_lone_stream_never_waits():
 
 
 def test_at_most_slots_turns_are_out_at_once():
-    turns = SendTurns(slots=2, hold=5)
+    turns = Turns(slots=2, hold=5)
     holding = []
     most = []
 
@@ -36,7 +40,7 @@ def test_at_most_slots_turns_are_out_at_once():
 
 def test_waiting_streams_are_served_round_robin_by_user():
     """A user with many streams gets one turn in line, as one with a single stream."""
-    turns = SendTurns(slots=1, hold=5)
+    turns = Turns(slots=1, hold=5)
     order = []
 
     def stream(user):
@@ -58,7 +62,7 @@ def test_waiting_streams_are_served_round_robin_by_user():
 
 def test_a_turn_held_too_long_passes_on_after_hold():
     """A stream whose client does not read cannot hold up the others."""
-    turns = SendTurns(slots=1, hold=0.05)
+    turns = Turns(slots=1, hold=0.05)
     got = []
 
     def stuck():
@@ -79,7 +83,7 @@ def test_a_turn_held_too_long_passes_on_after_hold():
 
 
 def test_a_waiter_killed_in_line_leaves_no_turn_behind():
-    turns = SendTurns(slots=1, hold=5)
+    turns = Turns(slots=1, hold=5)
     with turns.turn("client001"):
         waiter = gevent.spawn(lambda: turns.turn("client002").__enter__())
         gevent.sleep(0)
@@ -87,3 +91,56 @@ def test_a_waiter_killed_in_line_leaves_no_turn_behind():
         waiter.kill()
         assert turns.waiting() == 0
     assert turns.free == 1
+
+
+# -- calls: each user's own turns, resting while others are active
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_a_users_calls_run_slots_at_a_time_and_never_wait_for_another_users():
+    turns = CallTurns(slots=2, hold=5, rest=0)
+    first, second = turns.take("client001"), turns.take("client001")
+    third = gevent.spawn(turns.take, "client001")
+    gevent.sleep(0.01)
+    assert not third.ready() and turns.waiting() == 1
+    turns.take("client002")()  # another user's turn is its own
+    first()
+    assert third.get(timeout=1) is not None
+    second()
+    third.value()
+    assert turns.waiting() == 0 and not turns._users  # nothing kept for idle users
+
+
+def test_alone_a_turn_is_given_back_at_once():
+    clock = FakeClock()
+    turns = CallTurns(slots=1, hold=5, rest=3, clock=clock)
+    for _ in range(3):
+        give_back = turns.take("client001")
+        clock.now += 1
+        give_back()
+        assert not turns._users  # free again at once: nobody else is active
+
+
+def test_while_another_user_is_active_a_turn_rests_rest_times_its_call():
+    clock = FakeClock()
+    turns = CallTurns(slots=1, hold=5, rest=3, window=1, clock=clock)
+    turns.take("client002")()  # the quiet user was here just now
+    give_back = turns.take("client001")
+    clock.now += 0.02  # the call took 20 ms
+    give_back()
+    give_back()  # given back twice (its end and a failure): counts once
+    began = time.monotonic()
+    turns.take("client001")()
+    assert 0.05 <= time.monotonic() - began < 1  # rested 3 x 20 ms
+    clock.now += 2  # the quiet user has gone: no more rests
+    give_back = turns.take("client001")
+    clock.now += 0.02
+    give_back()
+    assert not turns._users
