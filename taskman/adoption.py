@@ -19,6 +19,7 @@ import time
 from typing import Callable, Dict, Iterable, List, Optional
 
 import gevent
+import gevent.event
 
 from taskman import handover, process, reload
 from taskman.cgroups import Driver, Group
@@ -194,31 +195,41 @@ def entries(adopted, make_entry, output_dir: str, max_bytes: int) -> List:
 def run(entry, supervise, terminate, kill) -> None:
     """Supervise an adopted task again, and go on with its stop if one began.
 
-    The supervision (a greenlet and its output pump per task) starts a
-    batch at a time when the loop is idle (``_Resumption``), not all at
-    once: starting 1,000 of them takes ~0.2 s of one core, which the first
-    yield of the new image's start-up would otherwise spend before it
-    listens. Waiting is safe: every adopted pid is watched already
-    (``adopt_processes``), so an exit waits in its watcher, and output
-    waits in its pipe.
+    The supervision (a greenlet and its output pump per task) starts once
+    the new image listens (``serving``), a batch at a time when the loop
+    is idle (``_Resumption``): starting 1,000 of them takes ~0.2 s of one
+    core, which the start-up's first yields (grpc's start, the TLS
+    self-test) would otherwise spend before the server listens. Waiting is
+    safe: every adopted pid is watched already (``adopt_processes``), so an
+    exit waits in its watcher, and output waits in its pipe.
     """
     _RESUMPTION.add(lambda: gevent.spawn(supervise, entry))
     if entry.stop_source is not None:
         gevent.spawn(resume_stop, entry, terminate, kill)
 
 
+def serving() -> None:
+    """The new image listens: supervise the adopted tasks now."""
+    _RESUMPTION.listening.set()
+
+
 RESUME_BATCH = 10  # adopted tasks whose supervision starts per idle turn of the loop
 RESUME_WAIT = 0.01  # seconds a batch waits for an idle loop at most (a busy one never is)
+# Seconds the supervision waits for ``serving`` at most: a start-up that
+# fails before it listens still records its tasks' ends.
+LISTEN_WAIT = 2.0
 
 
 class _Resumption:
-    """Runs the queued starts ``RESUME_BATCH`` at a time, each batch once
-    the loop has nothing else to do (or after ``RESUME_WAIT``), so the new
-    image's start-up and first calls go between batches."""
+    """Runs the queued starts once ``listening`` is set (or after
+    ``LISTEN_WAIT``), ``RESUME_BATCH`` at a time, each batch once the loop
+    has nothing else to do (or after ``RESUME_WAIT``), so the first calls
+    go between batches."""
 
     def __init__(self):
         self.waiting = collections.deque()
         self.greenlet = None
+        self.listening = gevent.event.Event()
 
     def add(self, start: Callable[[], object]) -> None:
         self.waiting.append(start)
@@ -227,6 +238,7 @@ class _Resumption:
 
     def _run(self) -> None:
         try:
+            self.listening.wait(LISTEN_WAIT)
             while self.waiting:
                 with gevent.Timeout(RESUME_WAIT, False):
                     gevent.idle()

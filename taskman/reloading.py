@@ -74,6 +74,9 @@ class Reloader:
         manager.listeners.append(self.stop_deadlines)
         for number in (signal.SIGTERM, signal.SIGINT):
             gevent.signal_handler(number, self._terminate)
+        # Made once the server listens: the tasks a reload handed this image
+        # are supervised from now on (taskman.adoption.run).
+        adoption.serving()
 
     def _terminate(self) -> None:
         self.terminating = True

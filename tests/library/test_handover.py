@@ -378,7 +378,9 @@ def test_adopted_tasks_are_supervised_again_a_batch_at_a_time():
     resumption = adoption._Resumption()
     for number in range(2 * adoption.RESUME_BATCH + 1):
         resumption.add(lambda number=number: started.append(number))
-    assert started == []  # not before the new image's start-up yields
+    gevent.sleep(0.05)
+    assert started == []  # not before the new image listens
+    resumption.listening.set()
     while resumption.greenlet is not None:
         batches.append(len(started))
         gevent.sleep(0)  # a busy start-up: the batches go in between
@@ -386,3 +388,14 @@ def test_adopted_tasks_are_supervised_again_a_batch_at_a_time():
     seen = batches + [len(started)]
     steps = [after - before for before, after in zip(seen, seen[1:], strict=False)]
     assert max(steps) <= adoption.RESUME_BATCH and len(steps) >= 3
+
+
+def test_adopted_tasks_are_supervised_even_if_the_server_never_listens(monkeypatch):
+    from taskman import adoption
+
+    monkeypatch.setattr(adoption, "LISTEN_WAIT", 0.05)
+    started = []
+    resumption = adoption._Resumption()
+    resumption.add(lambda: started.append(1))
+    resumption.greenlet.join(5)
+    assert started == [1]
