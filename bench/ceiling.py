@@ -12,7 +12,8 @@ it. Whatever taskman does, over gRPC it can only be this fast:
 - StreamTaskOutput with ``task_id`` "N" sends N bytes as canned 64 KiB
   messages; with "N@PATH" it sends the first N bytes of the file PATH, read
   with ``pread`` 64 KiB at a time (a fresh buffer per message, as taskman's
-  reader has), so a follower can check them byte for byte.
+  reader has), so a follower can check them byte for byte; with "idle" it
+  sends one line and then nothing until the client goes (an idle follower).
 
     python bench/ceiling.py PORT
 """
@@ -30,6 +31,7 @@ import gevent.monkey  # noqa: I001 (gevent must patch before anything else is im
 gevent.monkey.patch_all()
 
 import concurrent.futures  # noqa: E402
+import threading  # noqa: E402
 
 import grpc  # noqa: E402
 import grpc.experimental.gevent  # noqa: E402
@@ -42,6 +44,7 @@ import common  # noqa: E402
 from taskman.api import task_manager_pb2, task_manager_pb2_grpc  # noqa: E402
 
 CHUNK = 64 * 1024
+IDLE = "idle"
 MAX_STREAMS = 4096
 
 
@@ -64,6 +67,9 @@ class Ceiling(task_manager_pb2_grpc.TaskManagerServicer):
         return self.status
 
     def StreamTaskOutput(self, request, context):  # noqa: N802
+        if request.task_id == IDLE:
+            yield from _idle(context)
+            return
         size, _, path = request.task_id.partition("@")
         remaining = int(size)
         if path:
@@ -74,6 +80,15 @@ class Ceiling(task_manager_pb2_grpc.TaskManagerServicer):
             chunk = payload if remaining >= CHUNK else payload[:remaining]
             remaining -= len(chunk)
             yield task_manager_pb2.StreamTaskOutputResponse(output=chunk)
+
+
+def _idle(context):
+    """One line, then nothing until the client goes: a follower of a silent task."""
+    yield task_manager_pb2.StreamTaskOutputResponse(output=b"ready\n")
+    gone = threading.Event()  # gevent's, once patched
+    context.add_callback(gone.set)
+    while context.is_active():
+        gone.wait(60)
 
 
 def _from_file(path: str, size: int):

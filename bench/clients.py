@@ -55,14 +55,17 @@ async def idle(target: str, count: int, task_id: str) -> None:
     reply({"connected": count, "seconds": time.perf_counter() - began})
     await read_line()
     request = task_manager_pb2.StreamTaskOutputRequest(task_id=task_id)
-    calls = [task_manager_pb2_grpc.TaskManagerStub(channel).StreamTaskOutput(request)
-             for channel in channels]
     began = time.perf_counter()
-    results = []
+    calls, results = [], []
+    # Streams opened in batches too, each once the last batch has its first
+    # message: thousands of calls at once also lose some to the server's
+    # queue of calls not yet taken by a handler.
     for first in range(0, count, BATCH):
-        results += await asyncio.gather(
-            *(asyncio.wait_for(call.read(), 300) for call in calls[first:first + BATCH]),
-            return_exceptions=True)
+        batch = [task_manager_pb2_grpc.TaskManagerStub(channel).StreamTaskOutput(request)
+                 for channel in channels[first:first + BATCH]]
+        calls += batch
+        results += await asyncio.gather(*(asyncio.wait_for(call.read(), 300) for call in batch),
+                                        return_exceptions=True)
     errors = [repr(result) for result in results if isinstance(result, BaseException)]
     reply({"streaming": count - len(errors), "errors": errors[:3], "seconds": time.perf_counter() - began})
     drains = [asyncio.ensure_future(_drain(call)) for call in calls]

@@ -272,27 +272,38 @@ def _idle(results: dict) -> List[str]:
     idle = results.get("idle")
     if not idle:
         return []
+    bare = idle.get("ceiling") or {}
     out = ["## 6. Idle followers", "",
            f"{idle['followers']:,} followers of one silent task (`sh -c 'echo ready; exec sleep 3600'`, "
            f"client001), each its own mTLS connection, from {idle['client_processes']} client processes "
-           "(bench/clients.py, grpc asyncio). The server's RSS is read before they connect, once every "
+           "(bench/clients.py, grpc asyncio); then the same followers of a fresh bench/ceiling.py, whose "
+           "`idle` stream sends one line and waits. The server's RSS is read before they connect, once every "
            "connection is up (TLS done, no call yet) and once every stream is open (each follower has "
-           "the task's one line); the larger of the samples over 2 s each time. The server's open-files "
-           "limit and --max-streams are raised for the run, the per-user quotas off.", "",
-           "| | RSS | per follower |", "|---|---:|---:|",
-           f"| before | {fmt_mib(idle['rss_before'])} | |",
-           f"| {idle['followers']:,} connections open | {fmt_mib(idle['rss_connected'])} | "
-           f"{idle['per_connection'] / 1024:.1f} KiB |",
-           f"| {idle['open']:,} streams open | {fmt_mib(idle['rss_streams'])} | "
-           f"+{idle['per_stream'] / 1024:.1f} KiB |", "",
-           f"Connecting all took {idle['connect_seconds']:.1f} s (the TLS handshakes: an RSA 4096 signature "
-           f"each on both sides), opening the streams {idle['open_seconds']:.1f} s. A connection's cost is "
-           "gRPC's: the TLS session and the HTTP/2 transport's buffers and settings in the C core, the "
-           "same in any gRPC server. A stream adds the call's state in the core, the handler's greenlet "
-           "(one worker of the server's pool, parked until the task writes), the servicer's generator and "
-           "the guard's entry for the open stream."]
-    if idle["errors"]:
-        out += ["", f"Errors: `{idle['errors']}`"]
+           "the line); the largest sample over 2 s each time. The server's open-files limit and "
+           "--max-streams are raised for the run, the per-user quotas off.", "",
+           "| | taskman RSS | per follower | bare grpcio server RSS | per follower |", "|---|---:|---:|---:|---:|"]
+
+    def cells(run, key, per):
+        if not run:
+            return "- | -"
+        return f"{fmt_mib(run[key])} | " + (f"{run[per] / 1024:.1f} KiB" if per else "")
+
+    out += [f"| before | {cells(idle, 'rss_before', None)} | {cells(bare, 'rss_before', None)} |",
+            f"| connections open | {cells(idle, 'rss_connected', 'per_connection')} | "
+            f"{cells(bare, 'rss_connected', 'per_connection')} |",
+            f"| streams open ({idle['open']:,} of taskman's, {bare.get('open', 0):,} of the bare server's) | "
+            f"{cells(idle, 'rss_streams', 'per_stream')} | {cells(bare, 'rss_streams', 'per_stream')} |", "",
+            "The server's open descriptors: {} before, {} with the connections, {} with the streams.".format(
+                *idle.get("files", ["?"] * 3)), "",
+            f"Connecting all took {idle['connect_seconds']:.1f} s (the TLS handshakes: an RSA 4096 signature "
+            f"each on both sides), opening the streams {idle['open_seconds']:.1f} s. A connection's cost is "
+            "gRPC's: the TLS session and the HTTP/2 transport's buffers in the C core, the same in the bare "
+            "server. A stream adds the call's state in the core and, in taskman, the handler's greenlet (a "
+            "worker of the server's pool, parked until the task writes), the servicer's generator and the "
+            "guard's entry for the open stream."]
+    for label, run in (("taskman", idle), ("the bare server", bare)):
+        if run and run.get("errors"):
+            out += ["", f"Errors of the streams that did not open ({label}): `{run['errors'][:2]}`"]
     return out + [""]
 
 

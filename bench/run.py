@@ -154,9 +154,9 @@ def main(argv=None) -> int:
         print("warning: not root: the default cgroup driver will refuse to start",
               file=sys.stderr)
     # Thousands of followers: a socket each in the server (which inherits
-    # this limit), plus the tasks' files and the state directory's.
+    # this limit), and each stream's own descriptors (its output file...).
     streams_wanted = max(args.idle_followers if "idle" in only else 0, max(args.fanout, default=1))
-    common.raise_nofile(streams_wanted * 2 + 4096)
+    common.raise_nofile(streams_wanted * 8 + 4096)
     command = "python bench/run.py" + "".join(" " + word for word in measuring_args(
         sys.argv[1:] if argv is None else argv))
     from taskman.client import TaskmanClient

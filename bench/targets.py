@@ -238,11 +238,14 @@ def fanout_rows(fanout: Optional[dict], stream: Optional[dict], idle: Optional[d
     goal = "≤ 1 GiB"
     if idle and idle.get("rss_streams"):
         quick = "" if idle["followers"] >= FULL_IDLE else f" (quick run: not {FULL_IDLE:,})"
-        per = idle["per_follower"]
-        rows.append(Row("6", f"{idle['followers']:,} idle followers of a silent task{quick}: server RSS "
-                        f"({idle['open']:,} open)", mib(idle["rss_streams"]), "the server before they connected",
-                        mib(idle["rss_before"]), f"{per / 1024:.0f} KiB each", goal,
-                        both(idle["open"] == idle["followers"], at_most(idle["rss_streams"], GiB))))
+        bare = idle.get("ceiling") or {}
+        rows.append(Row("6", f"{idle['followers']:,} idle followers of a silent task{quick}: server RSS, "
+                        f"{idle['open']:,} open, {idle['per_follower'] / 1024:.0f} KiB each",
+                        mib(idle["rss_streams"]),
+                        "bare grpcio server, the same followers"
+                        + (f" ({bare['open']:,} open, {bare['per_follower'] / 1024:.0f} KiB each)" if bare else ""),
+                        mib(bare.get("rss_streams")), format_ratio(ratio(idle["rss_streams"], bare.get("rss_streams"))),
+                        goal, both(idle["open"] == idle["followers"], at_most(idle["rss_streams"], GiB))))
     else:
         rows.append(_missing("6", "10,000 idle followers: server RSS", goal))
     return rows
