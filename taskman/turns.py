@@ -138,12 +138,13 @@ class CallTurns:
     wait for another user's), and is held for the call's whole life, its
     reply included (``take`` returns what gives it back; the servicer calls
     it when the call ends), at most ``hold`` seconds. While another user has
-    had a call within ``window`` seconds, a turn given back rests ``rest``
-    times as long as its call took before the next call may have it, so a
-    user keeps calls in flight at most 1 / (1 + ``rest``) of the time per
-    slot: a flood of calls, however many clients send it, leaves the
-    server's loop idle most of the time for the others. Alone, a user is
-    never slowed.
+    had a call within ``window`` seconds and more of this user's calls wait
+    in line, a turn given back rests ``rest`` times as long as its call took
+    before the next call may have it, so the user keeps calls in flight at
+    most 1 / (1 + ``rest``) of the time per slot: a flood of calls, however
+    many clients send it, leaves the server's loop idle most of the time for
+    the others. Alone, or with no more calls than slots, a user is never
+    slowed.
     """
 
     def __init__(self, slots: int = CALL_SLOTS, hold: float = CALL_HOLD,
@@ -178,7 +179,10 @@ class CallTurns:
             given_back = True
             ended = self.clock()
             self._seen[user] = ended
-            pause = (ended - began) * self.rest if self._others_active(user, ended) else 0
+            # Only a user whose own calls queue for its turns is slowed: one
+            # that never fills its slots (one call at a time) is not flooding.
+            flooding = turns.waiting() and self._others_active(user, ended)
+            pause = (ended - began) * self.rest if flooding else 0
             if pause > 0:
                 gevent.spawn_later(pause, finish)
             else:

@@ -128,19 +128,31 @@ def test_alone_a_turn_is_given_back_at_once():
         assert not turns._users  # free again at once: nobody else is active
 
 
-def test_while_another_user_is_active_a_turn_rests_rest_times_its_call():
+def test_while_another_user_is_active_a_flooding_users_turn_rests():
+    """Rests only while others are active and the user's calls queue."""
     clock = FakeClock()
     turns = CallTurns(slots=1, hold=5, rest=3, window=1, clock=clock)
     turns.take("client002")()  # the quiet user was here just now
     give_back = turns.take("client001")
     clock.now += 0.02  # the call took 20 ms
+    give_back()  # nothing of client001's waits: no rest
+    assert not turns._users
+
+    give_back = turns.take("client001")
+    waiter = gevent.spawn(turns.take, "client001")  # its next call waits in line
+    gevent.sleep(0)
+    clock.now += 0.02
+    began = time.monotonic()
     give_back()
     give_back()  # given back twice (its end and a failure): counts once
-    began = time.monotonic()
-    turns.take("client001")()
+    waiter.get(timeout=1)()
     assert 0.05 <= time.monotonic() - began < 1  # rested 3 x 20 ms
+
     clock.now += 2  # the quiet user has gone: no more rests
     give_back = turns.take("client001")
-    clock.now += 0.02
+    waiter = gevent.spawn(turns.take, "client001")
+    gevent.sleep(0)
+    began = time.monotonic()
     give_back()
-    assert not turns._users
+    waiter.get(timeout=1)()
+    assert time.monotonic() - began < 0.05
