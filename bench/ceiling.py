@@ -45,7 +45,9 @@ from taskman.api import task_manager_pb2, task_manager_pb2_grpc  # noqa: E402
 
 CHUNK = 64 * 1024
 IDLE = "idle"
-MAX_STREAMS = 4096
+# Every open stream holds a worker of the pool (as in taskman-server): enough
+# for the idle followers' 10,000.
+MAX_STREAMS = 12288
 
 
 class Ceiling(task_manager_pb2_grpc.TaskManagerServicer):

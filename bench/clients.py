@@ -64,7 +64,7 @@ async def idle(target: str, count: int, task_id: str) -> None:
         batch = [task_manager_pb2_grpc.TaskManagerStub(channel).StreamTaskOutput(request)
                  for channel in channels[first:first + BATCH]]
         calls += batch
-        results += await asyncio.gather(*(asyncio.wait_for(call.read(), 300) for call in batch),
+        results += await asyncio.gather(*(asyncio.wait_for(call.read(), 60) for call in batch),
                                         return_exceptions=True)
     errors = [repr(result) for result in results if isinstance(result, BaseException)]
     reply({"streaming": count - len(errors), "errors": errors[:3], "seconds": time.perf_counter() - began})

@@ -1,6 +1,7 @@
 """Idle followers: thousands of connections following one silent task.
 
-The task prints one line and sleeps; each follower's stream is open once
+Both servers are fresh (started for this section), so the RSS before is an
+empty server's. The task prints one line and sleeps; each follower's stream is open once
 that line has reached it. The server's RSS is read before, with every
 connection open (TLS done, no call), and with every stream open, so the cost
 per follower splits into what a connection costs and what a stream adds.
@@ -13,22 +14,31 @@ import time
 
 import common
 from common import fmt_mib
-from servers import CeilingServer
+from harness import USER
+from servers import CeilingServer, TaskmanServer
 
 SILENT = ["sh", ["-c", "echo ready; exec sleep 3600"]]
 PER_PROCESS = 2500
 
 
 def section_idle(bench) -> None:
+    """On a fresh taskman-server (the bench's own keeps the RSS of the
+    sections before), then on a fresh bare server."""
+    from taskman.client import TaskmanClient
+
     count = bench.args.idle_followers
-    task_id = bench.client.start(*SILENT)
-    try:
-        result = _idle_followers(bench, bench.server, task_id, count)
-    finally:
-        bench.client.stop(task_id, wait=10)
+    directory = os.path.join(bench.workdir, "idle")
+    os.makedirs(directory)
+    server = TaskmanServer(directory, bench.server.command[1], count + 100)
+    with server, TaskmanClient(server.address, USER) as client:
+        task_id = client.start(*SILENT)
+        try:
+            result = _idle_followers(bench, server, task_id, count)
+        finally:
+            client.stop(task_id, wait=10)
+    bench.results["idle"] = result
     with CeilingServer(bench.workdir, "idle-ceiling") as ceiling:
         result["ceiling"] = _idle_followers(bench, ceiling, "idle", count)
-    bench.results["idle"] = result
 
 
 def _idle_followers(bench, server, task_id: str, count: int) -> dict:
@@ -56,8 +66,8 @@ def _idle_followers(bench, server, task_id: str, count: int) -> dict:
         errors = [error for reply in streaming for error in reply["errors"]]
     finally:
         bench.close_workers()
-    name = "taskman" if server is bench.server else "the ceiling"
-    if opened < count and server is bench.server:
+    name = "the ceiling" if isinstance(server, CeilingServer) else "taskman"
+    if opened < count and name == "taskman":
         complaints = [line for line in server.log().splitlines() if " ERROR " in line]
         bench.notes.append(f"Idle followers: {count - opened} of taskman's {count} streams did not open; "
                            f"the server's last errors: `{complaints[-3:]}`")
