@@ -44,8 +44,8 @@ CHUNK_SIZE = 64 * 1024
 
 # Non-matching records a follower skips before letting other greenlets run.
 _SKIPS_PER_YIELD = 4096
-# Records join a chunk (stamped with its first's time) only within this: --timestamps' precision.
-_MERGE_NS = 1_000_000
+# Records join a chunk (dated by its first) only within this, --timestamps' precision (docs/design.md).
+_MERGE_NS = 10_000_000
 
 # Where output is written to disk. Once the kernel throttles writers of dirty
 # pages, a write blocks for tens to hundreds of ms: off the event loop it
