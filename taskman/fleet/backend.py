@@ -20,7 +20,7 @@ import nats.errors
 
 from taskman import quotas
 from taskman.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
-from taskman.fleet import dispatch, liveness, output, views
+from taskman.fleet import dispatch, liveness, offers, output, views
 from taskman.fleet.connection import Connection, control_subject
 from taskman.fleet.records import Record, Records
 from taskman.output import Chunk, Selector, data_only
@@ -68,7 +68,7 @@ class FleetBackend:
     places_by_labels = True  # start() takes node_labels (a standalone manager does not)
 
     def __init__(self, connection: Connection, admins: Iterable[str] = (ADMIN,),
-                 placement_timeout: float = dispatch.PLACEMENT_TIMEOUT,
+                 placement_timeout: float = offers.PLACEMENT_TIMEOUT,
                  running_quota: int = 0):
         self.connection = connection
         self.records = Records(connection)
@@ -137,7 +137,7 @@ class FleetBackend:
         self._check_placement(owner, labels)
         record = Record(id=str(uuid.uuid4()), owner=owner, command=command, args=list(args),
                         separate_streams=separate_streams, labels=labels)
-        placed = dispatch.place(self.records, record, self.placement_timeout)
+        placed = offers.place(self.records, record, self.placement_timeout)
         self._placed_since[owner] += 1
         return placed.to_task()
 

@@ -22,6 +22,9 @@ as ``refused``, and a host that claims later loses that race. Until a host
 answers, the task has no record: nobody holds its id yet. The direct offer
 saves the work queue's replicated write and ack on the way of most starts;
 the queue remains for the starts no host could take at once.
+
+This module is the hosts' half (``Claimer``); the replica's is
+taskman.fleet.offers.
 """
 
 import logging
@@ -34,139 +37,25 @@ import nats.errors
 import nats.js.api
 from nats.js.errors import FetchTimeoutError, KeyWrongLastSequenceError
 
-from taskman.errors import NotFound, ResourceExhausted, TaskmanError, Unavailable
+from taskman.errors import TaskmanError
 from taskman.fleet.connection import DISPATCH_STREAM, DISPATCH_SUBJECT, HOSTS_QUEUE, OFFER_SUBJECT, Connection
+from taskman.fleet.offers import EXPIRES, PASS, REPLY
 from taskman.fleet.records import CLAIMED, REFUSED, RUNNING, Conflict, Record, Records
 
 log = logging.getLogger("taskman.fleet.dispatch")
 
 WORKERS = "taskman-workers"  # the one durable consumer every host pulls from
 ACK_WAIT = 30.0  # a claimed message not acked by then is delivered again
-PLACEMENT_TIMEOUT = 10.0  # how long a start waits for some host to claim it
-REPLY = "Taskman-Reply"  # header: the replica's inbox for the host's answer
-LOOK = 1.0  # how often a waiting replica reads the bucket (a lost answer)
-EXPIRES = "Taskman-Expires"  # header: when the replica stops waiting (seconds, epoch)
 CLOCK_SLACK = 2.0  # hosts' clocks may differ this much from the replica's
 # An offer a host lacks the labels for goes back to the queue, to be offered
 # again this much later: longer than the host's next pull, since NATS gives
 # redeliveries before new messages (a shorter delay starved the queue).
 PASS_DELAY = 0.25
-PASS = "Taskman-Pass"  # header of a host's answer to a direct offer it cannot take
-STATUS = "Status"  # header of NATS's own answers (503: no host listens)
-# How long a replica waits for a direct offer's answer before queueing the
-# offer: a host that claimed it may still answer later, to the same inbox.
-DIRECT_WAIT = 0.5
 
 
 def has_labels(host_labels: dict, wanted: dict) -> bool:
     """True if a host with ``host_labels`` may run a start requiring ``wanted``."""
     return all(host_labels.get(key) == value for key, value in wanted.items())
-
-
-def place(records: Records, record: Record, timeout: float = PLACEMENT_TIMEOUT) -> Record:
-    """Offer a new task to the hosts and wait until one took it (the
-    replica's half); return its record as the host answered.
-
-    Raises the host's own error if it refused the start (an unknown command,
-    say), ResourceExhausted if no host with room claimed it within
-    ``timeout`` (the record is then ``refused``, for good).
-    """
-    record.requested_time = time.time()
-    connection = records.connection
-    deadline = time.monotonic() + timeout
-    expires = record.requested_time + timeout
-    subscription, answer = connection.call(
-        _offer_directly(connection, record, expires, min(timeout, DIRECT_WAIT)), timeout + 5.0)
-    try:
-        if answer is None:  # no host took it at once: through the queue, to wait for room
-            answer = connection.call(
-                _offer(connection, subscription, record, expires, min(timeout, LOOK)), timeout + 5.0)
-        while answer is None and time.monotonic() < deadline:
-            try:
-                found, _ = records.get(record.id)
-                return _outcome(found)
-            except NotFound:  # not claimed yet (or its answer is on the way)
-                pass
-            wait = max(0.0, min(LOOK, deadline - time.monotonic()))
-            answer = connection.call(_answer(subscription, wait), wait + 5.0)
-    finally:
-        if answer is None:
-            connection.call(_quietly_unsubscribe(subscription), 5.0)
-    if answer is not None:
-        return _outcome(Record.decode(answer))
-    record.phase = REFUSED
-    record.error = f"no host in the fleet had room for the task within {timeout:g} s"
-    record.error_kind = ResourceExhausted.__name__
-    try:
-        records.create(record)
-    except Conflict:  # a host claimed it just now: it has it
-        return _outcome(records.get(record.id)[0])
-    raise rebuild_error(record)
-
-
-async def _offer_directly(connection: Connection, record: Record, expires: float, wait: float):
-    """Listen, offer the start to one host, wait up to ``wait`` for its
-    answer: (the inbox subscription, the answer's bytes or None). One trip
-    across the bridge, no replicated write."""
-    client = connection.client
-    subscription = await client.subscribe(client.new_inbox())
-    try:
-        await client.publish(OFFER_SUBJECT, record.encode(), reply=subscription.subject,
-                             headers={EXPIRES: f"{expires:.3f}"})
-    except BaseException:
-        await _quietly_unsubscribe(subscription)
-        raise
-    return subscription, await _answer(subscription, wait)
-
-
-async def _offer(connection: Connection, subscription, record: Record, expires: float,
-                 wait: float) -> Optional[bytes]:
-    """Publish the offer to the work queue (answers go to ``subscription``'s
-    inbox), wait up to ``wait`` for a host's answer. The publish's
-    acknowledgement and the host's work overlap."""
-    await connection.jetstream.publish(
-        f"{DISPATCH_SUBJECT}.{record.id}", record.encode(),
-        headers={"Nats-Msg-Id": f"start-{record.id}", REPLY: subscription.subject,
-                 EXPIRES: f"{expires:.3f}"})
-    return await _answer(subscription, wait)
-
-
-async def _answer(subscription, wait: float) -> Optional[bytes]:
-    """The host's answer, if it comes within ``wait`` (the inbox is then
-    closed: one answer per offer); None for a pass or NATS's "no host
-    listens", which end the wait early."""
-    try:
-        message = await subscription.next_msg(timeout=wait)
-    except nats.errors.TimeoutError:
-        return None
-    headers = message.headers or {}
-    if PASS in headers or STATUS in headers:
-        return None
-    await _quietly_unsubscribe(subscription)
-    return message.data
-
-
-async def _quietly_unsubscribe(subscription) -> None:
-    try:
-        await subscription.unsubscribe()
-    except nats.errors.Error:  # the connection is closing: nothing to free
-        pass
-
-
-def _outcome(record: Record) -> Record:
-    if record.phase == REFUSED:
-        raise rebuild_error(record)
-    return record
-
-
-def rebuild_error(record: Record) -> TaskmanError:
-    """The TaskmanError a host reported for a refused start, by class name."""
-    import taskman.errors as errors
-
-    kind = getattr(errors, record.error_kind, None)
-    if not (isinstance(kind, type) and issubclass(kind, TaskmanError)):
-        kind = Unavailable
-    return kind(record.error)
 
 
 class Claimer:

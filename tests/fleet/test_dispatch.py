@@ -7,7 +7,7 @@ import gevent
 import pytest
 
 from taskman.errors import CommandNotFound, NotFound, ResourceExhausted
-from taskman.fleet import dispatch
+from taskman.fleet import dispatch, offers
 from taskman.fleet.connection import DISPATCH_SUBJECT
 from taskman.fleet.records import CLAIMED, REFUSED, RUNNING, Conflict, Record, Records
 
@@ -106,7 +106,7 @@ def test_a_start_on_one_replica_runs_on_exactly_one_host(connect, hosts):
     workers = [hosts(name) for name in ("h1", "h2", "h3")]
     replica = Records(connect("replica"))
     record = new_record()
-    placed = dispatch.place(replica, record, timeout=10)
+    placed = offers.place(replica, record, timeout=10)
     assert placed.phase == RUNNING and placed.pid == 4242
     assert placed.host in {worker.claimer.node for worker in workers}
     gevent.sleep(0.5)
@@ -122,7 +122,7 @@ def test_duplicate_deliveries_never_run_a_task_twice(connect, hosts):
     ids = []
     for _ in range(20):
         record = new_record()
-        assert dispatch.place(replica, record, timeout=10).phase == RUNNING
+        assert offers.place(replica, record, timeout=10).phase == RUNNING
         ids.append(record.id)
         for copy in range(3):  # as a redelivery past the duplicate window would
             connection.call(connection.jetstream.publish(
@@ -151,7 +151,7 @@ def test_no_host_with_room_is_resource_exhausted_and_final(connect, hosts):
     replica = Records(connect("replica"))
     record = new_record()
     with pytest.raises(ResourceExhausted):
-        dispatch.place(replica, record, timeout=1.0)
+        offers.place(replica, record, timeout=1.0)
     assert replica.get(record.id)[0].phase == REFUSED
     full.capacity = 10  # room now: the late claim loses the CAS, nothing runs
     gevent.sleep(1.5)
@@ -163,14 +163,14 @@ def test_a_hosts_refusal_reaches_the_replica_as_its_own_error(connect, hosts):
     replica = Records(connect("replica"))
     record = new_record()
     with pytest.raises(CommandNotFound, match="nope"):
-        dispatch.place(replica, record, timeout=10)
+        offers.place(replica, record, timeout=10)
     assert replica.get(record.id)[0].phase == REFUSED
 
 
 def test_an_offer_has_no_record_until_a_host_claims_it(connect, hosts):
     replica = Records(connect("replica"))
     record = new_record()
-    placing = gevent.spawn(dispatch.place, replica, record, 10)
+    placing = gevent.spawn(offers.place, replica, record, 10)
     gevent.sleep(0.5)
     with pytest.raises(NotFound):
         replica.get(record.id)
@@ -186,10 +186,10 @@ def test_a_start_requiring_labels_runs_only_on_a_host_with_them_all(connect, hos
     for _ in range(6):
         record = new_record()
         record.labels = {"zone": "a", "gpu": "yes"}
-        assert dispatch.place(replica, record, timeout=10).host == labelled.claimer.node
+        assert offers.place(replica, record, timeout=10).host == labelled.claimer.node
     assert len(labelled.ran) == 6 and not plain.ran and not partial.ran
     record = new_record()  # no labels: anyone
-    assert dispatch.place(replica, record, timeout=10).phase == RUNNING
+    assert offers.place(replica, record, timeout=10).phase == RUNNING
 
 
 def test_labels_no_host_has_are_refused(connect, hosts):
@@ -198,4 +198,4 @@ def test_labels_no_host_has_are_refused(connect, hosts):
     record = new_record()
     record.labels = {"zone": "nowhere"}
     with pytest.raises(ResourceExhausted):
-        dispatch.place(replica, record, timeout=1.0)
+        offers.place(replica, record, timeout=1.0)
