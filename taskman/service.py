@@ -188,6 +188,8 @@ class TaskManagerServicer(task_manager_pb2_grpc.TaskManagerServicer):
             with self.guard.wakeable(context, cancelled):
                 try:
                     for chunk in chunks:
+                        if cancelled.is_set():  # gone, drained or revoked: also when behind
+                            break
                         call.sent += len(chunk.data)
                         if sent_bytes is not None:
                             sent_bytes.inc(len(chunk.data))  # live, as a long stream goes
