@@ -35,7 +35,7 @@ def find_script(name: str, explicit: Optional[str] = None) -> str:
 class TaskmanServer:
     """taskman-server on a free loopback port with a temp state dir."""
 
-    def __init__(self, workdir: str, script: str, max_streams: int):
+    def __init__(self, workdir: str, script: str, max_streams: int, cgroup_root: str = "taskman"):
         self.state_dir = os.path.join(workdir, "state")
         self.log_path = os.path.join(workdir, "taskman-server.log")
         self.user_map = os.path.join(workdir, "user-map")
@@ -47,6 +47,8 @@ class TaskmanServer:
             sys.executable, script, "--server-address", self.address,
             "--state-dir", self.state_dir, "--max-streams", str(max_streams),
             "--stop-grace", "1", "--user-map", self.user_map,
+            # Two servers at once (the idle followers' own) need two roots.
+            "--cgroup-root", cgroup_root,
             # No per-task cap and no disk budget: the memory row's 10 GiB must
             # land on disk, and no finished task may be forgotten mid-run (the
             # bench deletes outputs itself).
