@@ -34,7 +34,7 @@ from taskman.holdings import argument_bytes
 from taskman.output import Chunk, OutputLog, Selector, create_log, data_only, ensure_directory
 from taskman.store import TaskStore
 from taskman.task import JobStatus, Source, Task, command_line, is_task_id, now, parse_task_id
-from taskman.task_groups import GROUP_EMPTY_TIMEOUT, WARM_PER_OWNER, TaskGroups
+from taskman.task_groups import GROUP_EMPTY_TIMEOUT, TaskGroups
 
 log = logging.getLogger("taskman.manager")
 
@@ -76,9 +76,9 @@ class TaskManager:
     (0 disables either). ``users`` (a taskman.users.Users) runs each user's
     tasks as its own unprivileged uid in the sandbox; None runs them as the
     server's own user, unconfined (library use). ``warm_groups``: task
-    groups kept ready per recent user (taskman.task_groups); None: a few
-    when ``users`` is given (a server's manager), none for library use,
-    whose callers may list a slice's groups. ``quotas`` (a
+    groups kept ready per recent user (taskman.task_groups); none unless
+    asked: a ready group is named like a task's, so a listing of the
+    hierarchy (an operator's, a test's) shows groups of no task. ``quotas`` (a
     taskman.quotas.Quotas): each user's quotas on starts, output and finished
     records; None: no per-user quotas (library use).
     """
@@ -88,7 +88,7 @@ class TaskManager:
                  search_path: str = process.DEFAULT_PATH, output_max_bytes: int = 0,
                  retention_age: float = retention.DEFAULT_AGE,
                  retention_bytes: int = retention.DEFAULT_BUDGET, users=None, quotas=None, adopted=None,
-                 warm_groups: Optional[int] = None):
+                 warm_groups: int = 0):
         self.state_dir = ensure_directory(state_dir or default_state_dir())
         self.output_dir = ensure_directory(os.path.join(self.state_dir, "output"))
         self.driver = driver or ProcessGroupDriver()
@@ -112,8 +112,6 @@ class TaskManager:
         self._recover(spared)  # before setup(): it looks for the earlier life's processes
         self.history = History(self.store, self.output_dir)  # after: it counts the recovered
         adoption.setup_driver(self.driver, spared)
-        if warm_groups is None:
-            warm_groups = WARM_PER_OWNER if users is not None else 0
         self.groups = TaskGroups(self.driver, warm_groups)
         for entry in adoption.entries(adopted, _Entry, self.output_dir, self.output_max_bytes):
             self._tasks[entry.task.id] = entry

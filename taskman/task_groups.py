@@ -17,6 +17,11 @@ any, and shutdown removes them all; after a crash or a reload the driver's
 start-up clean-up removes them like any group of the earlier run (they are
 named like task groups). One worker thread does every create and remove, so
 the driver's slice lock is never contended across threads.
+The ready groups are off by default (TaskManager's ``warm_groups=0``): named
+like task groups, they showed in every listing of the hierarchy as groups of
+no task, and the reliability suite's "nothing half-made is left behind"
+checks failed on them. Naming them apart (and renaming at the take) would
+let them be turned on; the thread for creates and removes serves either way.
 """
 
 import collections
