@@ -292,6 +292,10 @@ class TaskManager:
                 log.warning("task %s: output still open after the group was killed; "
                             "closing it", task.id)
                 pump_greenlet.kill()
+            # Its groups go before "ended" is published (the removal yields to
+            # the groups' thread): an ended task has no group left behind.
+            self.groups.discard(entry.group, emptied=True)
+            entry.group = None
             # Published only now, so "ended" always comes with complete output.
             task.finish(wait_status, source, entry.sent_signal, exited_at)
             log.info("task %s ended: %s exit %s %s %s", task.id, task.status.name,
@@ -299,7 +303,8 @@ class TaskManager:
         finally:
             proc.close_output()
             entry.log.finish()
-            self.groups.discard(entry.group, emptied=task.end_time is not None)
+            if entry.group is not None:  # the wait above failed
+                self.groups.discard(entry.group)
             entry.process = entry.group = None
             record = self._snapshot(entry)  # from now on on disk only, unless the save fails
             if self._store_call(self.store.save, record):
