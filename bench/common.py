@@ -205,12 +205,11 @@ def cpu_seconds(pid: int) -> float:
 
 
 class Worker:
-    """A bench client process (bench/worker.py or bench/clients.py): send commands, read JSON replies."""
+    """A bench client process (bench/worker.py): send commands, read JSON replies."""
 
-    def __init__(self, args: List[str], env: Optional[Dict[str, str]] = None,
-                 script: str = "worker.py"):
+    def __init__(self, args: List[str], env: Optional[Dict[str, str]] = None):
         self.proc = subprocess.Popen(
-            [sys.executable, os.path.join(BENCH_DIR, script), *args],
+            [sys.executable, os.path.join(BENCH_DIR, "worker.py"), *args],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
             env=env, start_new_session=True)
 

@@ -33,12 +33,6 @@ class Bench:
         self.workers.append(worker)
         return worker
 
-    def client_process(self, *args: str, env: Optional[Dict[str, str]] = None) -> common.Worker:
-        """bench/clients.py with ``args``, stopped by close_workers."""
-        worker = common.Worker(list(args), env=env, script="clients.py")
-        self.workers.append(worker)
-        return worker
-
     def close_workers(self) -> None:
         while self.workers:
             self.workers.pop().close()

@@ -50,7 +50,7 @@ def _idle_followers(bench, server, task_id: str, count: int) -> dict:
         rss_before = common.rss_bytes(server.pid)
         fds_before = open_files(server.pid)
         began = time.perf_counter()
-        clients = [bench.client_process("idle", server.address, str(share), task_id) for share in shares]
+        clients = [bench.worker("idle", server.address, str(share), task_id) for share in shares]
         connected = [client.receive(900) for client in clients]
         connect_seconds = time.perf_counter() - began
         rss_connected = _settled(server.pid)

@@ -277,7 +277,7 @@ def _idle(results: dict) -> List[str]:
            f"{idle['followers']:,} followers of one silent task (`sh -c 'echo ready; exec sleep 3600'`, "
            f"client001) on a fresh taskman-server (same options as the bench's), each its own mTLS "
            f"connection, from {idle['client_processes']} client processes "
-           "(bench/clients.py, grpc asyncio); then the same followers of a fresh bench/ceiling.py, whose "
+           "(bench/worker.py `idle`, grpc asyncio); then the same followers of a fresh bench/ceiling.py, whose "
            "`idle` stream sends one line and waits. The server's RSS is read before they connect, once every "
            "connection is up (TLS done, no call yet) and once every stream is open (each follower has "
            "the line); the largest sample over 2 s each time. The server's open-files limit and "

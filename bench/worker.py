@@ -13,6 +13,11 @@
     python bench/worker.py stall TARGET
         For each {"task_id": ID} line, opens StreamTaskOutput(ID) and never
         reads from it; answers once the call is open; exits when stdin closes.
+    python bench/worker.py idle TARGET COUNT TASK_ID
+        Opens COUNT mutual-TLS connections, answers {"connected": ...}; on the
+        next line opens StreamTaskOutput(TASK_ID) on every one and waits for
+        each stream's first message, answers {"streaming": ...}; then holds
+        them all open, reading whatever comes, until stdin closes.
 
 Followers use grpc's asyncio API with raw stubs: one event loop drives all
 of a process's followers (a thousand cost one thread, not a thousand), and
@@ -156,6 +161,38 @@ async def stall(target: str) -> None:
             call.cancel()
 
 
+async def idle(target: str, count: int, task_id: str) -> None:
+    common.raise_nofile(count * 4 + 1024)
+    channels, seconds = await connect(target, count)
+    reply({"connected": count, "seconds": seconds})
+    await read_line()
+    request = task_manager_pb2.StreamTaskOutputRequest(task_id=task_id)
+    began = time.perf_counter()
+    calls, results = [], []
+    # Streams opened in batches too, each once the last batch has its first
+    # message: thousands of calls at once also lose some to the server's
+    # queue of calls not yet taken by a handler.
+    for first in range(0, count, 100):
+        batch = [task_manager_pb2_grpc.TaskManagerStub(channel).StreamTaskOutput(request)
+                 for channel in channels[first:first + 100]]
+        calls += batch
+        results += await asyncio.gather(*(asyncio.wait_for(call.read(), 60) for call in batch),
+                                        return_exceptions=True)
+    errors = [repr(result) for result in results if isinstance(result, BaseException)]
+    reply({"streaming": count - len(errors), "errors": errors[:3], "seconds": time.perf_counter() - began})
+    drains = [asyncio.ensure_future(_drain(call)) for call in calls]
+    await read_line()  # stdin closed: the harness is done
+    for call in calls:
+        call.cancel()
+    await asyncio.gather(*drains, return_exceptions=True)
+    await asyncio.gather(*(channel.close() for channel in channels))
+
+
+async def _drain(call) -> None:
+    async for _ in call:
+        pass
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     mode, target = argv[0], argv[1]
@@ -166,6 +203,8 @@ def main(argv=None) -> None:
             starts(target, float(argv[2]))
         elif mode == "stall":
             asyncio.run(stall(target))
+        elif mode == "idle":
+            asyncio.run(idle(target, int(argv[2]), argv[3]))
         else:
             raise SystemExit(f"unknown mode {mode!r}")
     except Exception as error:  # reported to the harness, which fails the row
