@@ -86,7 +86,8 @@ def check(program: str, options: List[str], timeout: float = CHECK_TIMEOUT) -> T
 
     Spawned with posix_spawn (no fork with gRPC loaded, docs/design.md) and
     waited for through a libev child watcher, so the server goes on serving
-    meanwhile. The check gets every signal at its default and none blocked.
+    meanwhile. The check gets every signal at its default and none blocked,
+    and is told it checks for a reload (taskman.cli.check).
     """
     argv = [program, "--check", *[option for option in options if option != "--check"]]
     with tempfile.TemporaryFile() as output:
@@ -94,7 +95,8 @@ def check(program: str, options: List[str], timeout: float = CHECK_TIMEOUT) -> T
                    (os.POSIX_SPAWN_DUP2, output.fileno(), 1),
                    (os.POSIX_SPAWN_DUP2, output.fileno(), 2)]
         try:
-            pid = os.posix_spawn(program, argv, dict(os.environ), file_actions=actions,
+            environment = dict(os.environ, **{handover_format.CHECK_VARIABLE: "1"})
+            pid = os.posix_spawn(program, argv, environment, file_actions=actions,
                                  setsigmask=(), setsigdef=_default_signals())
         except OSError as error:
             return False, f"cannot run {program}: {error.strerror}"

@@ -6,6 +6,14 @@ OK. Nothing is started, created or locked: the cgroup driver is selected
 the root's lock and kills groups it believes stale, which would hit the
 tasks of a server running with the same root. Whether one is running is
 read from /proc/locks instead. Imports neither grpc nor gevent.
+
+A reload runs this check before it execs the new image (taskman.reload),
+while the old image serves, and the new image's first answer waits for
+it: then (``for_reload``) it checks what the new image needs to start and
+skips what only informs an operator. The file modes are not walked (every
+file of the state directory, thousands with many tasks; the new image
+secures them at start, so they never stop it) and the demo CA is not
+looked for (cryptography's import; the running server warned at its start).
 """
 
 import os
@@ -29,20 +37,24 @@ class Failed(Exception):
     """A check failed; the message says why, for the operator."""
 
 
-def run(settings, out=print) -> int:
-    """Run every check against ``settings`` (a taskman.cli.settings.Settings); return 0 or 1."""
+def run(settings, out=print, for_reload: bool = False) -> int:
+    """Run every check against ``settings`` (a taskman.cli.settings.Settings); return 0 or 1.
+
+    ``for_reload``: the checks a reload needs only (see the module's docstring).
+    """
     state_dir = os.path.abspath(settings.state_dir or default_state_dir())
     audit_log = os.path.abspath(settings.audit_path(state_dir))
     checks: List[Tuple[str, Callable[[], str]]] = [
-        ("certificates", lambda: check_certificates(settings)),
+        ("certificates", lambda: check_certificates(settings, demo_warning=not for_reload)),
         ("cgroup driver", lambda: check_cgroups(settings, state_dir)),
         ("state directory", lambda: check_state_dir(state_dir)),
         ("audit log", lambda: check_audit_log(audit_log)),
         ("quotas", lambda: describe_quotas(settings.quotas)),
         ("sandbox", lambda: check_sandbox(settings)),
-        ("file modes", lambda: check_modes((state_dir, audit_log, settings.server_key,
-                                            settings.ca_key))),
     ]
+    if not for_reload:
+        checks.append(("file modes", lambda: check_modes((state_dir, audit_log,
+                                                          settings.server_key, settings.ca_key))))
     failures = 0
     for name, check in checks:
         try:
@@ -58,16 +70,17 @@ def run(settings, out=print) -> int:
 
 # -- certificates
 
-def check_certificates(settings) -> str:
+def check_certificates(settings, demo_warning: bool = True) -> str:
     """The generated PKI's days left per certificate, or the fixed files'
-    check (see ``check_files``); the demo CA is named as such."""
+    check (see ``check_files``); the demo CA is named as such if
+    ``demo_warning``."""
     state_dir = settings.state_dir or default_state_dir()
     fixed = (settings.server_cert or settings.server_key or (settings.ca_cert and not settings.ca_key)
              or os.environ.get(CERTS_DIR_VARIABLE))
     if fixed:
         ca, cert, key = tls.server_files(settings.ca_cert, settings.server_cert,
                                          settings.server_key, state_dir)
-        return check_files(ca, cert, key) + _demo_warning(ca)
+        return check_files(ca, cert, key) + (_demo_warning(ca) if demo_warning else "")
     directory = tls.pki_dir(state_dir)
     if not os.path.exists(os.path.join(directory, pki.CA_CERT)):
         return f"no PKI in {directory} yet: the server generates one at its first start"
@@ -79,7 +92,8 @@ def check_certificates(settings) -> str:
         raise Failed(f"the server certificate in {directory} has expired")
     lines = "; ".join(f"{status.name} {status.days_left:.1f} days left"
                       + (f" (renew: {status.renew})" if status.renew else "") for status in statuses)
-    return f"PKI {directory}: {lines}" + _demo_warning(home.path(pki.CA_CERT))
+    return f"PKI {directory}: {lines}" + (_demo_warning(home.path(pki.CA_CERT))
+                                          if demo_warning else "")
 
 
 def _demo_warning(ca: str) -> str:

@@ -16,6 +16,7 @@ from taskman.cli import parsed_options
 from taskman.cli.settings import Settings, days
 from taskman.defaults import DEFAULT_MAX_STREAMS, default_state_dir, version
 from taskman.errors import TaskmanError
+from taskman.handover import CHECK_VARIABLE as HANDOVER_CHECK_VARIABLE
 from taskman.handover import VARIABLE as HANDOVER_VARIABLE
 from taskman.pki.names import CLIENT_DAYS, SERVER_DAYS
 from taskman.quotas import QuotaLimits
@@ -247,27 +248,20 @@ def _size(number: int) -> str:
 
 
 def patch_all() -> None:
-    """gevent's monkey.patch_all, with the installed packages' entry points
-    read once: it looks them up for each of its plugin events (25 lookups
-    in 5 groups), each a scan of every package's metadata (3-5 ms here),
-    and a reload's first answer waits for the patch."""
-    from importlib import metadata
+    """gevent's monkey.patch_all, without its plugins: for each of its
+    events gevent looks up entry points, importing importlib.metadata and
+    scanning every installed package's metadata, and a reload's first answer
+    waits for the patch. The only plugin gevent itself registers warns about
+    a patch of signal without os, which patch_all never is; third-party
+    gevent plugins are not run in this server."""
+    from gevent import events, monkey
 
-    from gevent import monkey
-
-    scan = metadata.entry_points
-    found = []
-
-    def entry_points(**selection):
-        if not found:
-            found.append(scan())
-        return found[0].select(**selection) if selection else found[0]
-
-    metadata.entry_points = entry_points
+    with_plugins = events.notify_and_call_entry_points
+    events.notify_and_call_entry_points = events.notify
     try:
         monkey.patch_all()
     finally:
-        metadata.entry_points = scan
+        events.notify_and_call_entry_points = with_plugins
 
 
 def main(argv=None) -> int:
@@ -306,7 +300,8 @@ def main(argv=None) -> int:
         from taskman.cli import check
 
         print(f"taskman-server {version()}")
-        return check.run(settings)
+        for_reload = os.environ.pop(HANDOVER_CHECK_VARIABLE, "") == "1"
+        return check.run(settings, for_reload=for_reload)
 
     parsed_options.pass_on(text, arguments, options)  # for the image a reload execs
     # The order below is the one docs/design.md records; see the module docstring.

@@ -139,6 +139,43 @@ def test_check_of_a_missing_program():
     assert not passed and "cannot run" in text
 
 
+def test_check_is_told_it_checks_for_a_reload(tmp_path):
+    program = tmp_path / "taskman-server"
+    program.write_text(f'#!/bin/sh\necho "${handover.CHECK_VARIABLE}"\n')
+    program.chmod(0o755)
+    assert reload.check(str(program), []) == (True, "1")
+    assert handover.CHECK_VARIABLE not in os.environ  # the server's own stays as it was
+
+
+def test_a_reloads_check_skips_what_only_informs(tmp_path, monkeypatch):
+    """The file modes are not walked (the new image secures them at start)
+    and the demo CA is not looked for; what the new image needs still fails."""
+    import docopt
+
+    from taskman.cli import check
+    from taskman.cli import server as server_cli
+    from taskman.cli.settings import Settings
+
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / "open.log").write_text("")
+    os.chmod(state / "open.log", 0o644)  # a mode the new image would fix
+    monkeypatch.delenv("TASKMAN_CERTS_DIR", raising=False)
+
+    def run(*argv, for_reload):
+        lines = []
+        options = docopt.docopt(server_cli.usage(), argv=["--check", "--state-dir", str(state),
+                                                          "--cgroup-driver", "none", *argv])
+        return check.run(Settings(options), out=lines.append, for_reload=for_reload), lines
+
+    status, lines = run(for_reload=False)
+    assert status == 1 and any(line.startswith("FAIL file modes") for line in lines), lines
+    status, lines = run(for_reload=True)
+    assert status == 0 and not any("file modes" in line for line in lines), lines
+    status, lines = run("--server-cert", str(tmp_path / "missing.crt"), for_reload=True)
+    assert status == 1 and any(line.startswith("FAIL certificates") for line in lines), lines
+
+
 def test_guard_admits_one_reload_at_a_time():
     guard = reload.Guard()
     with guard as first:
