@@ -5,10 +5,16 @@
 Starts a real 3-node NATS cluster (JetStream, file storage, mutual TLS,
 loopback: tests/fleet/nats_cluster.py) and prints a table:
 
-- start p50: TaskManager.start of /bin/true (standalone) against
-  FleetBackend.start on a replica whose host is another connection (offer,
-  claim by a worker, local start, answer), both in this process, taking
-  turns;
+- start p50, deployed: StartTask of /bin/true through the taskman client
+  (its own process, no gevent) against a standalone taskman-server and
+  against replica a of three fleet taskman-servers (one process per host,
+  as docs/fleet.md deploys them: tests/fleet/test_e2e.py's Fleet), taking
+  turns; and on which hosts the fleet's starts ran;
+- start p50, in process: TaskManager.start of /bin/true (standalone)
+  against FleetBackend.start on a replica sharing its connection with its
+  own host's worker (claim, local start: no offer), and on a replica with
+  no host of its own, whose host is another connection of this process
+  (offer, claim by that worker, local start, answer), taking turns;
 - one follower: M MiB published by a fleet Publisher and followed live by
   ``output.follow`` on another connection, against bare asyncio nats-py
   (no gevent, another process) publishing the same chunks 16 in flight and
@@ -44,7 +50,7 @@ from pathlib import Path  # noqa: E402
 import gevent  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "fleet"))
+sys.path[:0] = [str(REPO / "tests" / "fleet"), str(REPO / "tests")]
 import nats_cluster  # noqa: E402
 
 from taskman.fleet import bridge, output  # noqa: E402
@@ -99,6 +105,24 @@ asyncio.run(main())
 """
 
 
+# The real client in a process of its own: standalone and fleet StartTasks
+# taking turns (ABBA), after one warm-up each; seconds per call as JSON.
+CLIENT = r"""
+import json, sys, time
+from taskman.client import TaskmanClient
+count, user, marker, addresses = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
+clients = [TaskmanClient(address, user) for address in addresses]
+samples = [[] for _ in clients]
+for number in range(count + 1):
+    pairs = list(zip(clients, samples))
+    for client, kept in (pairs if number % 2 else pairs[::-1]):
+        began = time.perf_counter()
+        client.start("/bin/true", [marker])
+        if number:
+            kept.append(time.perf_counter() - began)
+print(json.dumps(samples))
+"""
+
 TTL = [15.0]  # every connection of a run: the hosts bucket has one TTL
 
 
@@ -115,24 +139,66 @@ def p50_ms(samples) -> float:
 
 
 def starts(cluster, directory: Path, count: int) -> tuple:
-    """(standalone p50, fleet p50) in ms. The two kinds of start alternate,
-    after one warm-up each, so both see the same machine: the same
-    nats-servers idling, the same heartbeats, the same tasks exiting."""
+    """(standalone p50, fleet p50 on the replica's own host, fleet p50 on
+    another host) in ms. The three kinds of start take turns, after one
+    warm-up each, so all see the same machine: the same nats-servers
+    idling, the same heartbeats, the same tasks exiting. The first replica
+    shares its connection with its own host's worker, as a fleet server
+    does; the second has no host of its own, so its starts are offered to
+    the other host."""
     standalone = TaskManager(state_dir=str(directory / "standalone"), stop_grace=1.0)
+    own_manager = TaskManager(state_dir=str(directory / "own"), stop_grace=1.0)
     host_manager = TaskManager(state_dir=str(directory / "host"), stop_grace=1.0)
+    own_connection = connect(cluster, "bench-own")
+    own = Worker(own_connection, own_manager, capacity=count + 2).start()
     worker = Worker(connect(cluster, "bench-host"), host_manager, capacity=count + 2).start()
-    replica = FleetBackend(connect(cluster, "bench-replica"))
-    local, fleet = [], []
+    here = FleetBackend(own_connection, local=own)
+    elsewhere = FleetBackend(connect(cluster, "bench-replica"))
+    kinds = ((standalone.start, []), (here.start, []), (elsewhere.start, []))
     for number in range(count + 1):
-        for start, samples in ((standalone.start, local), (replica.start, fleet)):
+        for start, samples in kinds:
             began = time.perf_counter()
             start("bench", "/bin/true")
             if number:  # the first of each is a warm-up
                 samples.append(time.perf_counter() - began)
     worker.stop()
-    host_manager.shutdown(timeout=5)
-    standalone.shutdown(timeout=5)
-    return p50_ms(local), p50_ms(fleet)
+    own.stop()
+    for manager in (host_manager, own_manager, standalone):
+        manager.shutdown(timeout=5)
+    return tuple(p50_ms(samples) for _, samples in kinds)
+
+
+def deployed_starts(directory: Path, count: int) -> tuple:
+    """(standalone p50, fleet p50, {host: starts}) in ms: StartTask through
+    the taskman client against a standalone taskman-server and against
+    replica a of three fleet taskman-servers, taking turns."""
+    import server_harness
+    import test_e2e
+
+    from taskman import pki
+
+    binary = nats_cluster.server_binary()
+    with test_e2e.Fleet(directory / "deployed", binary) as fleet:
+        state = directory / "standalone-server" / "state"
+        state.mkdir(parents=True, mode=0o700)
+        pki.PKI.open(str(state / "pki"), ca_directory=str(fleet.ca_dir), key_size=2048)
+        standalone = server_harness.Server(directory / "standalone-server", "--ca-dir",
+                                           str(fleet.ca_dir), copy_pki=False).start()
+        try:
+            marker = f"bench-start-{time.time_ns()}"
+            result = subprocess.run(
+                [sys.executable, "-c", CLIENT, str(count), "client001", marker,
+                 standalone.address, fleet.servers["a"].address],
+                capture_output=True, text=True, timeout=600,
+                env=server_harness.program_env(fleet.env))
+            if result.returncode != 0:
+                raise RuntimeError(result.stderr[-2000:])
+            local, placed = json.loads(result.stdout)
+            gevent.sleep(1)  # the audit logs have the last starts
+            hosts = fleet.hosts_of(marker)
+        finally:
+            assert standalone.stop() == 0, standalone.log()[-2000:]
+    return p50_ms(local), p50_ms(placed), hosts
 
 
 def one_follower(cluster, mebibytes: int, rounds: int = 3) -> tuple:
@@ -260,14 +326,32 @@ def main() -> int:
     parser.add_argument("--mebibytes", type=int, default=64)
     parser.add_argument("--ttl", type=float, default=15.0)
     parser.add_argument("--followers", type=int, default=100)
+    parser.add_argument("--only-starts", action="store_true",
+                        help="the two start rows alone (development)")
     arguments = parser.parse_args()
     TTL[0] = arguments.ttl
     with tempfile.TemporaryDirectory(prefix="taskman-bench-fleet-") as directory:
         directory = Path(directory)
+        served, through, hosts = deployed_starts(directory, arguments.starts)
+        deployed_row = ("StartTask /bin/true, p50, real servers and client",
+                        f"{through:.1f} ms (fleet replica a; ran on "
+                        + ", ".join(f"{name} {count}" for name, count in sorted(hosts.items()))
+                        + ")", f"{served:.1f} ms (standalone server)", f"{through / served:.1f}x")
+        if not arguments.only_starts:
+            print("  ".join(deployed_row), file=sys.stderr)
         cluster = nats_cluster.Cluster(directory / "nats", nats_cluster.server_binary())
         cluster.start()
         try:
-            local, fleet = starts(cluster, directory, arguments.starts)
+            local, here, fleet = starts(cluster, directory, arguments.starts)
+            start_rows = [
+                ("start /bin/true, p50, in process, on the replica's own host",
+                 f"{here:.1f} ms (fleet)", f"{local:.1f} ms (standalone)", f"{here / local:.1f}x"),
+                ("start /bin/true, p50, in process, on another host", f"{fleet:.1f} ms (fleet)",
+                 f"{local:.1f} ms (standalone)", f"{fleet / local:.1f}x")]
+            if arguments.only_starts:
+                for row in (deployed_row, *start_rows):
+                    print("  ".join(row))
+                return 0
             ours, bare = one_follower(cluster, arguments.mebibytes)
             print(f"start p50 {fleet:.1f} ms vs {local:.1f} ms; follower {ours:.1f} vs "
                   f"{bare:.1f} MiB/s", file=sys.stderr)
@@ -279,8 +363,8 @@ def main() -> int:
             cluster.stop()
             bridge.shared().close()
     rows = [
-        ("start /bin/true, p50", f"{fleet:.1f} ms (fleet)", f"{local:.1f} ms (standalone)",
-         f"{fleet / local:.1f}x"),
+        deployed_row,
+        *start_rows,
         (f"one follower on another connection, {arguments.mebibytes} MiB",
          f"{ours:.1f} MiB/s (fleet)", f"{bare:.1f} MiB/s (bare nats-py)", f"{ours / bare:.2f}x"),
         (f"dead host -> task recorded lost (TTL {arguments.ttl:g} s)",

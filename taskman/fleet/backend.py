@@ -12,7 +12,7 @@ import json
 import logging
 import time
 import uuid
-from typing import Iterable, Iterator, Mapping, Optional, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Optional, Protocol, runtime_checkable
 
 import gevent
 import gevent.event
@@ -25,6 +25,9 @@ from taskman.fleet.connection import Connection, control_subject
 from taskman.fleet.records import Record, Records
 from taskman.output import Chunk, Selector, data_only
 from taskman.task import JobStatus, Task, parse_task_id
+
+if TYPE_CHECKING:
+    from taskman.fleet.worker import Worker
 
 log = logging.getLogger("taskman.fleet.backend")
 
@@ -69,8 +72,12 @@ class FleetBackend:
 
     def __init__(self, connection: Connection, admins: Iterable[str] = (ADMIN,),
                  placement_timeout: float = offers.PLACEMENT_TIMEOUT,
-                 running_quota: int = 0):
+                 running_quota: int = 0, local: Optional["Worker"] = None):
         self.connection = connection
+        # This server's own host (a fleet server is both), which takes a
+        # start with no offer between connections when it is among the least
+        # loaded hosts (``_here``); None: a replica with no host of its own.
+        self.local = local
         self.records = Records(connection)
         self.admins = frozenset(admins)
         self.placement_timeout = placement_timeout
@@ -137,9 +144,31 @@ class FleetBackend:
         self._check_placement(owner, labels)
         record = Record(id=str(uuid.uuid4()), owner=owner, command=command, args=list(args),
                         separate_streams=separate_streams, labels=labels)
-        placed = offers.place(self.records, record, self.placement_timeout)
+        placed = self._here(record) or offers.place(self.records, record, self.placement_timeout)
         self._placed_since[owner] += 1
         return placed.to_task()
+
+    def _here(self, record: Record) -> Optional[Record]:
+        """Run the start on this server's own host if it has room and is
+        among the least loaded live hosts (running over capacity, as their
+        heartbeats said and this host counts now): the claim is the same
+        replicated create as any host's, but no offer and no answer cross
+        the fleet. None: offer it to the fleet. Ties stay here, so starts
+        spread as the replicas clients use do; a replica that gets every
+        start still sends them on as soon as another host is less loaded."""
+        local = self.local
+        if local is None:
+            return None
+        load = 1 - local.claimer.free() / local.capacity
+        for node, beat in self._live_hosts().items():
+            capacity = beat.get("capacity") or 0
+            if node != local.node and capacity and beat.get("running", 0) / capacity < load:
+                return None
+        record.requested_time = time.time()
+        claimed = local.claimer.claim_here(record, self.placement_timeout)
+        if claimed is not None:
+            return offers.outcome(claimed)
+        return None
 
     def _lookup(self, requester: str, task_id: str) -> Record:
         task_id = parse_task_id(task_id)

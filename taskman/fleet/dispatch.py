@@ -104,12 +104,13 @@ class Claimer:
         if self._greenlet is not None:
             self._greenlet.kill(timeout=5)
 
-    def _free(self) -> int:
+    def free(self) -> int:
+        """How many more starts this host takes now (claims in flight count)."""
         return self.room() - self._claiming
 
     def _pull(self) -> None:
         while not self._stopped.is_set():
-            if self._free() <= 0:
+            if self.free() <= 0:
                 self._stopped.wait(0.05)
                 continue
             try:
@@ -150,7 +151,7 @@ class Claimer:
         except (ValueError, TypeError) as error:  # not an offer: the replica queues it
             log.warning("dispatch: a malformed direct offer: %r", error)
             return
-        if self._stopped.is_set() or self._free() <= 0 or not has_labels(self.labels,
+        if self._stopped.is_set() or self.free() <= 0 or not has_labels(self.labels,
                                                                          record.labels):
             await self._pass(message)
             return
@@ -188,7 +189,7 @@ class Claimer:
             if expires and time.time() > expires + CLOCK_SLACK:  # refused by now
                 await message.ack()
                 continue
-            if not has_labels(self.labels, record.labels) or self._free() <= 0:
+            if not has_labels(self.labels, record.labels) or self.free() <= 0:
                 await message.nak(delay=PASS_DELAY)
                 continue
             try:
@@ -201,6 +202,32 @@ class Claimer:
                 continue
             won.append((record, revision, message))
         return won
+
+    def claim_here(self, record: Record, timeout: float) -> Optional[Record]:
+        """The replica's shortcut when this host is its own: claim a new
+        start here and run it, with no offer and no answer between
+        connections. The record as it ran (``running``, pid) or as it was
+        refused (``refused``, error); None if this host has no room or
+        lacks the labels now (offer it to the fleet instead). The claim is
+        the same create as any host's: it is stored before the task runs."""
+        if self._stopped.is_set() or self.free() <= 0 or not has_labels(self.labels,
+                                                                         record.labels):
+            return None
+        try:
+            revision = self.connection.call(self._claim(record), timeout)
+        except TaskmanError as error:  # the claim may be stored all the same: never run
+            record.phase = REFUSED
+            record.error = f"the fleet did not confirm the claim: {error}"
+            record.error_kind = type(error).__name__
+            gevent.spawn(self._settle, record, 0)
+            raise
+        if revision is None:  # a fresh id is nobody's: only a replayed start gets here
+            return None
+        try:
+            self._run_claimed(record, revision, None)
+        finally:
+            self._claiming -= 1
+        return record
 
     def claim(self, record: Record, message=None) -> bool:
         """Take the offered task unless some host (or the replica's

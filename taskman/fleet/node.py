@@ -41,9 +41,9 @@ class FleetNode:
         """Join the fleet. Raises Unavailable (no NATS server answered) or
         ConfigError (refused)."""
         self.connection = Connection(bridge.shared(), self.settings).open(timeout)
-        self.backend = FleetBackend(self.connection, self.admins,
-                                    running_quota=self.running_quota)
         self.worker = Worker(self.connection, self.manager, self.capacity).start()
+        self.backend = FleetBackend(self.connection, self.admins,
+                                    running_quota=self.running_quota, local=self.worker)
         return self
 
     def close(self, leave: bool = True) -> None:

@@ -49,7 +49,7 @@ def place(records: Records, record: Record, timeout: float = PLACEMENT_TIMEOUT) 
         while answer is None and time.monotonic() < deadline:
             try:
                 found, _ = records.get(record.id)
-                return _outcome(found)
+                return outcome(found)
             except NotFound:  # not claimed yet (or its answer is on the way)
                 pass
             wait = max(0.0, min(LOOK, deadline - time.monotonic()))
@@ -58,14 +58,14 @@ def place(records: Records, record: Record, timeout: float = PLACEMENT_TIMEOUT) 
         if answer is None:
             connection.call(_quietly_unsubscribe(subscription), 5.0)
     if answer is not None:
-        return _outcome(Record.decode(answer))
+        return outcome(Record.decode(answer))
     record.phase = REFUSED
     record.error = f"no host in the fleet had room for the task within {timeout:g} s"
     record.error_kind = ResourceExhausted.__name__
     try:
         records.create(record)
     except Conflict:  # a host claimed it just now: it has it
-        return _outcome(records.get(record.id)[0])
+        return outcome(records.get(record.id)[0])
     raise rebuild_error(record)
 
 
@@ -118,7 +118,7 @@ async def _quietly_unsubscribe(subscription) -> None:
         pass
 
 
-def _outcome(record: Record) -> Record:
+def outcome(record: Record) -> Record:
     if record.phase == REFUSED:
         raise rebuild_error(record)
     return record

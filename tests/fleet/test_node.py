@@ -6,7 +6,7 @@ import uuid
 import gevent
 import pytest
 
-from taskman.errors import ConfigError, NotFound
+from taskman.errors import CommandNotFound, ConfigError, NotFound
 from taskman.fleet import liveness, output
 from taskman.fleet.backend import FleetBackend, wait_ended
 from taskman.fleet.connection import Settings
@@ -123,3 +123,35 @@ def test_a_restarted_host_takes_its_tasks_back(cluster, connect, tmp_path):
             worker.stop()
     finally:
         manager.shutdown(timeout=5)
+
+
+def test_a_start_runs_on_the_replicas_own_host_while_it_has_room(cluster, connect, tmp_path):
+    """A fleet server's replica claims a start for its own host (no offer
+    between connections) while that host has room and is among the least
+    loaded; full, it offers the next start to the fleet, and another host
+    runs it. Refusals and errors are the host's as before."""
+    certificate, key = cluster.authority.issue("node-own")
+    settings = Settings(servers=cluster.urls, node=f"node-own-{uuid.uuid4().hex[:6]}",
+                        ca_file=cluster.authority.ca_file, certificate_file=certificate,
+                        key_file=key, heartbeat_ttl=3.0)
+    manager = TaskManager(state_dir=str(tmp_path / "own"), stop_grace=1.0)
+    other_manager = TaskManager(state_dir=str(tmp_path / "other"), stop_grace=1.0)
+    other = Worker(connect("other"), other_manager, capacity=2).start()
+    node = FleetNode(settings, manager, capacity=1).open()
+    try:
+        records = Records(node.connection)
+        here = node.backend.start("alice", "sleep", ["30"])
+        assert records.get(here.id)[0].host == settings.node
+        assert manager.status("alice", here.id).running
+        elsewhere = node.backend.start("alice", "sleep", ["30"])
+        assert records.get(elsewhere.id)[0].host == other.node
+        with pytest.raises(CommandNotFound):
+            node.backend.stop("alice", here.id)
+            gevent.sleep(0.5)
+            node.backend.start("alice", "no-such-command-anywhere")
+        node.backend.stop("alice", elsewhere.id)
+    finally:
+        manager.shutdown(timeout=5)
+        other.stop()
+        other_manager.shutdown(timeout=5)
+        node.close()
