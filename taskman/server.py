@@ -98,8 +98,7 @@ def serve(settings: "Settings", adopted=None) -> int:
                                                    slice_limits=settings.slice_limits))
         # Tasks run as other uids: the gate, the user map, and files they cannot open.
         task_users = _setting_up(lambda: users.for_server(settings.user_map, settings.uid_range))
-        _setting_up(lambda: private.close_to_tasks((state_dir, settings.audit_path(state_dir),
-                                                    settings.server_key, settings.ca_key)))
+        close_to_tasks(settings, state_dir, reloaded=adopted is not None)
         # The one Quotas of this server, the manager's and the servicer's;
         # Holdings counts for it once attached to the manager.
         holdings = Holdings()
@@ -232,6 +231,23 @@ def _setting_up(make):
     except OSError as error:
         raise ConfigError(f"cannot set up tasks: {error.strerror} "
                           f"({error.filename or ''})") from None
+
+
+def close_to_tasks(settings: "Settings", state_dir: str, reloaded: bool = False) -> None:
+    """Close the state directory and the keys to tasks (taskman.private);
+    ConfigError if that fails. After a reload only an ERROR line: the
+    previous image served with these files as they are, and a new image
+    that refused to start would end every task it was handed (a reload's
+    ``--check`` does not walk them: taskman.cli.check)."""
+    paths = (state_dir, settings.audit_path(state_dir), settings.server_key, settings.ca_key)
+    if not reloaded:
+        _setting_up(lambda: private.close_to_tasks(paths))
+        return
+    try:
+        private.close_to_tasks(paths)
+    except OSError as error:
+        log.error("cannot close the server's files to tasks: %s (%s); serving on as the "
+                  "previous image did", error.strerror, error.filename or "")
 
 
 def bind(server, address: str, credentials) -> int:

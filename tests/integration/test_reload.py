@@ -217,3 +217,24 @@ def test_a_new_image_that_cannot_start_ends_the_tasks_cleanly(start, tmp_path):
         assert row["STATUS"] == "JOB_STATUS_SIGNALED" and row["SOURCE"] == "server"
     finally:
         assert again.stop() == 0
+
+
+def test_a_reloaded_image_serves_on_when_it_cannot_close_its_files(monkeypatch, tmp_path,
+                                                                    caplog):
+    """A reload's --check no longer walks the file modes, so the new image
+    must not refuse to start (and end every task) over one it cannot fix."""
+    from types import SimpleNamespace
+
+    from taskman import private, server
+    from taskman.errors import ConfigError
+
+    def cannot(paths):
+        raise PermissionError(1, "Operation not permitted", str(tmp_path / "stuck"))
+
+    monkeypatch.setattr(private, "close_to_tasks", cannot)
+    settings = SimpleNamespace(audit_path=lambda state_dir: os.path.join(state_dir, "audit.log"),
+                               server_key=None, ca_key=None)
+    with pytest.raises(ConfigError, match="cannot set up tasks: Operation not permitted"):
+        server.close_to_tasks(settings, str(tmp_path))
+    server.close_to_tasks(settings, str(tmp_path), reloaded=True)
+    assert "serving on as the previous image did" in caplog.text
