@@ -63,9 +63,13 @@ def section_peer(bench) -> None:
 def cli_starts(bench, supervisord, cli: str, count: int) -> Dict[str, dict]:
     """`taskman start`, `supervisorctl start` and the floor, each as a user
     types it (interpreter start included), interleaved one by one."""
-    timed: Dict[str, List[float]] = {"taskman_ctl_start": [], "ctl_start": [], "cli_floor": []}
+    timed: Dict[str, List[float]] = {"taskman_ctl_start": [], "ctl_start": [], "cli_floor": [],
+                                     "python": [], "import_grpc": []}
     floor_command = [sys.executable, os.path.join(common.BENCH_DIR, "cli_floor.py"),
                      bench.ceiling.address]
+    # The floor's parts: the interpreter alone, then with grpc imported.
+    parts = {"python": [sys.executable, "-c", "pass"],
+             "import_grpc": [sys.executable, "-c", "import grpc"]}
     for _ in range(count):
         began = time.perf_counter()
         subprocess.run([sys.executable, cli, "start", "--user-id", USER, "--server-address",
@@ -76,6 +80,10 @@ def cli_starts(bench, supervisord, cli: str, count: int) -> Dict[str, dict]:
         began = time.perf_counter()
         subprocess.run(floor_command, check=True, timeout=60)
         timed["cli_floor"].append(time.perf_counter() - began)
+        for name, command in parts.items():
+            began = time.perf_counter()
+            subprocess.run(command, check=True, timeout=60)
+            timed[name].append(time.perf_counter() - began)
     return {name: stats(values) for name, values in timed.items()}
 
 

@@ -187,9 +187,16 @@ def cli_rows(peer: Optional[dict]) -> List[Row]:
     rows = [Row("4", "`taskman start` CLI p50", ms(mine), "`supervisorctl start`",
                 ms(peer["ctl_start"]["p50"]), format_ratio(value), goal, at_most(value, 1.0))]
     if "cli_floor" in peer:
+        floor = peer["cli_floor"]["p50"]
+        # The floor is what any gRPC CLI pays; where it is above supervisorctl
+        # already, the target is out of reach for every gRPC client, and
+        # how close taskman comes to the floor is what is left to judge.
+        rows.append(Row("4", "the floor itself: python, import grpc, one mTLS unary call", ms(floor),
+                        "`supervisorctl start`", ms(peer["ctl_start"]["p50"]),
+                        format_ratio(ratio(floor, peer["ctl_start"]["p50"])), "", None))
         rows.append(Row("4", "`taskman start` CLI p50, beside its floor", ms(mine),
-                        "floor: python, import grpc, one mTLS unary call", ms(peer["cli_floor"]["p50"]),
-                        format_ratio(ratio(mine, peer["cli_floor"]["p50"])), "", None))
+                        "floor: python, import grpc, one mTLS unary call", ms(floor),
+                        format_ratio(ratio(mine, floor)), "", None))
     return rows
 
 
