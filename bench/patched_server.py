@@ -8,6 +8,13 @@ FIXES is a comma-separated subset of the proposals not (yet) in the library
 (``pump`` and ``thread`` landed in commit 4b24a6a and were removed here):
   slots   at most 64 streams hold a chunk in flight at once
   empty   answer HierarchyDriver.is_empty from the unified group alone
+The others take one piece off every call's path, to measure what it costs
+(#20 target 3: GetTaskStatus against a bare unary call):
+  nolog      no log line per call (the taskman.service logger at WARNING)
+  noaudit    no audit record per call (AuditLog.call does nothing)
+  noversion  no version header per call (its own batch before the reply)
+  stamp      the revocation list's file stat once a second, not per call
+  noturns    no call turns (CallTurns.take grants at once)
 The patches replace library functions at start-up; nothing on disk changes.
 """
 
@@ -87,7 +94,51 @@ def patch_empty() -> None:
     HierarchyDriver.is_empty = is_empty
 
 
-PATCHES = {"slots": patch_slots, "empty": patch_empty}
+def patch_nolog() -> None:
+    import logging
+
+    logging.getLogger("taskman.service").setLevel(logging.WARNING)
+
+
+def patch_noaudit() -> None:
+    from taskman.audit import AuditLog
+
+    AuditLog.call = lambda self, *args, **kwargs: None
+
+
+def patch_noversion() -> None:
+    from taskman import guard
+
+    guard._send_version = lambda context: None
+
+
+def patch_stamp() -> None:
+    import time
+
+    from taskman.credentials import Peers
+
+    original = Peers.identify
+    checked = {}
+
+    def identify(self, pem):
+        now = time.monotonic()
+        if now - checked.get(id(self), 0.0) < 1.0:
+            return self.check.identify(pem)
+        checked[id(self)] = now
+        return original(self, pem)
+
+    Peers.identify = identify
+
+
+def patch_noturns() -> None:
+    from taskman.turns import CallTurns
+
+    CallTurns.take = lambda self, user: (lambda: None)
+
+
+PATCHES = {"slots": patch_slots, "empty": patch_empty, "nolog": patch_nolog,
+           "noaudit": patch_noaudit, "noversion": patch_noversion, "stamp": patch_stamp,
+           "noturns": patch_noturns}
 
 if __name__ == "__main__":
     for name in FIXES:
