@@ -365,6 +365,7 @@ def _peer(results: dict) -> List[str]:
         floor_line("the CLI floor (python, import grpc, one mTLS call), p50", "cli_floor")
         floor_line("&nbsp;&nbsp;&nbsp;&nbsp;of which python and `import grpc`, p50", "import_grpc")
         floor_line("&nbsp;&nbsp;&nbsp;&nbsp;of which python alone (`python -c pass`), p50", "python")
+        floor_line("python, `import grpc` and taskman's generated modules (protobuf), p50", "import_api")
     tail = peer["tail"]
     tail_rate = tail["bytes"] / tail["seconds"]
     if "taskman_cli_stream" in peer:

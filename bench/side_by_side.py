@@ -64,12 +64,15 @@ def cli_starts(bench, supervisord, cli: str, count: int) -> Dict[str, dict]:
     """`taskman start`, `supervisorctl start` and the floor, each as a user
     types it (interpreter start included), interleaved one by one."""
     timed: Dict[str, List[float]] = {"taskman_ctl_start": [], "ctl_start": [], "cli_floor": [],
-                                     "python": [], "import_grpc": []}
+                                     "python": [], "import_grpc": [], "import_api": []}
     floor_command = [sys.executable, os.path.join(common.BENCH_DIR, "cli_floor.py"),
                      bench.ceiling.address]
-    # The floor's parts: the interpreter alone, then with grpc imported.
+    # The floor's parts: the interpreter alone, then with grpc imported; and
+    # grpc with taskman's generated modules (protobuf's runtime), which the
+    # floor leaves out (it sends raw bytes) and every typed client imports.
     parts = {"python": [sys.executable, "-c", "pass"],
-             "import_grpc": [sys.executable, "-c", "import grpc"]}
+             "import_grpc": [sys.executable, "-c", "import grpc"],
+             "import_api": [sys.executable, "-c", "import grpc, taskman.api.task_manager_pb2_grpc"]}
     for _ in range(count):
         began = time.perf_counter()
         subprocess.run([sys.executable, cli, "start", "--user-id", USER, "--server-address",
