@@ -101,8 +101,11 @@ class CallGuard:
         self.open_streams = 0
         self.max_health_streams = max_health_streams
         self.open_health_streams = 0
-        self.send_turns = send_turns or turns.Turns()
-        self.call_turns = call_turns or turns.CallTurns()
+        # One record of who is active, so a user streaming counts as active
+        # for another's calls and the other way round.
+        activity = turns.Activity()
+        self.send_turns = send_turns or turns.Turns(activity=activity)
+        self.call_turns = call_turns or turns.CallTurns(activity=activity)
         self.audit = audit
         self.metrics = metrics
         # Who callers are: a pki.PeerCheck or credentials.Peers (revocations).
