@@ -16,6 +16,11 @@ inbox. Every host pulls from one shared durable consumer, and only while it
 has room, so such an offer waits for free room; the host claims it the same
 way and acks the message after answering.
 
+A replica whose own host (the same server, the same connection) has room
+and is among the least loaded live hosts skips the offer: it claims with the
+same create and runs the start there (``claim_here``), so no message crosses
+the fleet on the way but the claim's replicated write.
+
 The replica waits, bounded, for an answer (looking at the bucket now and
 then, should the answer be lost); if none came, it creates the record itself
 as ``refused``, and a host that claims later loses that race. Until a host
