@@ -259,6 +259,7 @@ def adopt(path: str):
     # and start-up before it keep the reload's boost; nothing is spawned
     # before it (taskman.reload.restore_priority).
     gevent.spawn(reload.restore_priority, reload.take_nice())
+    gevent.spawn(reload.restore_autogroup, reload.take_autogroup_nice())
     try:
         state = handover.read(path)
     except handover.HandoverError as error:

@@ -37,6 +37,9 @@ VARIABLE = "TASKMAN_HANDOVER"
 # (taskman.reload.boost_priority): the new image goes back to it before it
 # spawns anything, also when the hand-over itself cannot be read.
 NICE_VARIABLE = "TASKMAN_RELOAD_NICE"
+# The same for the nice value of the server's autogroup (its session's
+# share of the CPU, taskman.reload.boost_autogroup).
+AUTOGROUP_NICE_VARIABLE = "TASKMAN_RELOAD_AUTOGROUP_NICE"
 # Set for the ``--check`` a reload runs: it checks what the new image needs
 # to start, and skips what only informs an operator (taskman.cli.check).
 CHECK_VARIABLE = "TASKMAN_RELOAD_CHECK"

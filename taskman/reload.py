@@ -46,6 +46,11 @@ REAP_TIMEOUT = 10.0
 # waits in its pipe, so the new image's start-up should not queue behind
 # the tasks for the CPU (docs/operations.md, "Upgrading").
 PRIORITY_BOOST = 10
+# With the kernel's autogroup scheduling (sched_autogroup_enabled) the CPU
+# is shared between sessions first, and a nice value counts only among the
+# threads of one session: every task is a session of its own (setsid), so
+# the server's session is boosted as a whole too.
+AUTOGROUP = "/proc/self/autogroup"
 
 try:  # the real waitpid: gevent's patched one is cooperative only for pids it spawned
     from gevent.monkey import get_original
@@ -146,6 +151,39 @@ def boost_priority(pid: int = 0) -> Optional[int]:
     return before
 
 
+def boost_autogroup() -> Optional[int]:
+    """Lower the nice value of this process's autogroup (its session: the
+    server and its ``--check``, never a task) by PRIORITY_BOOST; return the
+    value before, or None without autogroups or the right to (not root)."""
+    try:
+        with open(AUTOGROUP) as file:
+            before = int(file.read().split()[-1])  # "/autogroup-123 nice 0"
+        with open(AUTOGROUP, "w") as file:
+            file.write(str(max(before - PRIORITY_BOOST, -20)))
+    except (OSError, ValueError, IndexError):
+        return None
+    return before
+
+
+def restore_autogroup(nice: Optional[int]) -> None:
+    """This process's autogroup back at nice value ``nice``; nothing for None."""
+    if nice is None:
+        return
+    try:
+        with open(AUTOGROUP, "w") as file:
+            file.write(str(nice))
+    except OSError:
+        pass  # the boost then lasts as long as this session
+
+
+def take_autogroup_nice() -> Optional[int]:
+    """As ``take_nice``, for the autogroup's value (``boost_autogroup``)."""
+    try:
+        return int(os.environ.pop(handover_format.AUTOGROUP_NICE_VARIABLE, ""))
+    except ValueError:
+        return None
+
+
 def take_nice() -> Optional[int]:
     """The nice value a reload's ``exec_image`` asked this image to go back
     to, if any; removed from the environment so no task sees it."""
@@ -209,9 +247,11 @@ def unblock_signal() -> None:
 
 
 def exec_image(program: str, options: List[str], handover_path: str,
-               fds: Iterable[int], nice: Optional[int] = None) -> None:
+               fds: Iterable[int], nice: Optional[int] = None,
+               autogroup_nice: Optional[int] = None) -> None:
     """Exec ``program options...`` with the hand-over named in the environment
-    (and ``nice``, the value to go back to after a ``boost_priority``).
+    (and ``nice``, the value to go back to after a ``boost_priority``;
+    ``autogroup_nice``, after a ``boost_autogroup``).
 
     ``fds`` (the tasks' output pipes) are made inheritable only now: left
     so earlier, every task spawned meanwhile would inherit them. Returns
@@ -224,11 +264,14 @@ def exec_image(program: str, options: List[str], handover_path: str,
     os.environ[handover_format.VARIABLE] = handover_path
     if nice is not None:
         os.environ[handover_format.NICE_VARIABLE] = str(nice)
+    if autogroup_nice is not None:
+        os.environ[handover_format.AUTOGROUP_NICE_VARIABLE] = str(autogroup_nice)
     try:
         os.execv(program, [program, *options])
     except OSError as error:
         os.environ.pop(handover_format.VARIABLE, None)
         os.environ.pop(handover_format.NICE_VARIABLE, None)
+        os.environ.pop(handover_format.AUTOGROUP_NICE_VARIABLE, None)
         for fd in fds:
             os.set_inheritable(fd, False)
         raise ReloadRefused(f"cannot exec {program}: {error.strerror}") from None

@@ -22,10 +22,12 @@ from taskman.reload import (
     Guard,
     ReloadRefused,
     block_signal,
+    boost_autogroup,
     boost_priority,
     check,
     exec_image,
     installed_program,
+    restore_autogroup,
     restore_priority,
     unblock_signal,
 )
@@ -69,6 +71,7 @@ class Reloader:
         self.requested = False
         self.terminating = False  # SIGTERM or SIGINT came: no reload, a stop
         self.program = ""
+        self.autogroup_nice = None  # to go back to (taskman.reload.boost_autogroup)
         self.manager = manager
         self.stop_deadlines = StopDeadlines(manager.stop_grace)
         manager.listeners.append(self.stop_deadlines)
@@ -87,25 +90,37 @@ class Reloader:
                 log.warning("SIGHUP: a reload is already under way; ignored")
                 return
             log.info("SIGHUP: checking the installed %s before reloading", PROGRAM)
+            # The whole session ahead, the check included, until the reload
+            # is refused or the new image serves.
+            self.autogroup_nice = boost_autogroup()
             try:
-                program = installed_program()
-            except ReloadRefused as error:
-                return self._refuse(str(error))
-            passed, text = check(program, self.options)
-            if not passed:
-                failed = [line for line in text.splitlines() if "FAIL" in line] or \
-                    text.splitlines()[-1:] or ["no output"]
-                return self._refuse(f"{program} --check failed: {'; '.join(failed)}")
-            # Paused while still serving: if the output cannot be put down,
-            # the server runs on as it was.
-            if not self._pause():
-                return self._refuse("task output still being written after "
-                                    f"{PAUSE_TIMEOUT:g}s")
-            if self.terminating:
-                self._resume()
-                return
-            self.program, self.requested = program, True
-            self.wake.set()
+                self._check_and_pause()
+            finally:
+                if not self.requested:
+                    restore_autogroup(self.autogroup_nice)
+
+    def _check_and_pause(self) -> None:
+        """The check, then the pumps paused; ``requested`` set and ``wake`` woken
+        if the reload goes on."""
+        try:
+            program = installed_program()
+        except ReloadRefused as error:
+            return self._refuse(str(error))
+        passed, text = check(program, self.options)
+        if not passed:
+            failed = [line for line in text.splitlines() if "FAIL" in line] or \
+                text.splitlines()[-1:] or ["no output"]
+            return self._refuse(f"{program} --check failed: {'; '.join(failed)}")
+        # Paused while still serving: if the output cannot be put down,
+        # the server runs on as it was.
+        if not self._pause():
+            return self._refuse("task output still being written after "
+                                f"{PAUSE_TIMEOUT:g}s")
+        if self.terminating:
+            self._resume()
+            return
+        self.program, self.requested = program, True
+        self.wake.set()
 
     def _pause(self) -> bool:
         if adoption.pause(adoption.running(self.manager.entries()), PAUSE_TIMEOUT):
@@ -142,6 +157,7 @@ class Reloader:
                 log.error("reload failed: task output still being written after %gs; "
                           "stopping as on SIGTERM", PAUSE_TIMEOUT)
             restore_priority(nice)
+            restore_autogroup(self.autogroup_nice)
             adoption.resume(entries)
             return
         # From here to the exec nothing may yield: the pumps are paused, and
@@ -150,9 +166,10 @@ class Reloader:
         try:
             state = adoption.capture(entries, port, self.stop_deadlines, uids)
             path = handover_format.write(state, state_dir)
-            exec_image(self.program, self.options, path, state.fds, nice)
+            exec_image(self.program, self.options, path, state.fds, nice, self.autogroup_nice)
         except (OSError, ReloadRefused) as error:
             restore_priority(nice)
+            restore_autogroup(self.autogroup_nice)
             handover_format.remove(handover_format.path_in(state_dir))
             log.error("reload failed before the exec: %s; stopping as on SIGTERM",
                       getattr(error, "strerror", None) or error)

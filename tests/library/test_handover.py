@@ -292,6 +292,34 @@ def test_boost_priority_then_restore_every_thread():
     assert result.returncode == 0, result.stderr
 
 
+AUTOGROUP_BOOST = """
+import os
+from taskman import reload
+def autogroup():
+    with open(reload.AUTOGROUP) as file:
+        return int(file.read().split()[-1])
+before = autogroup()
+nice = reload.boost_autogroup()
+if nice is None:
+    raise SystemExit(77)  # no autogroups here, or not root
+assert nice == before and autogroup() == max(before - reload.PRIORITY_BOOST, -20)
+os.environ[reload.handover_format.AUTOGROUP_NICE_VARIABLE] = str(nice)
+reload.restore_autogroup(reload.take_autogroup_nice())
+assert autogroup() == before
+assert reload.handover_format.AUTOGROUP_NICE_VARIABLE not in os.environ
+assert reload.take_autogroup_nice() is None
+"""
+
+
+def test_boost_autogroup_then_restore():
+    """In a session of its own: the boost is the session's (its autogroup)."""
+    result = subprocess.run([sys.executable, "-c", AUTOGROUP_BOOST], capture_output=True,
+                            text=True, timeout=60, start_new_session=True)
+    if result.returncode == 77:
+        pytest.skip("no autogroup scheduling here, or not root")
+    assert result.returncode == 0, result.stderr
+
+
 def test_take_handover_path(monkeypatch):
     monkeypatch.setenv(handover.VARIABLE, "/state/handover.json")
     assert reload.take_handover_path() == "/state/handover.json"
