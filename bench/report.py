@@ -249,11 +249,16 @@ def _fanout(results: dict) -> List[str]:
            "and every follower opens its stream at once. Aggregate = N × size / (task start → last "
            "follower done). Time to first byte: stream opened → first message, per follower. The "
            "*ceiling* row: the same followers read the same bytes from a fresh bench/ceiling.py, "
-           "which `pread`s the file 64 KiB at a time; its RSS columns are the ceiling server's.", "",
+           "which `pread`s the file 64 KiB at a time; its RSS columns are the ceiling server's. The "
+           "largest count runs on a fresh taskman-server too (*fresh*), started for it like the "
+           "ceiling, so both start from an empty server; the smaller counts run on the bench's own. "
+           "Compare the time to first byte as well as the RSS: a server that takes on its streams a few "
+           "at a time (a long time to first byte) has fewer streams sending, and so fewer connections "
+           "holding data in flight, at any moment.", "",
            "| followers | size each | byte-exact | errors | task time | aggregate | TTFB p50 | TTFB p99 | "
            "connect all | RSS idle | RSS connected | RSS peak |",
            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    rows = [(row, "") for row in fanout["rows"]]
+    rows = [(row, " (fresh)" if row.get("fresh_server") else "") for row in fanout["rows"]]
     if fanout.get("ceiling"):
         rows.append((fanout["ceiling"], " (ceiling)"))
     for row, label in rows:

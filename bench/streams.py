@@ -12,7 +12,7 @@ from typing import Dict, List
 import common
 from common import GiB, MiB, fmt_mib, fmt_ms, fmt_rate, median, percentile, stats
 from harness import follow
-from servers import UNCONFINED_USER, CeilingServer
+from servers import UNCONFINED_USER, CeilingServer, TaskmanServer
 
 
 def section_stream(bench) -> None:
@@ -97,17 +97,39 @@ def section_fanout(bench) -> None:
         if count == max(bench.args.fanout):
             with CeilingServer(bench.workdir, "fanout-ceiling") as ceiling:
                 ceiling_row = _fanout_once(bench, count, size, data_path, ceiling)
+            # On a fresh taskman-server too, so both RSS columns start from an
+            # empty server: the bench's own keeps what the sections before
+            # it left (about 50 MiB more in a full run).
+            rows.append(_fanout_fresh(bench, count, size, data_path))
+            continue
         rows.append(_fanout_once(bench, count, size, data_path))
     os.unlink(data_path)
     bench.results["fanout"] = {"rows": rows, "ceiling": ceiling_row}
 
 
-def _fanout_once(bench, count: int, size: int, data_path: str, ceiling=None) -> dict:
+def _fanout_fresh(bench, count: int, size: int, data_path: str) -> dict:
+    """``_fanout_once`` on a taskman-server started for it."""
+    from taskman.client import TaskmanClient
+
+    directory = os.path.join(bench.workdir, "fanout-fresh")
+    os.makedirs(directory)
+    server = TaskmanServer(directory, bench.server.command[1], count + 100,
+                           cgroup_root="taskman-bench-fanout")
+    with server, TaskmanClient(server.address, UNCONFINED_USER) as client:
+        row = _fanout_once(bench, count, size, data_path, server=server, client=client)
+    row["fresh_server"] = True
+    return row
+
+
+def _fanout_once(bench, count: int, size: int, data_path: str, ceiling=None, server=None,
+                 client=None) -> dict:
     expected = sha256_prefix(data_path, size)
     processes = min(4, max(1, (count + 249) // 250))
     shares = [count // processes + (1 if index < count % processes else 0)
               for index in range(processes)]
-    target = ceiling if ceiling is not None else bench.server
+    server = server or bench.server
+    client = client or bench.unconfined_client
+    target = ceiling if ceiling is not None else server
     environment = dict(os.environ, BENCH_USER=UNCONFINED_USER)
     rss_idle = common.rss_bytes(target.pid)
     began_connect = time.perf_counter()
@@ -119,7 +141,7 @@ def _fanout_once(bench, count: int, size: int, data_path: str, ceiling=None) -> 
     with common.RssSampler(target.pid, interval=0.05) as rss:
         began_wall = time.time()
         if ceiling is None:
-            task_id = bench.unconfined_client.start("head", ["-c", str(size), data_path])
+            task_id = client.start("head", ["-c", str(size), data_path])
         else:
             task_id = f"{size}@{data_path}"
         for worker in workers:
@@ -137,8 +159,8 @@ def _fanout_once(bench, count: int, size: int, data_path: str, ceiling=None) -> 
     ttfbs = [follower["ttfb"] for follower in followers if follower["ttfb"] is not None]
     task_seconds = None
     if ceiling is None:
-        status = bench.wait_ended(task_id, 60, client=bench.unconfined_client)
-        bench.server.discard_output(task_id)
+        status = bench.wait_ended(task_id, 60, client=client)
+        server.discard_output(task_id)
         task_seconds = (status.end_time - status.start_time).total_seconds()
     row = {"followers": count, "bytes_each": size, "task_seconds": task_seconds, "exact": exact,
            "errors": errors, "error_samples": error_samples[:3], "seconds": elapsed,
