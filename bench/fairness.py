@@ -67,6 +67,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--keep-logs", default=None, metavar="DIR",
                         help="copy each round's server log into DIR (to read the server's "
                              "own call times)")
+    parser.add_argument("--server-option", action="append", default=[], metavar="OPTION",
+                        help="one more taskman-server option (repeat; e.g. "
+                             "--server-option=--cpu-period-us=100000)")
+    parser.add_argument("--task-cpu-shares", type=int, default=0, metavar="N",
+                        help="write N to the task root group's cpu.shares once the server "
+                             "is up (hybrid cgroups; 0: leave it): does the flood's tasks' "
+                             "CPU delay the server?")
     parser.add_argument("--flood", default=None, metavar="ADDRESS",
                         help=argparse.SUPPRESS)  # the flooding child process
     return parser.parse_args(argv)
@@ -78,14 +85,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 class Server:
     """taskman-server with default quotas, its own state dir and cgroup root."""
 
-    def __init__(self, workdir: str, script: str, name: str):
+    def __init__(self, workdir: str, script: str, name: str, options=(), cpu_shares: int = 0):
         self.port = common.free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = os.path.join(workdir, "taskman-server.log")
+        self.cgroup_root = f"taskman-fairness-{os.getpid()}-{name}"
         self.command = [sys.executable, script, "--server-address", self.address,
                         "--state-dir", os.path.join(workdir, "state"),
-                        "--cgroup-root", f"taskman-fairness-{os.getpid()}-{name}",
-                        "--stop-grace", "2", "--quota-output-bytes", OUTPUT_QUOTA]
+                        "--cgroup-root", self.cgroup_root,
+                        "--stop-grace", "2", "--quota-output-bytes", OUTPUT_QUOTA, *options]
+        self.cpu_shares = cpu_shares
         self.proc = None
 
     def __enter__(self) -> "Server":
@@ -94,6 +103,10 @@ class Server:
                                          start_new_session=True)
         try:
             common.wait_for_port(self.port, 90, self.proc)
+            if self.cpu_shares:
+                # The group this server made for its tasks (hybrid layout).
+                with open(f"/sys/fs/cgroup/cpu/{self.cgroup_root}/cpu.shares", "w") as handle:
+                    handle.write(str(self.cpu_shares))
         except BaseException:
             self.__exit__()
             raise
@@ -216,6 +229,67 @@ def timed_status(client, task_id: str, seconds: float, pause: float) -> List[flo
     return samples
 
 
+class Sched:
+    """What the server got of the CPUs during a phase: its threads' CPU time
+    and their time waiting to run (/proc/<pid>/task/*/schedstat; its main
+    thread, the event loop, apart), the clients' CPU time, and the whole
+    machine's busy time (/proc/stat): do the flood's tasks take CPU from
+    the server, or is it the loop's own work that delays?"""
+
+    def __init__(self, server: int, flooder: int = 0):
+        self.server, self.flooder = server, flooder
+        self.began = self._read()
+
+    @staticmethod
+    def _threads(pid: int):
+        """(running, waiting) ns of the main thread and of all threads."""
+        main = every = (0, 0)
+        try:
+            threads = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            return main, every
+        for thread in threads:
+            try:
+                with open(f"/proc/{pid}/task/{thread}/schedstat") as handle:
+                    ran, waited = (int(x) for x in handle.read().split()[:2])
+            except (OSError, ValueError):
+                continue  # the thread ended meanwhile
+            every = (every[0] + ran, every[1] + waited)
+            if thread == str(pid):
+                main = (ran, waited)
+        return main, every
+
+    def _read(self):
+        with open("/proc/stat") as handle:
+            jiffies = [int(x) for x in handle.readline().split()[1:]]
+        busy = sum(jiffies) - jiffies[3] - jiffies[4]  # less idle and iowait
+        loop, server = self._threads(self.server)
+        flooder = self._threads(self.flooder)[1] if self.flooder else (0, 0)
+        me = self._threads(os.getpid())[1]
+        return (time.monotonic(), busy / os.sysconf("SC_CLK_TCK"), loop, server, flooder, me)
+
+    def end(self) -> Dict[str, float]:
+        """CPUs' worth (CPU seconds per second of the phase) of each."""
+        began, ended = self.began, self._read()
+        seconds = ended[0] - began[0]
+
+        def per_second(index, part):
+            return (ended[index][part] - began[index][part]) / 1e9 / seconds
+
+        return {"machine_busy": (ended[1] - began[1]) / seconds,
+                "loop_cpu": per_second(2, 0), "loop_wait": per_second(2, 1),
+                "server_cpu": per_second(3, 0), "server_wait": per_second(3, 1),
+                "flooder_cpu": per_second(4, 0), "quiet_client_cpu": per_second(5, 0)}
+
+
+def _nice_session(pid: int, nice: int) -> None:
+    try:
+        with open(f"/proc/{pid}/autogroup", "w") as handle:
+            handle.write(str(nice))
+    except OSError:
+        pass  # no autogroup scheduling here: the process's own nice value counts
+
+
 def loadavg() -> str:
     with open("/proc/loadavg") as handle:
         return " ".join(handle.read().split()[:3])
@@ -226,22 +300,32 @@ def one_round(args, workdir: str, script: str):
     from taskman.client import TaskmanClient
 
     os.makedirs(workdir)
-    with Server(workdir, script, os.path.basename(workdir)) as server:
+    with Server(workdir, script, os.path.basename(workdir), args.server_option,
+                args.task_cpu_shares) as server:
         try:
             with TaskmanClient(server.address, QUIET_USER) as client:
                 own = client.start("/bin/sleep", "3600")
                 timed_status(client, own, 1.0, args.pause)  # warm the channel
+                sched = Sched(server.proc.pid)
                 calm = timed_status(client, own, args.phase_seconds, args.pause)
+                cpu = {"quiet": sched.end()}
                 flooder = subprocess.Popen(
                     [sys.executable, os.path.abspath(__file__), "--flood", server.address,
                      "--skip", ",".join(args.skip)],
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                     start_new_session=True, preexec_fn=lambda: os.nice(args.flood_nice))
                 try:
+                    # With autogroup scheduling the CPU is shared between
+                    # sessions first, and a nice value counts only inside one
+                    # (docs/design.md): the flooder, a session of its own, is
+                    # niced as a session too, or it takes as much as the server.
+                    _nice_session(flooder.pid, args.flood_nice)
                     ready = flooder.stdout.readline()
                     if "flooding" not in ready:
                         raise RuntimeError(f"flooder did not start: {ready!r}")
+                    sched = Sched(server.proc.pid, flooder.pid)
                     busy = timed_status(client, own, args.phase_seconds, args.pause)
+                    cpu["flood"] = sched.end()
                     flooder.stdin.close()
                     counts = json.loads(flooder.stdout.readline() or "{}").get("counts", {})
                 finally:
@@ -254,7 +338,7 @@ def one_round(args, workdir: str, script: str):
                 os.makedirs(args.keep_logs, exist_ok=True)
                 shutil.copy(server.log_path, os.path.join(
                     args.keep_logs, f"server-{os.path.basename(workdir)}.log"))
-    return calm, busy, counts
+    return calm, busy, counts, cpu
 
 
 def main(argv=None) -> int:
@@ -277,22 +361,24 @@ def main(argv=None) -> int:
         for index in range(args.rounds):
             # A fresh server each round: the flood leaves client001 over its
             # output quota (finished logs stay on disk), refusing its next starts.
-            calm, busy, counts = one_round(args, os.path.join(workdir, str(index)), script)
+            calm, busy, counts, cpu = one_round(args, os.path.join(workdir, str(index)),
+                                                script)
             loads.append(loadavg())
             quiet += calm
             flooded += busy
-            rounds.append((calm, busy, counts))
+            rounds.append((calm, busy, counts, cpu))
             print(f"round {len(rounds)}: quiet p99 {percentile(calm, 0.99) * 1000:.2f} ms, "
                   f"flood p99 {percentile(busy, 0.99) * 1000:.2f} ms; flood: {counts}",
                   file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(report(quiet, flooded, rounds, loads, time.monotonic() - began, args.flood_nice,
-                 args.skip))
+                 args.skip, [f"server options {' '.join(args.server_option)}"] * bool(args.server_option)
+                 + [f"task cpu.shares {args.task_cpu_shares}"] * bool(args.task_cpu_shares)))
     return 0
 
 
-def report(quiet, flooded, rounds, loads, elapsed, nice, skip) -> str:
+def report(quiet, flooded, rounds, loads, elapsed, nice, skip, notes=()) -> str:
     def ms(values, fraction):
         return f"{percentile(values, fraction) * 1000:.2f} ms"
 
@@ -300,7 +386,8 @@ def report(quiet, flooded, rounds, loads, elapsed, nice, skip) -> str:
     lines = [
         f"GetTaskStatus of {QUIET_USER} on its own task, {len(rounds)} interleaved quiet/flood "
         f"rounds, {elapsed:.0f} s, flooding client at nice {nice}"
-        f"{', without ' + ','.join(skip) if skip else ''}; load average "
+        f"{', without ' + ','.join(skip) if skip else ''}"
+        f"{''.join(', ' + note for note in notes)}; load average "
         f"(1/5/15 min, the flood's own fork bomb included) {' -> '.join(loads)}",
         "",
         "| phase | calls | p50 | p99 |",
@@ -312,10 +399,13 @@ def report(quiet, flooded, rounds, loads, elapsed, nice, skip) -> str:
         f"**{ratio:.2f}x** (target <= 2x: {'met' if ratio <= 2 else 'not met'}) |",
         "",
     ]
-    for index, (calm, busy, counts) in enumerate(rounds, 1):
+    for index, (calm, busy, counts, cpu) in enumerate(rounds, 1):
         lines.append(f"- round {index}: p99 {ms(calm, 0.99)} quiet, {ms(busy, 0.99)} flooding "
                      f"({common.ratio(percentile(busy, 0.99), percentile(calm, 0.99)):.2f}x); "
                      f"flood calls: " + ", ".join(f"{name} {n}" for name, n in sorted(counts.items())))
+        lines.append("  CPUs' worth, quiet -> flood: " + "; ".join(
+            f"{name.replace('_', ' ')} {cpu['quiet'][name]:.2f} -> {cpu['flood'][name]:.2f}"
+            for name in cpu["flood"]) + f" (of {os.cpu_count()})")
     return "\n".join(lines)
 
 

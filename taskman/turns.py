@@ -39,6 +39,7 @@ from typing import Callable, Deque, Dict, Iterator, List, Optional
 
 import gevent
 import gevent.event
+import gevent.lock
 
 DEFAULT_SLOTS = 2
 DEFAULT_HOLD = 0.05  # seconds
@@ -124,7 +125,7 @@ class Turns:
         self._held: Dict[int, float] = {}
         self._numbers = itertools.count()
         self._timer = None
-        self._buckets: Dict[str, Bucket] = {}
+        self._buckets: Dict[str, tuple] = {}  # user -> (Bucket, its streams' line)
 
     @contextlib.contextmanager
     def turn(self, user: str) -> Iterator[None]:
@@ -169,15 +170,20 @@ class Turns:
         if not self.activity.others(user, now):
             self._buckets.pop(user, None)  # alone: not paced, nothing to remember
             return
-        bucket = self._buckets.get(user)
-        if bucket is None:
+        paced = self._buckets.get(user)
+        if paced is None:
             for gone in [name for name in self._buckets if not self.activity.active(name)]:
                 del self._buckets[gone]
-            bucket = self._buckets[user] = Bucket(self.rate, self.burst, now)
-        while not bucket.ready(now) and self.activity.others(user, now):
-            gevent.sleep((1 - bucket.tokens) / self.rate)
-            now = self.clock()
-        bucket.spend()
+            paced = self._buckets[user] = (Bucket(self.rate, self.burst, now),
+                                           gevent.lock.Semaphore())
+        bucket, line = paced
+        # One of the user's streams waits on the clock at a time, the others
+        # in line behind it: not each waking for every token.
+        with line:
+            while not bucket.ready(now) and self.activity.others(user, now):
+                gevent.sleep((1 - bucket.tokens) / self.rate)
+                now = self.clock()
+            bucket.spend()
 
     def _take(self, user: str) -> None:
         if self.free and not self._waiting:
