@@ -176,13 +176,17 @@ def phases(log_path: str):
 
 
 class Follower:
-    """``taskman stream`` on a task; every line's arrival time is kept."""
+    """``taskman stream`` on a task; every line's arrival time is kept.
+
+    In a session of its own, like a client of another terminal or host:
+    with autogroup scheduling a session shares the CPU as one, and 20
+    followers in the bench's session would starve its probe."""
 
     def __init__(self, address: str, task_id: str, env: dict):
         self.process = subprocess.Popen(
             [os.path.join(BIN, "taskman"), "stream", task_id, "--user-id", "client001",
              "--server-address", address], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            env=env)
+            env=env, start_new_session=True)
         self.lines = []
         self.times = []
         self.connected = threading.Event()
