@@ -33,14 +33,10 @@ from taskman.output_index import (
     read_record,
     write_chunk,
 )
-from taskman.output_reading import Chunk, Held, data_only
+from taskman.output_reading import CHUNK_SIZE, Chunk, Held, chunk_size, count_reader, data_only
 
 __all__ = ["Chunk", "OutputLog", "Selector", "Stream", "create_log", "data_only",
            "ensure_directory", "log_path", "reopen_log"]
-
-# Large reads keep the per-message overhead of a stream low (docs/design.md:
-# about 60 us per message under gevent, so 64 KiB messages reach ~250 MB/s).
-CHUNK_SIZE = 64 * 1024
 
 # Non-matching records a follower skips before letting other greenlets run.
 _SKIPS_PER_YIELD = 4096
@@ -261,14 +257,14 @@ class OutputLog:
     def chunks(self, offset: int = 0, selector: Selector = Selector.ALL, tail_bytes: int = 0,
                tail_lines: int = 0, since: Optional[datetime.datetime] = None,
                follow: bool = True, cancelled: Optional[gevent.event.Event] = None,
-               chunk_size: int = CHUNK_SIZE) -> Iterator[Chunk]:
+               chunk_size: int = 0) -> Iterator[Chunk]:
         """Yield the output from ``offset`` on as Chunks, waiting for more until finished.
 
         ``selector`` keeps only some streams (offsets still count all of
         them). ``tail_bytes``, ``tail_lines`` (of the selected streams) and
         ``since`` (output read at or after that time) start later, never
         before ``offset``. A chunk holds one stream's consecutive records,
-        at most ``chunk_size`` bytes, dated by its first record.
+        at most ``chunk_size`` bytes (0: output_reading.chunk_size()), dated by its first record.
         Stops when the log is finished and fully read, at the output present
         at the call if not ``follow``, or as soon as ``cancelled`` is set
         (the client went away), so no greenlet is left waiting for output
@@ -280,14 +276,14 @@ class OutputLog:
                                  follow, cancelled, chunk_size), self._release)
 
     def _chunks(self, offset, selector, tail_bytes, tail_lines, since, follow, cancelled,
-                chunk_size) -> Iterator[Chunk]:
+                size) -> Iterator[Chunk]:
         index = IndexReader(self)
         end = None if follow else self.size
         if tail_bytes or tail_lines or since is not None:
             since_ns = int(since.timestamp() * 1e9) if since is not None else None
             read = lambda start, size: os.pread(self._fd, size, start)  # noqa: E731
             offset = max(offset, index.view_start(selector, tail_bytes, tail_lines,
-                                                  since_ns, read, chunk_size))
+                                                  since_ns, read, size or CHUNK_SIZE))
         number = index.locate(offset)
         skipped = 0
         while True:
@@ -301,15 +297,16 @@ class OutputLog:
                     if skipped % _SKIPS_PER_YIELD == 0:
                         gevent.sleep(0)  # a long run of the other stream
                     continue
-                stop = min(record.end, offset + chunk_size, limit)
+                most = size or chunk_size()
+                stop = min(record.end, offset + most, limit)
                 last = record  # merge the same stream's next records into the chunk
-                while (stop == last.end and stop - offset < chunk_size
+                while (stop == last.end and stop - offset < most
                        and number + 1 < index.count()):
                     after = index.record(number + 1)
                     if after.stream != record.stream or after.time_ns - record.time_ns >= _MERGE_NS:
                         break
                     number, last = number + 1, after
-                    stop = min(after.end, offset + chunk_size, limit)
+                    stop = min(after.end, offset + most, limit)
                 data = os.pread(self._fd, stop - offset, offset)
                 if not data:  # truncated under us: nothing more to give
                     return
@@ -339,9 +336,11 @@ class OutputLog:
                     self._fd = -1
                 raise TaskmanError(f"output unavailable: {os.strerror(error.errno)}") from None
         self._readers += 1
+        count_reader(1)
 
     def _release(self) -> None:
         self._readers -= 1
+        count_reader(-1)
         self._release_fd_if_idle()
 
     def _release_fd_if_idle(self) -> None:

@@ -14,6 +14,28 @@ from typing import Callable, Iterator, NamedTuple
 
 from taskman.output_index import Stream
 
+# A stream's messages cost ~60 us each under gevent (docs/design.md), so one
+# follower alone is bound by how many it sends: 256 KiB messages reach the
+# bare transport's throughput where 64 KiB ones reach 0.7 of it. But a
+# stream waiting for its send turn holds the chunk it has read, so with many
+# readers at once (1,000 followers of a fast writer) chunks stay at 64 KiB.
+CHUNK_SIZE = 64 * 1024
+LARGE_CHUNK_SIZE = 256 * 1024
+FEW_READERS = 8  # readers of all logs together that may read large chunks
+
+_readers = 0  # readers of every log in this process
+
+
+def count_reader(change: int) -> None:
+    """A reader of some log starts (+1) or ends (-1)."""
+    global _readers
+    _readers += change
+
+
+def chunk_size() -> int:
+    """How much a reader reads at a time now: more while few read at all."""
+    return LARGE_CHUNK_SIZE if _readers <= FEW_READERS else CHUNK_SIZE
+
 
 class Chunk(NamedTuple):
     """Output bytes and where they came from; a chunk never mixes two streams."""
