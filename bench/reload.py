@@ -53,6 +53,8 @@ def main() -> int:
     parser.add_argument("--followers", type=int, default=16)
     parser.add_argument("--reloads", type=int, default=3)
     parser.add_argument("--driver", default="none")
+    parser.add_argument("--follower-sessions", action="store_true",
+                        help="each follower in a session of its own (see Follower)")
     parser.add_argument("--source", action="store_true",
                         help="do not compile the taskman package to bytecode first")
     options = parser.parse_args()
@@ -98,7 +100,8 @@ def main() -> int:
                   for _ in range(max(options.tasks - options.counters, 0))]
         print(f"{len(counters) + len(others)} tasks started in "
               f"{time.monotonic() - started:.1f}s", flush=True)
-        followers = [Follower(address, counters[index % len(counters)], env)
+        followers = [Follower(address, counters[index % len(counters)], env,
+                              own_session=options.follower_sessions)
                      for index in range(options.followers)]
         for follower in followers:
             follower.connected.wait(60)
@@ -178,15 +181,17 @@ def phases(log_path: str):
 class Follower:
     """``taskman stream`` on a task; every line's arrival time is kept.
 
-    In a session of its own, like a client of another terminal or host:
-    with autogroup scheduling a session shares the CPU as one, and 20
-    followers in the bench's session would starve its probe."""
+    With autogroup scheduling a session shares the CPU as one: in the
+    bench's session (the default, as in every run recorded before
+    2026-12-02 06:30) 20 followers leave the probe a 21st of its share; in
+    sessions of their own (``own_session``, --follower-sessions) they take a
+    share each from the server."""
 
-    def __init__(self, address: str, task_id: str, env: dict):
+    def __init__(self, address: str, task_id: str, env: dict, own_session: bool = False):
         self.process = subprocess.Popen(
             [os.path.join(BIN, "taskman"), "stream", task_id, "--user-id", "client001",
              "--server-address", address], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            env=env, start_new_session=True)
+            env=env, start_new_session=own_session)
         self.lines = []
         self.times = []
         self.connected = threading.Event()
