@@ -88,7 +88,8 @@ class CallGuard:
     can take the other's places; ``send_turns`` (a taskman.turns.Turns)
     shares the sending of output among open streams, fairly by user, and
     ``call_turns`` (a taskman.turns.CallTurns) runs each user's unary calls
-    a few at a time. The
+    a few at a time while others are active; ``call_rate`` and ``send_rate``
+    pace a flooding user's calls and each user's sends then (0: no pace). The
     TaskManager servicer and ``GuardInterceptor`` (for health checking and
     reflection) share one guard.
     """
@@ -96,7 +97,8 @@ class CallGuard:
     def __init__(self, max_streams: int = DEFAULT_MAX_STREAMS, audit=None, metrics=None,
                  peers=None, max_health_streams: int = DEFAULT_MAX_HEALTH_STREAMS,
                  send_turns: Optional[turns.Turns] = None,
-                 call_turns: Optional[turns.CallTurns] = None):
+                 call_turns: Optional[turns.CallTurns] = None,
+                 call_rate: float = turns.CALL_RATE, send_rate: float = turns.SEND_RATE):
         self.max_streams = max_streams
         self.open_streams = 0
         self.max_health_streams = max_health_streams
@@ -104,8 +106,8 @@ class CallGuard:
         # One record of who is active, so a user streaming counts as active
         # for another's calls and the other way round.
         activity = turns.Activity()
-        self.send_turns = send_turns or turns.Turns(activity=activity)
-        self.call_turns = call_turns or turns.CallTurns(activity=activity)
+        self.send_turns = send_turns or turns.Turns(rate=send_rate, activity=activity)
+        self.call_turns = call_turns or turns.CallTurns(rate=call_rate, activity=activity)
         self.audit = audit
         self.metrics = metrics
         # Who callers are: a pki.PeerCheck or credentials.Peers (revocations).

@@ -43,11 +43,11 @@ import gevent.lock
 
 DEFAULT_SLOTS = 2
 DEFAULT_HOLD = 0.05  # seconds
-SEND_RATE = 0.0  # messages a second per user while others are active; 0: no pace
+SEND_RATE = 100.0  # messages a second per user while others are active; 0: no pace
 CALL_SLOTS = 2  # per user, while others are active
 CALL_HOLD = 0.05  # seconds
 CALL_REST = 3.0  # times the call's own time
-CALL_RATE = 0.0  # calls a second per queueing user while others are active; 0: no pace
+CALL_RATE = 50.0  # calls a second per queueing user while others are active; 0: no pace
 CALL_BURST = 10  # calls
 ACTIVE_WINDOW = 0.2  # seconds
 TICK = 0.005  # seconds between a waiting user's checks for a free turn
