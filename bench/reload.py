@@ -29,6 +29,7 @@ measures that case.
 import argparse
 import datetime
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -132,6 +133,9 @@ def main() -> int:
         for check, stopped in phases(log_path):
             print(f"from the server's log: --check and the pause {fmt_ms(check)}, "
                   f"stop of the old image to the new one listening {fmt_ms(stopped)}")
+        checks = check_times(log_path)
+        if checks:
+            print(f"from the server's log: --check alone {' / '.join(fmt_ms(c) for c in checks)}")
         strict = [answered for answered, _ in results]
         print(f"summary ({options.tasks} tasks, {options.reloads} reloads, "
               f"{len(followers)} followers):")
@@ -176,6 +180,13 @@ def phases(log_path: str):
     listening = times.get("listening", [])[1:]  # the first is the start
     return [(stop - sighup, up - stop) for sighup, stop, up
             in zip(times.get("sighup", []), times.get("stop", []), listening, strict=False)]
+
+
+def check_times(log_path: str):
+    """Per reload, the ``--check`` alone, in seconds, as the server logs it."""
+    with open(log_path, errors="replace") as log:
+        return [float(found.group(1)) for line in log
+                if (found := re.search(r"--check passed in ([0-9.]+)s", line))]
 
 
 class Follower:

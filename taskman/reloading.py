@@ -106,7 +106,10 @@ class Reloader:
             program = installed_program()
         except ReloadRefused as error:
             return self._refuse(str(error))
+        checking = time.monotonic()
         passed, text = check(program, self.options)
+        log.info("%s --check %s in %.2fs", PROGRAM, "passed" if passed else "failed",
+                 time.monotonic() - checking)
         if not passed:
             failed = [line for line in text.splitlines() if "FAIL" in line] or \
                 text.splitlines()[-1:] or ["no output"]
