@@ -4,7 +4,7 @@ the window in which calls were refused, and the longest pause a follower saw.
 Starts a taskman-server on a free loopback port with --tasks running tasks
 (``--counters`` of them write a counter every millisecond, the rest sleep)
 and --followers ``taskman stream`` processes on the counters, then sends
-SIGHUP --reloads times. A probe thread calls GetTaskStatus every 10 ms;
+SIGHUP --reloads times. A probe (a process in a session of its own) calls GetTaskStatus every 10 ms;
 each follower's lines are timestamped as they arrive and checked to be the
 counter with no gap and no repeat.
 
@@ -56,15 +56,19 @@ def main() -> int:
     parser.add_argument("--driver", default="none")
     parser.add_argument("--follower-sessions", action="store_true",
                         help="each follower in a session of its own (see Follower)")
+    parser.add_argument("--probe", nargs=2, metavar=("ADDRESS", "TASK_ID"),
+                        help=argparse.SUPPRESS)  # the probe's own process (Probe)
     parser.add_argument("--source", action="store_true",
                         help="do not compile the taskman package to bytecode first")
     options = parser.parse_args()
+    if options.probe:
+        return run_probe(*options.probe)
     if not options.source:
         print(f"bytecode: {compile_package()} compiled (as pip does at install)", flush=True)
 
     os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "0"
     certs = certs_dir()
-    from taskman.client import ClientError, TaskmanClient
+    from taskman.client import ClientError
 
     port = free_port()
     address = f"127.0.0.1:{port}"
@@ -79,11 +83,7 @@ def main() -> int:
              "--cgroup-root", f"taskman-bench-{os.getpid()}", "--quota-running-tasks", "0",
              "--quota-open-streams", "0", "--quota-calls-in-flight", "0", "--stop-grace", "2"],
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    # grpcio's default reconnect backoff (1 s, growing) would be measured
-    # instead of the server's own outage: the probe retries every 100 ms.
-    client = TaskmanClient(address, "client001", certs_dir=certs, timeout=5, options=[
-        ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
-        ("grpc.max_reconnect_backoff_ms", 200)])
+    client = probe_client(address, certs)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -106,7 +106,7 @@ def main() -> int:
                      for index in range(options.followers)]
         for follower in followers:
             follower.connected.wait(60)
-        probe = Probe(client, counters[0])
+        probe = Probe(address, counters[0], env)
         probe.start()
         results = []
         for _ in range(options.reloads):
@@ -120,6 +120,7 @@ def main() -> int:
                   f"for {fmt_ms(refused)}", flush=True)
         time.sleep(2)
         probe.stop()
+        client.close()  # idle through the reloads: a fresh channel, not grpc's backoff
         for task_id in counters + others:
             client.stop(task_id, wait=0)
         pauses = []
@@ -223,27 +224,64 @@ class Follower:
             raise SystemExit("a follower saw a gap or a repeat")
 
 
-class Probe(threading.Thread):
-    """GetTaskStatus every 10 ms: (time, answered) for each attempt."""
+def probe_client(address: str, certs: str):
+    """A client for the probe. grpcio's default reconnect backoff (1 s,
+    growing) would be measured instead of the server's own outage: the
+    probe reconnects every 100-200 ms."""
+    from taskman.client import TaskmanClient
 
-    def __init__(self, client, task_id: str):
+    return TaskmanClient(address, "client001", certs_dir=certs, timeout=5, options=[
+        ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 200)])
+
+
+def run_probe(address: str, task_id: str) -> int:
+    """``--probe``: GetTaskStatus every 10 ms, one line per attempt on stdout
+    (started, ended: time.monotonic(), the same clock in every process;
+    answered 1 or 0), until stdin closes. After a failed attempt the next
+    one connects afresh, so the first answer is the server's, not a
+    reconnect backoff's."""
+    client = probe_client(address, os.environ["TASKMAN_CERTS_DIR"])
+    threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)), daemon=True).start()
+    while True:
+        at = time.monotonic()
+        try:
+            client.status(task_id)
+            answered = 1
+        except Exception:  # noqa: BLE001 - any failure is a refused call here
+            answered = 0
+            # The next attempt on a fresh channel, as ``taskman stream`` does
+            # during a reload: the old one would wait out grpc's backoff.
+            client.close()
+        print(f"{at} {time.monotonic()} {answered}", flush=True)
+        time.sleep(0.01)
+
+
+class Probe(threading.Thread):
+    """GetTaskStatus every 10 ms: (started, ended, answered) for each attempt.
+
+    The calls are made by a process in a session of its own (``run_probe``):
+    with autogroup scheduling the bench's session, where the followers run,
+    shares one slice of the CPU, and a probe thread in it measured its own
+    wait for the CPU (one reload's first answer came 2.4 s after the new
+    image listened, with calls refused for 0.3 s)."""
+
+    def __init__(self, address: str, task_id: str, env: dict):
         super().__init__(daemon=True)
-        self.client, self.task_id = client, task_id
+        self.process = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--probe", address, task_id],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True,
+            start_new_session=True)
         self.attempts = []
-        self.running = True
 
     def run(self) -> None:
-        while self.running:
-            at = time.monotonic()
-            try:
-                self.client.status(self.task_id)
-                self.attempts.append((at, time.monotonic(), True))
-            except Exception:  # noqa: BLE001 - any failure is a refused call here
-                self.attempts.append((at, time.monotonic(), False))
-            time.sleep(0.01)
+        for line in self.process.stdout:
+            at, ended, answered = line.split()
+            self.attempts.append((float(at), float(ended), answered == "1"))
 
     def stop(self) -> None:
-        self.running = False
+        self.process.stdin.close()
+        self.process.wait(10)
         self.join(10)
 
     def first_answer_after(self, sent: float, timeout: float) -> float:
