@@ -211,6 +211,8 @@ def run(entry, supervise, terminate, kill) -> None:
 def serving() -> None:
     """The new image listens: supervise the adopted tasks now."""
     _RESUMPTION.listening.set()
+    if _RESUMPTION.greenlet is None:  # none to supervise
+        _RESUMPTION.restore_autogroup()
 
 
 RESUME_BATCH = 10  # adopted tasks whose supervision starts per idle turn of the loop
@@ -230,6 +232,15 @@ class _Resumption:
         self.waiting = collections.deque()
         self.greenlet = None
         self.listening = gevent.event.Event()
+        # The reload's boost of the session (taskman.reload.boost_autogroup)
+        # lasts until every adopted task is supervised again: the first calls
+        # and the followers' catching up come meanwhile. Tasks are sessions
+        # of their own, so none is spawned with it.
+        self.autogroup_nice = None
+
+    def restore_autogroup(self) -> None:
+        nice, self.autogroup_nice = self.autogroup_nice, None
+        reload.restore_autogroup(nice)
 
     def add(self, start: Callable[[], object]) -> None:
         self.waiting.append(start)
@@ -246,6 +257,7 @@ class _Resumption:
                     self.waiting.popleft()()
         finally:
             self.greenlet = None
+            self.restore_autogroup()
 
 
 _RESUMPTION = _Resumption()
@@ -259,7 +271,7 @@ def adopt(path: str):
     # and start-up before it keep the reload's boost; nothing is spawned
     # before it (taskman.reload.restore_priority).
     gevent.spawn(reload.restore_priority, reload.take_nice())
-    gevent.spawn(reload.restore_autogroup, reload.take_autogroup_nice())
+    _RESUMPTION.autogroup_nice = reload.take_autogroup_nice()
     try:
         state = handover.read(path)
     except handover.HandoverError as error:

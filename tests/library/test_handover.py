@@ -455,6 +455,24 @@ def test_adopted_tasks_are_supervised_again_a_batch_at_a_time():
     assert max(steps) <= adoption.RESUME_BATCH and len(steps) >= 3
 
 
+def test_the_sessions_boost_lasts_until_every_adopted_task_is_supervised(monkeypatch):
+    from taskman import adoption
+
+    restored, started = [], []
+    monkeypatch.setattr(reload, "restore_autogroup", restored.append)
+    resumption = adoption._Resumption()
+    resumption.autogroup_nice = 0
+    for number in range(2 * adoption.RESUME_BATCH):
+        resumption.add(lambda number=number: started.append(number))
+    resumption.listening.set()
+    gevent.sleep(0)
+    assert restored == []  # still supervising
+    resumption.greenlet.join(5)
+    assert len(started) == 2 * adoption.RESUME_BATCH and restored == [0]
+    resumption.restore_autogroup()
+    assert restored == [0, None]  # once only
+
+
 def test_adopted_tasks_are_supervised_even_if_the_server_never_listens(monkeypatch):
     from taskman import adoption
 
