@@ -15,6 +15,8 @@ The others take one piece off every call's path, to measure what it costs
   noversion  no version header per call (its own batch before the reply)
   stamp      the revocation list's file stat once a second, not per call
   noturns    no call turns (CallTurns.take grants at once)
+  chunk256   output streamed in messages of up to 256 KiB, not 64 KiB
+  chunk64    output streamed in messages of 64 KiB, however few read
 The patches replace library functions at start-up; nothing on disk changes.
 """
 
@@ -136,7 +138,22 @@ def patch_noturns() -> None:
     CallTurns.take = lambda self, user: (lambda: None)
 
 
-PATCHES = {"slots": patch_slots, "empty": patch_empty, "nolog": patch_nolog,
+def patch_chunk256() -> None:
+    from taskman import output
+
+    defaults = list(output.OutputLog.chunks.__defaults__)
+    defaults[-1] = 256 * 1024  # chunk_size, the last keyword
+    output.OutputLog.chunks.__defaults__ = tuple(defaults)
+
+
+def patch_chunk64() -> None:
+    from taskman import output
+
+    output.chunk_size = lambda: 64 * 1024
+
+
+PATCHES = {"chunk256": patch_chunk256, "chunk64": patch_chunk64, "slots": patch_slots,
+           "empty": patch_empty, "nolog": patch_nolog,
            "noaudit": patch_noaudit, "noversion": patch_noversion, "stamp": patch_stamp,
            "noturns": patch_noturns}
 
