@@ -37,6 +37,7 @@ import idle  # noqa: E402
 import latency  # noqa: E402
 import machine  # noqa: E402
 import profiling  # noqa: E402
+import recorded  # noqa: E402
 import report  # noqa: E402
 import side_by_side  # noqa: E402
 import streams  # noqa: E402
@@ -137,9 +138,19 @@ def rerender(args: argparse.Namespace) -> int:
     args.profile_seconds = saved.get("profile_seconds", args.profile_seconds)
     text = report.render(saved["results"], saved["machine"], saved.get("command", "python bench/run.py"),
                          saved.get("failures", {}), saved.get("notes", []), args)
-    with open(args.output, "w") as handle:
-        handle.write(text)
+    write_report(args.output, text)
     return 0
+
+
+def write_report(path: str, text: str) -> None:
+    """Write the report, with the blocks that benches of their own recorded
+    in the one it replaces (bench/recorded.py) carried over unchanged."""
+    kept = recorded.carried(path)
+    if kept:
+        text = text.rstrip("\n") + "\n\n" + kept.rstrip("\n") + "\n"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as handle:
+        handle.write(text)
 
 
 def main(argv=None) -> int:
@@ -192,9 +203,7 @@ def main(argv=None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     bench.notes.append(f"Whole run: {(time.monotonic() - began) / 60:.1f} minutes.")
     text = report.render(bench.results, info, command, failures, bench.notes, args)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as handle:
-        handle.write(text)
+    write_report(args.output, text)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"machine": info, "results": bench.results, "failures": failures,
