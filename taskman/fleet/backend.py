@@ -151,15 +151,19 @@ class FleetBackend:
     def _here(self, record: Record) -> Optional[Record]:
         """Run the start on this server's own host if it has room and is
         among the least loaded live hosts (running over capacity, as their
-        heartbeats said and this host counts now): the claim is the same
-        replicated create as any host's, but no offer and no answer cross
-        the fleet. None: offer it to the fleet. Ties stay here, so starts
-        spread as the replicas clients use do; a replica that gets every
-        start still sends them on as soon as another host is less loaded."""
+        heartbeats said and this host counts now, less one): the claim is
+        the same replicated create as any host's, but no offer and no
+        answer cross the fleet. None: offer it to the fleet. Ties stay here,
+        so starts spread as the replicas clients use do; a replica that
+        gets every start still sends them on once another host is less
+        loaded."""
         local = self.local
         if local is None:
             return None
-        load = 1 - local.claimer.free() / local.capacity
+        # One task of its own is not held against it: it is often the last
+        # start's, exited and its output still being published (counted
+        # until its end is recorded), and the others' beats are older.
+        load = (local.capacity - local.claimer.free() - 1) / local.capacity
         for node, beat in self._live_hosts().items():
             capacity = beat.get("capacity") or 0
             if node != local.node and capacity and beat.get("running", 0) / capacity < load:
