@@ -11,17 +11,23 @@ cgroups is reported, since no task should be able to leave them
 import functools
 import logging
 import os
+import time
 from typing import Dict, Optional
+
+import gevent
 
 from taskman import host
 from taskman.cgroups import Group
-from taskman.sandbox import UNCONFINED, Sandbox
+from taskman.sandbox import UNCONFINED, Sandbox, in_gate
 from taskman.store import TaskStore
 
 log = logging.getLogger("taskman.confinement")
 
 # The manager's listeners hear this event when a task left its groups.
 ESCAPED = "escaped"
+# How long a gate may take to join its groups (the first cgroup.procs write
+# after a quiet spell waits for an RCU grace period: a few ms, more under load).
+JOIN_WAIT = 1.0
 
 
 class Confinement:
@@ -76,9 +82,21 @@ def uid_of(sandbox: Sandbox) -> int:
 
 def left_group(group: Optional[Group], pid: int, identity: str) -> bool:
     """True if the live process ``pid`` (start ``identity``) is missing from
-    one of the task's groups. False without groups (the ``none`` driver)."""
+    one of the task's groups. False without groups (the ``none`` driver).
+
+    A task's first process joins its groups itself, in the gate, just after
+    the start's reply (taskman.sandbox): while it is still the gate it is
+    given up to JOIN_WAIT to finish (a stop sent at once must reach it
+    through its groups), and is not taken for an escape.
+    """
     directories = getattr(group, "directories", None)
     if not directories or not host.is_running(pid, identity):
         return False
-    inside = sum(group.task_id in path.split("/") for path in host.cgroup_paths(pid))
-    return inside < len(directories) and host.is_running(pid, identity)
+    deadline = time.monotonic() + JOIN_WAIT
+    while True:
+        inside = sum(group.task_id in path.split("/") for path in host.cgroup_paths(pid))
+        if inside >= len(directories):
+            return False
+        if not in_gate(pid) or time.monotonic() > deadline:
+            return host.is_running(pid, identity)
+        gevent.sleep(0.002)

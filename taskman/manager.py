@@ -161,7 +161,8 @@ class TaskManager:
             output = create_log(self.output_dir, task_id, self.output_max_bytes)
             proc = process.spawn(executable, args, confinement.environment(task_id, owner, self.search_path),
                                  place=lambda pid: self._place(group, pid, owner, size),
-                                 separate_streams=separate_streams, sandbox=sandbox)
+                                 separate_streams=separate_streams, sandbox=sandbox,
+                                 join=self.groups.joining(group))
         except BaseException as error:
             if output is not None:
                 output.remove()

@@ -7,11 +7,13 @@ Why posix_spawn and a gate, not fork or ``preexec_fn``: with gRPC loaded,
 exec (see docs/design.md); ``posix_spawn`` (vfork + exec) does not run them.
 But posix_spawn has no hook between fork and exec, and a task must never run
 outside its cgroups, not even for an instant. So the child is first the
-compiled ``taskman-gate`` (``taskman.sandbox``), blocked reading a gate pipe;
-the server writes the child's pid into the task's groups, then opens the gate,
-and only then does the gate confine itself (the task's uid, namespaces, no
-capabilities) and exec the user's command. If placement fails, the gate is
-killed before it ever runs the command.
+compiled ``taskman-gate`` (``taskman.sandbox``): it writes itself into the
+task's groups (``join``; or the server places it, ``place``), then blocks
+reading a gate pipe until the server has registered the task and opens the
+gate; only then does the gate confine itself (the task's uid, namespaces, no
+capabilities) and exec the user's command. If the server's side fails, the
+gate is killed before it ever runs the command; if the gate cannot join a
+group, it exits 125 naming it, before the command ran.
 
 Signals to the main process go through its pidfd: they reach it even if it
 left its groups, and never a stranger that reused its pid.
@@ -23,7 +25,7 @@ import itertools
 import os
 import signal
 import stat
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence
 
 import gevent
 import gevent.event
@@ -234,15 +236,19 @@ class Process:
 
 def spawn(executable: str, args: list, env: dict, cwd: str = "/",
           place: Optional[Callable[[int], None]] = None,
-          separate_streams: bool = False, sandbox: Sandbox = UNCONFINED) -> Process:
+          separate_streams: bool = False, sandbox: Sandbox = UNCONFINED,
+          join: Sequence[str] = ()) -> Process:
     """Start ``executable args...`` with stdout and stderr on one new pipe,
     confined by ``sandbox`` (its uid, namespaces; see taskman.sandbox).
 
     With ``separate_streams``, stdout and stderr get a pipe each: a reader
     can tell them apart but no longer knows their exact interleaving.
-    ``place(pid)`` runs after the child exists and before it can run the
-    command (it writes the pid into the task's cgroups). If it raises, the
-    child is killed and reaped and the exception propagates.
+    ``join``: the cgroup.procs files the child writes itself into before
+    anything else (the task's groups). ``place(pid)`` runs after the child
+    exists and before it can run the command (it registers the task; given
+    no ``join``, it writes the pid into the task's groups). If it raises,
+    the child is killed and reaped and the exception propagates. The child
+    may still be joining its groups when this returns.
     The child gets stdin from /dev/null, its own session and process group,
     default signal actions and only descriptors 0, 1 and 2.
     """
@@ -272,7 +278,7 @@ def spawn(executable: str, args: list, env: dict, cwd: str = "/",
         (os.POSIX_SPAWN_DUP2, writers[-1], 2),  # the same pipe unless separate
         (os.POSIX_SPAWN_DUP2, gate_read, 3),
     ]
-    argv = sandbox.gate_argv(cwd, executable, args)
+    argv = sandbox.gate_argv(cwd, executable, args, join)
     try:
         pid = os.posix_spawn(argv[0], argv, sandbox.environment(env), file_actions=file_actions, setsid=True,
                              setsigdef=_DEFAULT_SIGNALS, setsigmask=())

@@ -3,8 +3,12 @@
 Every task starts as ``taskman-gate`` (compiled from taskman/gate/ at
 install), not as a shell: posix_spawn has no hook between fork and exec, and
 the server must not fork under gRPC, so the gate does in the child what must
-happen before the task's code runs. It waits until the server has put it into
-the task's cgroups (descriptor 3), then, for a confined task, enters a private
+happen before the task's code runs. It writes itself into the task's cgroups
+(the first write to a cgroup.procs after a quiet spell waits for an RCU grace
+period, milliseconds the server's event loop and its reply need not wait
+for: docs/design.md; a failure ends the task
+with exit 125 and the group named on its output), waits until the server has
+registered the task (descriptor 3), then, for a confined task, enters a private
 mount and IPC namespace with a fresh tmpfs on each world-writable directory
 (/tmp, /var/tmp, /dev/shm, /run/lock) and a /proc that hides other users'
 processes, drops every capability (bounding set included), sets
@@ -21,7 +25,7 @@ The gate exits 125 with one line on the task's output when it fails itself,
 import os
 import stat
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 from taskman.errors import CommandNotFound, ConfigError, NotExecutable
 
@@ -55,15 +59,16 @@ class Sandbox:
     def confined(self) -> bool:
         return self.uid != 0
 
-    def gate_argv(self, cwd: str, executable: str, args: list) -> list:
+    def gate_argv(self, cwd: str, executable: str, args: list, join: Sequence[str] = ()) -> list:
         """The argv for posix_spawn of GATE: it runs ``executable args...`` in ``cwd``.
 
         ``executable`` is an absolute path (see process.resolve); the command's
-        own argv[0] is ``executable`` as given.
+        own argv[0] is ``executable`` as given. ``join``: the cgroup.procs
+        files the gate writes itself into first (the task's groups).
         """
-        options = []
+        options = [word for path in join for word in ("-c", path)]
         if self.confined:
-            options = ["-u", str(self.uid), "-g", str(self.gid), "-t", str(self.tmp_size), "-p"]
+            options += ["-u", str(self.uid), "-g", str(self.gid), "-t", str(self.tmp_size), "-p"]
         return [GATE, *options, "--", cwd, executable, executable, *args]
 
     def environment(self, env: dict) -> dict:
@@ -112,6 +117,18 @@ class Sandbox:
 
 
 UNCONFINED = Sandbox(uid=0, gid=0)
+
+
+def in_gate(pid: int) -> bool:
+    """True while process ``pid`` still runs GATE (it has not exec'd the
+    command yet: it may still be joining its groups)."""
+    try:
+        return os.readlink(f"/proc/{pid}/exe") == _GATE_REAL
+    except OSError:
+        return False
+
+
+_GATE_REAL = os.path.realpath(GATE)
 
 
 def check_gate() -> str:

@@ -28,7 +28,7 @@ import collections
 import logging
 import time
 import uuid
-from typing import Deque, Dict, Optional, Set
+from typing import Deque, Dict, Optional, Set, Tuple
 
 import gevent
 import gevent.threadpool
@@ -78,11 +78,26 @@ class TaskGroups:
             self._refill(owner)
         return group
 
+    def joining(self, group: Group) -> Tuple[str, ...]:
+        """The files the task's first process writes itself into (the gate,
+        before its command runs): where the driver has them, placing a task
+        is none of the server's work."""
+        return self.driver.procs_files(group)
+
     def place(self, group: Group, pid: int) -> None:
-        """Move ``pid`` into ``group``; raises CgroupError. On the loop: in a
-        thread, the hop cost more than the writes (p50 0.45 ms here, 1.7-2.1
-        ms with the hop, as the thread waits for the GIL at every syscall)."""
-        self.driver.place(group, pid)
+        """``pid`` is the task's first process: moved into ``group`` here
+        unless it joins it itself (``joining``); raises CgroupError.
+
+        Why the gate joins rather than the server writing the pid: on cgroup
+        v1 the first write to a cgroup.procs after a quiet spell waits for an
+        RCU grace period (4-5 ms here), and on the loop that held every call
+        and the start's reply; in a thread the hop cost more than the writes
+        (the thread waits for the GIL at every syscall). See docs/design.md.
+        """
+        if self.driver.procs_files(group):
+            group.pid = pid
+        else:
+            self.driver.place(group, pid)
 
     def kill(self, group: Group) -> bool:
         """SIGKILL everything in the group and wait (bounded) until it is

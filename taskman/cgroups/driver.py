@@ -108,6 +108,12 @@ class Driver(abc.ABC):
     def place(self, group: Group, pid: int) -> None:
         """Move ``pid`` (not yet running the command) into ``group``; raise CgroupError."""
 
+    def procs_files(self, group: Group) -> Tuple[str, ...]:
+        """The files a task's first process writes itself into to join
+        ``group`` (the gate does, before the command runs; see
+        taskman.sandbox); empty where ``place`` must put it there instead."""
+        return ()
+
     @abc.abstractmethod
     def signal(self, group: Group, number: int) -> None:
         """Send ``number`` to every process of the task."""

@@ -212,9 +212,14 @@ class HierarchyDriver(Driver):
         """Make a new slice ready for task groups (v2 enables controllers)."""
 
     def place(self, group: Group, pid: int) -> None:
-        for directory in self._directories(group):
-            cgroupfs.write(os.path.join(directory, "cgroup.procs"), str(pid))
+        for path in self.procs_files(group):
+            cgroupfs.write(path, str(pid))
         group.pid = pid
+
+    def procs_files(self, group: Group) -> Tuple[str, ...]:
+        # The unified hierarchy first (it comes first in the list): the task
+        # is tracked and killable from there as soon as it joins it.
+        return tuple(os.path.join(directory, "cgroup.procs") for directory in self._directories(group))
 
     def signal(self, group: Group, number: int) -> None:
         cgroupfs.signal_listed(self._all_directories(group), number, first=group.pid)

@@ -8,11 +8,18 @@
  * start, against a budget of 2 ms (docs/design.md).
  *
  * Usage:
- *   taskman-gate [-u UID -g GID] [-t TMP_BYTES] [-p] -- DIRECTORY EXECUTABLE ARGV0 [ARG...]
+ *   taskman-gate [-c CGROUP_PROCS]... [-u UID -g GID] [-t TMP_BYTES] [-p] -- DIRECTORY EXECUTABLE ARGV0 [ARG...]
  *
  * In order:
- *   1. block reading descriptor 3 until the server has put this process into
- *      the task's cgroups and writes a byte (end of file: the server gave up);
+ *   0. with -c: join each of the task's cgroups (write "0", this process, into
+ *      each cgroup.procs file given). Here, not in the server: on cgroup v1 a
+ *      write to cgroup.procs waits for an RCU grace period (milliseconds),
+ *      which the gate spends off the server's event loop and after its reply
+ *      (docs/design.md). A failure exits 125 naming the group: the task ends
+ *      before any of its code ran;
+ *   1. block reading descriptor 3 until the server writes a byte (it has
+ *      registered the task; with no -c, it has put this process into the
+ *      task's cgroups itself); end of file: the server gave up;
  *   2. with -t or -p: a private mount and IPC namespace; with -t, a fresh
  *      tmpfs of TMP_BYTES on each of /tmp, /var/tmp, /dev/shm and /run/lock
  *      (gone with the task's last process); with -p, a proc instance with hidepid=invisible on /proc, so the task
@@ -27,6 +34,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <grp.h>
 #include <linux/capability.h>
 #include <sched.h>
@@ -67,6 +75,16 @@ static unsigned long parse_number(const char *text, const char *what)
     if (errno || end == text || *end || text[0] == '-')
         fail(EXIT_GATE, "bad %s: %s", what, text);
     return value;
+}
+
+#define MAX_GROUPS 16
+
+static void join_group(const char *procs_file)
+{
+    int fd = open(procs_file, O_WRONLY | O_CLOEXEC);
+    if (fd < 0 || write(fd, "0", 1) != 1)
+        fail(EXIT_GATE, "cannot join the task's cgroup %s: %s", procs_file, strerror(errno));
+    close(fd);
 }
 
 static void wait_for_gate(void)
@@ -145,9 +163,15 @@ int main(int argc, char **argv)
 {
     unsigned long tmp_bytes = 0;
     long uid = -1, gid = -1;
-    int private_proc = 0, option;
-    while ((option = getopt(argc, argv, "+u:g:t:p")) != -1) {
+    int private_proc = 0, option, groups = 0;
+    const char *procs_files[MAX_GROUPS];
+    while ((option = getopt(argc, argv, "+c:u:g:t:p")) != -1) {
         switch (option) {
+        case 'c':
+            if (groups == MAX_GROUPS)
+                fail(EXIT_GATE, "more than %d cgroups", MAX_GROUPS);
+            procs_files[groups++] = optarg;
+            break;
         case 'u': uid = (long) parse_number(optarg, "uid"); break;
         case 'g': gid = (long) parse_number(optarg, "gid"); break;
         case 't': tmp_bytes = parse_number(optarg, "tmp size"); break;
@@ -156,12 +180,15 @@ int main(int argc, char **argv)
         }
     }
     if (argc - optind < 3)
-        fail(EXIT_GATE, "usage: taskman-gate [-u UID -g GID] [-t BYTES] [-p] -- DIRECTORY EXECUTABLE ARGV0 [ARG...]");
+        fail(EXIT_GATE, "usage: taskman-gate [-c CGROUP_PROCS]... [-u UID -g GID] [-t BYTES] [-p] -- DIRECTORY "
+                        "EXECUTABLE ARGV0 [ARG...]");
     if ((uid < 0) != (gid < 0) || uid == (long) (uid_t) -1 || gid == (long) (gid_t) -1)
         fail(EXIT_GATE, "give both -u and -g, below 4294967295");
     const char *directory = argv[optind], *executable = argv[optind + 1];
     char **command = argv + optind + 2;
 
+    for (int group = 0; group < groups; group++)
+        join_group(procs_files[group]);
     wait_for_gate();
     if (tmp_bytes || private_proc)
         isolate(tmp_bytes, private_proc);

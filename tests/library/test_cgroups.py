@@ -296,11 +296,34 @@ def test_a_second_server_on_the_same_root_is_refused(run, state_dir):
         TaskManager(os.path.join(state_dir, "second"), driver=select_or_skip(root=root))
 
 
-# place() failing in the second hierarchy; create() failing in the middle
-# (memory is made after unified and cpu) and at the end (pids).
-@pytest.mark.parametrize("failing, nth", [("cgroup.procs", 2), ("memory.limit_in_bytes", 1),
-                                          ("pids.max", 1)])
-def test_a_failed_create_or_place_leaves_nothing_behind(run, monkeypatch, failing, nth):
+def test_a_task_that_cannot_join_a_group_ends_before_its_command_runs(run, monkeypatch, tmp_path):
+    """The gate joins the task's groups itself, after the start's reply: a
+    failure to join the second ends the task (exit 125, the group named on
+    its output) before the command ran, and leaves nothing behind."""
+    manager = run()
+    files = manager.driver.procs_files
+    if len(manager.driver.hierarchies) < 2:
+        pytest.skip("a single hierarchy: no second group to fail")
+
+    def second_missing(group):
+        first, second, *rest = files(group)
+        return (first, second + ".missing", *rest)
+
+    monkeypatch.setattr(manager.driver, "procs_files", second_missing)
+    marker = tmp_path / "ran"
+    task = manager.start("alice", "touch", [str(marker)])
+    ended = wait_ended(manager, task.id)
+    assert ended.exit_code == 125
+    output = b"".join(manager.stream("alice", task.id)).decode()
+    assert "cannot join the task's cgroup" in output and ".missing" in output
+    assert not marker.exists()
+    assert not _groups_left(manager.driver)
+
+
+# create() failing in the middle (memory is made after unified and cpu) and
+# at the end (pids).
+@pytest.mark.parametrize("failing, nth", [("memory.limit_in_bytes", 1), ("pids.max", 1)])
+def test_a_failed_create_leaves_nothing_behind(run, monkeypatch, failing, nth):
     manager = run()
     write = cgroupfs.write
     calls = []
@@ -312,8 +335,7 @@ def test_a_failed_create_or_place_leaves_nothing_behind(run, monkeypatch, failin
         write(path, value)
 
     monkeypatch.setattr(cgroupfs, "write", failing_write)
-    if not any(failing in str(hierarchy.settings) or failing == "cgroup.procs"
-               for hierarchy in manager.driver.hierarchies):
+    if not any(failing in str(hierarchy.settings) for hierarchy in manager.driver.hierarchies):
         pytest.skip(f"{failing} is not used by the {manager.driver.name} driver")
     with pytest.raises(CgroupError, match="injected failure"):
         manager.start("alice", "sleep", ["1000"])
