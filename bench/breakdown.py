@@ -4,9 +4,10 @@
 
 Runs a TaskManager in this process (gevent-patched like the server, default
 cgroup driver under a cgroup root of its own, so it never touches a running
-server's groups; WARM ready groups per user as a server keeps, by default
-taskman.task_groups.WARM_PER_OWNER, 0 for none), wraps the steps of
-``TaskManager.start`` with timers,
+server's groups; WARM ready groups per user, by default none, as the server
+keeps), wraps the steps of ``TaskManager.start`` with timers (the pid's
+placement into the groups is not one: the gate joins them itself, after
+the start returns),
 starts /bin/true COUNT times and prints one JSON line: the p50 of each step
 and of the whole call, and of a bare posix_spawn+waitpid in the same process.
 StartTask over gRPC minus ``manager.start`` is then the RPC's own cost.
@@ -34,7 +35,6 @@ from taskman import manager as manager_module  # noqa: E402
 from taskman import process  # noqa: E402
 from taskman.cgroups import select_driver  # noqa: E402
 from taskman.manager import TaskManager  # noqa: E402
-from taskman.task_groups import WARM_PER_OWNER  # noqa: E402
 
 timings = collections.defaultdict(list)
 # Kept before the timers wrap it: the bare spawns below are not timed as steps.
@@ -56,7 +56,7 @@ def timed(owner, name: str, label: str) -> None:
 
 def main() -> None:
     count, state_dir = int(sys.argv[1]), sys.argv[2]
-    warm = int(sys.argv[3]) if len(sys.argv) > 3 else WARM_PER_OWNER
+    warm = int(sys.argv[3]) if len(sys.argv) > 3 else 0
     os.makedirs(state_dir, exist_ok=True)
     driver = select_driver("auto", root="taskman-bench-breakdown", io_paths=("/", state_dir))
     manager = TaskManager(state_dir=state_dir, driver=driver, stop_grace=1, warm_groups=warm)
@@ -66,7 +66,6 @@ def main() -> None:
         # start's path; the start itself waits only for the group it takes.
         timed(manager.groups, "create", "task group (ready, or made in the worker)")
         timed(manager.driver, "create", "cgroup create (mkdir + limits, in the worker)")
-        timed(manager.driver, "place", "cgroup place (pid into cgroup.procs)")
         timed(process, "spawn", "spawn (gate, place, release)")
         timed(os, "posix_spawn", "posix_spawn of the gate")
         timed(manager.store, "save_started", "task record (SQLite)")
