@@ -41,6 +41,8 @@ import gevent
 import gevent.event
 import gevent.lock
 
+from taskman.pacing import ACTIVE_WINDOW, Activity, Bucket
+
 DEFAULT_SLOTS = 2
 DEFAULT_HOLD = 0.05  # seconds
 SEND_RATE = 100.0  # messages a second per user while others are active; 0: no pace
@@ -49,58 +51,7 @@ CALL_HOLD = 0.05  # seconds
 CALL_REST = 3.0  # times the call's own time
 CALL_RATE = 50.0  # calls a second per queueing user while others are active; 0: no pace
 CALL_BURST = 10  # calls
-ACTIVE_WINDOW = 0.2  # seconds
 TICK = 0.005  # seconds between a waiting user's checks for a free turn
-
-
-class Activity:
-    """Which users made a call or sent output in the last ``window`` seconds.
-
-    Kept oldest first, so forgetting the stale ones costs nothing per call
-    however many users have come and gone.
-    """
-
-    def __init__(self, window: float = ACTIVE_WINDOW, clock: Callable[[], float] = time.monotonic):
-        self.window = window
-        self.clock = clock
-        self._seen: Dict[str, float] = collections.OrderedDict()
-
-    def saw(self, user: str, now: Optional[float] = None) -> None:
-        self._seen[user] = self.clock() if now is None else now
-        self._seen.move_to_end(user)
-
-    def others(self, user: str, now: Optional[float] = None) -> bool:
-        """Whether a user other than ``user`` was active within the window."""
-        now = self.clock() if now is None else now
-        seen = self._seen
-        while seen:
-            oldest, when = next(iter(seen.items()))
-            if now - when <= self.window:
-                break
-            del seen[oldest]
-        return len(seen) > (1 if user in seen else 0)
-
-    def active(self, user: str) -> bool:
-        """Whether ``user`` is still remembered as active (stale ones go lazily)."""
-        return user in self._seen
-
-
-class Bucket:
-    """A token bucket: ``rate`` a second, at most ``burst`` saved up."""
-
-    def __init__(self, rate: float, burst: float, now: float):
-        self.rate, self.burst = rate, burst
-        self.tokens, self.filled = burst, now
-
-    def ready(self, now: float) -> bool:
-        if self.rate <= 0:
-            return True
-        self.tokens = min(self.burst, self.tokens + (now - self.filled) * self.rate)
-        self.filled = now
-        return self.tokens >= 1
-
-    def spend(self) -> None:
-        self.tokens = max(0.0, self.tokens - 1)
 
 
 class Turns:
