@@ -122,7 +122,7 @@ def main() -> int:
         probe.stop()
         client.close()  # idle through the reloads: a fresh channel, not grpc's backoff
         for task_id in counters + others:
-            client.stop(task_id, wait=0)
+            stop_retrying(client, task_id)
         pauses = []
         for follower in followers:
             follower.process.wait(60)
@@ -152,6 +152,22 @@ def main() -> int:
         if server.poll() is None:
             server.send_signal(signal.SIGTERM)
             server.wait(60)
+
+
+def stop_retrying(client, task_id: str, attempts: int = 5) -> None:
+    """Stop ``task_id``; a loaded server may fail a fresh connection's
+    handshake (seen at load ~40), so each failure gets a fresh one."""
+    from taskman.client import ClientError
+
+    for attempt in range(attempts):
+        try:
+            client.stop(task_id, wait=0)
+            return
+        except ClientError:
+            if attempt == attempts - 1:
+                raise
+            client.close()
+            time.sleep(0.5)
 
 
 def compile_package() -> str:
