@@ -328,6 +328,8 @@ def main() -> int:
     parser.add_argument("--followers", type=int, default=100)
     parser.add_argument("--only-starts", action="store_true",
                         help="the two start rows alone (development)")
+    parser.add_argument("--record", action="store_true",
+                        help="also write the rows into docs/benchmarks.md (bench/recorded.py)")
     arguments = parser.parse_args()
     TTL[0] = arguments.ttl
     with tempfile.TemporaryDirectory(prefix="taskman-bench-fleet-") as directory:
@@ -377,7 +379,53 @@ def main() -> int:
     widths = [max(len(row[column]) for row in rows) for column in range(4)]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+    if arguments.record:
+        record(arguments, served, through, hosts, local, here, fleet, ours, bare, detected,
+               (many_seconds, rss_before, rss_after), pause)
     return 0
+
+
+def record(arguments, served, through, hosts, local, here, fleet, ours, bare, detected, many,
+           pause) -> None:
+    """The rows as docs/benchmarks.md's fleet block (bench/recorded.py)."""
+    import recorded
+    from targets import Row, at_least, at_most, format_ratio
+    many_seconds, rss_before, rss_after = many
+    placed = ", ".join(f"{name} {count}" for name, count in sorted(hosts.items()))
+    rows = [
+        Row("#18", f"StartTask /bin/true p50, real servers and client (ran on {placed})",
+            f"{through:.1f} ms", "a standalone taskman-server, same client and CA",
+            f"{served:.1f} ms", format_ratio(through / served), "≤ 3×",
+            at_most(through / served, 3.0)),
+        Row("#18", "start p50 in process, on the replica's own host", f"{here:.1f} ms",
+            "TaskManager.start, standalone", f"{local:.1f} ms", format_ratio(here / local), "",
+            None),
+        Row("#18", "start p50 in process, on another host", f"{fleet:.1f} ms",
+            "TaskManager.start, standalone", f"{local:.1f} ms", format_ratio(fleet / local), "",
+            None),
+        Row("#18", f"one follower on another replica, {arguments.mebibytes} MiB",
+            f"{ours:.1f} MiB/s", "bare nats-py publish and replay, same cluster",
+            f"{bare:.1f} MiB/s", format_ratio(ours / bare), "≥ 0.8×", at_least(ours / bare, 0.8)),
+        Row("#18", f"{arguments.followers} followers over three replicas, "
+            f"{max(1, arguments.mebibytes // 4)} MiB each, byte-exact", f"{many_seconds:.1f} s",
+            "RSS before -> at the end", f"{rss_before:.0f} -> {rss_after:.0f} MiB", "", "",
+            None),
+        Row("#18", "dead host: last heartbeat to its task recorded lost", f"{detected:.1f} s",
+            f"TTL {arguments.ttl:g} s, bound", f"{arguments.ttl * 4 / 3:.1f} s", "",
+            "within the bound", at_most(detected, arguments.ttl * 4 / 3)),
+        Row("#18", "publisher pause, output stream's leader SIGKILLed", f"{pause:.1f} s", "",
+            "", "", "", None),
+    ]
+    command = "python bench/fleet.py " + " ".join(
+        f"--{name} {getattr(arguments, name)}" for name in ("starts", "mebibytes", "ttl",
+                                                             "followers")) + " --record"
+    recorded.record("fleet", recorded.block(
+        "fleet", "#18 Fleet: StartTask, followers and failures (bench/fleet.py)", command, rows,
+        "A real 3-node NATS cluster (JetStream, file storage, mutual TLS, loopback). The "
+        "deployed start row: three fleet taskman-servers (one process per host) and a "
+        "standalone one on the same CA, StartTask through the taskman client from a process of "
+        "its own against each, taking turns. The in-process rows and the follower rows are "
+        "described in bench/fleet.py's docstring."))
 
 
 if __name__ == "__main__":
