@@ -74,6 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="write N to the task root group's cpu.shares once the server "
                              "is up (hybrid cgroups; 0: leave it): does the flood's tasks' "
                              "CPU delay the server?")
+    parser.add_argument("--record", action="store_true",
+                        help="also write the verdict into docs/benchmarks.md "
+                             "(bench/recorded.py)")
     parser.add_argument("--flood", default=None, metavar="ADDRESS",
                         help=argparse.SUPPRESS)  # the flooding child process
     return parser.parse_args(argv)
@@ -372,10 +375,36 @@ def main(argv=None) -> int:
                   file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    print(report(quiet, flooded, rounds, loads, time.monotonic() - began, args.flood_nice,
-                 args.skip, [f"server options {' '.join(args.server_option)}"] * bool(args.server_option)
-                 + [f"task cpu.shares {args.task_cpu_shares}"] * bool(args.task_cpu_shares)))
+    text = report(quiet, flooded, rounds, loads, time.monotonic() - began, args.flood_nice,
+                  args.skip, [f"server options {' '.join(args.server_option)}"] * bool(args.server_option)
+                  + [f"task cpu.shares {args.task_cpu_shares}"] * bool(args.task_cpu_shares))
+    print(text)
+    if args.record:
+        record(args, quiet, flooded, text)
     return 0
+
+
+def record(args, quiet, flooded, text) -> None:
+    """The verdict rows and the run's table as docs/benchmarks.md's fairness block."""
+    import recorded
+    from targets import Row, at_most, format_ratio
+
+    def row(what, fraction, goal):
+        flood, calm = percentile(flooded, fraction), percentile(quiet, fraction)
+        value = common.ratio(flood, calm)
+        return Row("#16", what, f"{flood * 1000:.2f} ms", "the same calls, no flood",
+                   f"{calm * 1000:.2f} ms", format_ratio(value), goal,
+                   at_most(value, 2.0) if goal else None)
+
+    rows = [row(f"{QUIET_USER}'s GetTaskStatus p99 while {FLOOD_USER} floods", 0.99, "≤ 2×"),
+            row(f"{QUIET_USER}'s GetTaskStatus p50 while {FLOOD_USER} floods", 0.5, "")]
+    words = [f"--rounds {args.rounds}", f"--phase-seconds {args.phase_seconds:g}"]
+    words += [f"--skip {','.join(args.skip)}"] * bool(args.skip)
+    words += [f"--server-option={option}" for option in args.server_option]
+    recorded.record("fairness", recorded.block(
+        "fairness", "#16 Fair sharing: a quiet user's calls while another floods "
+        "(bench/fairness.py)", "python bench/fairness.py " + " ".join(words) + " --record", rows,
+        "\n\n".join(__doc__.split("\n\n")[2:5]) + "\n\nThe run's table:\n\n" + text))
 
 
 def report(quiet, flooded, rounds, loads, elapsed, nice, skip, notes=()) -> str:
