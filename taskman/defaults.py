@@ -13,6 +13,12 @@ DEFAULT_MAX_STREAMS = 256
 # Health Watch and reflection streams open at once, apart from output streams.
 DEFAULT_MAX_HEALTH_STREAMS = 16
 
+# Fair sharing's paces, applied only while another user is active
+# (taskman.turns; docs/operations.md): a user's calls that queue behind its own,
+# a second; and each user's output messages, all its streams together.
+DEFAULT_CALL_RATE = 50.0
+DEFAULT_SEND_RATE = 100.0
+
 # The proto's enum names, in number order: written out rather than built from
 # taskman.task.JobStatus, whose imports cost the CLI's start (test_defaults
 # holds the two together).

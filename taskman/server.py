@@ -71,7 +71,8 @@ def serve(settings: "Settings", adopted=None) -> int:
     credentials = identity.credentials.credentials
     audit, metrics = open_observers(settings, state_dir)
     guard = CallGuard(settings.max_streams, audit=audit, metrics=metrics, peers=identity.peers,
-                      max_health_streams=settings.max_health_streams)
+                      max_health_streams=settings.max_health_streams,
+                      call_rate=settings.call_rate, send_rate=settings.send_rate)
     gevent.signal_handler(signal.SIGUSR1, lambda: reopen_audit(audit))
     executor = futures.ThreadPoolExecutor(
         max_workers=TaskManagerServicer.executor_workers(settings.max_streams,

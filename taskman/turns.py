@@ -41,15 +41,16 @@ import gevent
 import gevent.event
 import gevent.lock
 
+from taskman.defaults import DEFAULT_CALL_RATE, DEFAULT_SEND_RATE
 from taskman.pacing import ACTIVE_WINDOW, Activity, Bucket
 
 DEFAULT_SLOTS = 2
 DEFAULT_HOLD = 0.05  # seconds
-SEND_RATE = 100.0  # messages a second per user while others are active; 0: no pace
+SEND_RATE = DEFAULT_SEND_RATE  # messages a second per user while others are active; 0: no pace
 CALL_SLOTS = 2  # per user, while others are active
 CALL_HOLD = 0.05  # seconds
 CALL_REST = 3.0  # times the call's own time
-CALL_RATE = 50.0  # calls a second per queueing user while others are active; 0: no pace
+CALL_RATE = DEFAULT_CALL_RATE  # calls a second per queueing user while others are active; 0: no pace
 CALL_BURST = 10  # calls
 TICK = 0.005  # seconds between a waiting user's checks for a free turn
 

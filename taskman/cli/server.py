@@ -14,7 +14,7 @@ import sys
 from taskman.cgroups import Limits
 from taskman.cli import parsed_options
 from taskman.cli.settings import Settings, days
-from taskman.defaults import DEFAULT_MAX_STREAMS, default_state_dir, version
+from taskman.defaults import DEFAULT_CALL_RATE, DEFAULT_MAX_STREAMS, DEFAULT_SEND_RATE, default_state_dir, version
 from taskman.errors import TaskmanError
 from taskman.handover import CHECK_VARIABLE as HANDOVER_CHECK_VARIABLE
 from taskman.handover import VARIABLE as HANDOVER_VARIABLE
@@ -156,6 +156,12 @@ Options:
       Finished tasks kept per user; the oldest are forgotten first [default: {finished_records}].
   --quota-output-bytes <size>
       Output per user on disk, running tasks included [default: {output_bytes}].
+  --call-rate <n>
+      While another user is active, a user whose calls queue behind its own
+      gets this many a second (10 saved up); 0 for no pace [default: {call_rate:g}].
+  --send-rate <n>
+      While another user is active, each user's output messages a second, all
+      its streams together; 0 for no pace [default: {send_rate:g}].
   --task-output-max <size>
       Output kept per task (e.g., 1G); past it, one marker line, then the rest
       is dropped and the status says so. 0 for no cap [default: 1G].
@@ -227,6 +233,7 @@ def usage() -> str:
     return USAGE.format(cpu_quota_us=limits.cpu_quota_us, cpu_period_us=limits.cpu_period_us,
                         io_read_bps=limits.io_read_bps, io_write_bps=limits.io_write_bps,
                         pids_max=limits.pids_max, max_streams=DEFAULT_MAX_STREAMS,
+                        call_rate=DEFAULT_CALL_RATE, send_rate=DEFAULT_SEND_RATE,
                         server_days=SERVER_DAYS, client_days=CLIENT_DAYS, **quota_defaults())
 
 

@@ -69,6 +69,8 @@ class Settings:
         self.max_health_streams = count(options["--max-health-streams"],
                                         "--max-health-streams", minimum=1)
         self.quotas = quota_limits(options)
+        self.call_rate = rate(options["--call-rate"], "--call-rate")
+        self.send_rate = rate(options["--send-rate"], "--send-rate")
         self.slice_limits = slice_limits(options)
         self.task_output_max = parse_size(options["--task-output-max"], "--task-output-max")
         self.retention = parse_duration(options["--retention"], "--retention")
@@ -174,6 +176,17 @@ def admin_name(name: str) -> str:
     if problem:
         raise ConfigError(f"--admin {ascii(name)}: {problem}")
     return name
+
+
+def rate(value: str, option: str) -> float:
+    """A pace, per second: 0 (none) up to a million."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not 0 <= number <= 1_000_000:
+        raise ConfigError(f"{option} must be 0 (no pace) to 1000000 a second, not {value!r}")
+    return number
 
 
 def integer(value: str, option: str) -> int:
