@@ -14,7 +14,6 @@ end, the quotas' counts).
 
 import collections
 import logging
-import os
 import types
 import weakref
 from typing import Dict, Iterable, Iterator, Optional, Tuple
@@ -24,7 +23,7 @@ import gevent.event
 
 from taskman import retention
 from taskman.output import OutputLog, log_path, reopen_log
-from taskman.output_index import index_path
+from taskman.output_index import index_path, remove_files
 from taskman.store import TaskStore
 from taskman.task import Task
 
@@ -122,11 +121,7 @@ class History:
             output = self._logs.pop(task_id, None)
             if output is not None:
                 output.finish()
-            for path in (log_path(self.output_dir, task_id), index_path(self.output_dir, task_id)):
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
+            remove_files(log_path(self.output_dir, task_id), index_path(self.output_dir, task_id))
 
     def quota_entries(self) -> Iterator:
         """Each user's finished output as one ended entry, for the output

@@ -31,6 +31,7 @@ from taskman.output_index import (
     index_directory,
     index_path,
     read_record,
+    remove_files,
     write_chunk,
 )
 from taskman.output_reading import CHUNK_SIZE, Chunk, Held, chunk_size, count_reader, data_only
@@ -220,13 +221,7 @@ class OutputLog:
     def remove(self) -> None:
         """Delete the log and its index (the task record is being forgotten)."""
         self.finish()
-        for path in (self.path, self.index_path):
-            if path is None:
-                continue
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+        remove_files(self.path, self.index_path)
 
     def _wake(self) -> None:
         # Swap in a fresh Event before setting the old one: every follower

@@ -73,6 +73,16 @@ def index_path(output_directory: str, task_id: str) -> str:
     return os.path.join(index_directory(output_directory), task_id + ".idx")
 
 
+def remove_files(*paths: Optional[str]) -> None:
+    """Unlink a task's log and its index; one already gone (or None) is no error."""
+    for path in paths:
+        if path is not None:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+
 def read_record(fd: int, number: int) -> Record:
     return Record._make(RECORD.unpack(os.pread(fd, RECORD.size, number * RECORD.size)))
 
