@@ -8,7 +8,7 @@ SIGHUP --reloads times. A probe (a process in a session of its own) calls GetTas
 each follower's lines are timestamped as they arrive and checked to be the
 counter with no gap and no repeat.
 
-    /work/venv/bin/python bench/reload.py --tasks 1000 --followers 20
+    python bench/reload.py --tasks 1000 --followers 20 [--record]
 
 The cgroup driver defaults to none (``--driver hybrid`` or ``v2`` for the
 real thing: their start-up clean-up spares adopted tasks' groups), so the
@@ -60,6 +60,8 @@ def main() -> int:
                         help=argparse.SUPPRESS)  # the probe's own process (Probe)
     parser.add_argument("--source", action="store_true",
                         help="do not compile the taskman package to bytecode first")
+    parser.add_argument("--record", action="store_true",
+                        help="also write the rows into docs/benchmarks.md (bench/recorded.py)")
     options = parser.parse_args()
     if options.probe:
         return run_probe(*options.probe)
@@ -146,12 +148,43 @@ def main() -> int:
         print(f"  calls refused: {' / '.join(fmt_ms(refused) for _, refused in results)}")
         print(f"  follower longest pause: p50 {fmt_ms(percentile(pauses, 0.5))}, "
               f"max {fmt_ms(max(pauses))}")
+        if options.record:
+            record(options, results, pauses, checks)
         return 0
     finally:
         client.close()
         if server.poll() is None:
             server.send_signal(signal.SIGTERM)
             server.wait(60)
+
+
+def record(options, results, pauses, checks) -> None:
+    """The rows as docs/benchmarks.md's reload block (bench/recorded.py)."""
+    import recorded
+    from targets import Row
+
+    def seconds(values):
+        return " / ".join(f"{value:.2f}" for value in values) + " s"
+
+    strict = [answered for answered, _ in results]
+    refused = [window for _, window in results]
+    rows = [
+        Row("#19", f"SIGHUP to the first call answered by the new image, {options.tasks} "
+            f"running tasks, each of {options.reloads} reloads", seconds(strict),
+            "calls refused (old image stopped, new one not yet answering)", seconds(refused),
+            "", "< 1 s", max(strict) < 1.0),
+        Row("#19", f"longest pause seen by a follower ({len(pauses)} followers, every byte "
+            "exactly once)", f"max {max(pauses):.2f} s", "the followers' p50",
+            f"{percentile(pauses, 0.5):.2f} s", "", "< 1 s", max(pauses) < 1.0),
+    ]
+    if checks:
+        rows.append(Row("#19", "the new image's --check (while the old image serves)",
+                        seconds(checks), "", "", "", "", None))
+    command = (f"python bench/reload.py --tasks {options.tasks} --counters {options.counters} "
+               f"--followers {options.followers} --reloads {options.reloads} --record")
+    recorded.record("reload", recorded.block(
+        "reload", "#19 Reload in place: SIGHUP to the first answer, followers' pause "
+        "(bench/reload.py)", command, rows, __doc__.split("\n\n", 1)[1].strip()))
 
 
 def stop_retrying(client, task_id: str, attempts: int = 5) -> None:
