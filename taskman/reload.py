@@ -154,7 +154,13 @@ def boost_priority(pid: int = 0) -> Optional[int]:
 def boost_autogroup() -> Optional[int]:
     """Lower the nice value of this process's autogroup (its session: the
     server and its ``--check``, never a task) by PRIORITY_BOOST; return the
-    value before, or None without autogroups or the right to (not root)."""
+    value before, or None without autogroups or the right to (not root).
+
+    Only when the server leads its session (systemd's services do; so does
+    ``setsid taskman-server``): a server started from a shell shares the
+    shell's session, whose other processes are not taskman's to boost."""
+    if os.getsid(0) != os.getpid():
+        return None
     try:
         with open(AUTOGROUP) as file:
             before = int(file.read().split()[-1])  # "/autogroup-123 nice 0"

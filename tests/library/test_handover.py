@@ -320,6 +320,20 @@ def test_boost_autogroup_then_restore():
     assert result.returncode == 0, result.stderr
 
 
+def test_no_autogroup_boost_in_a_session_the_server_does_not_lead():
+    """Started from a shell, the server shares the shell's session: its other
+    processes are not taskman's, so their autogroup is left as it is."""
+    if not os.path.exists(reload.AUTOGROUP):
+        pytest.skip("no autogroup scheduling in this kernel")
+    if os.getsid(0) == os.getpid():
+        pytest.skip("this test process leads its own session")
+    with open(reload.AUTOGROUP) as file:
+        before = file.read()
+    assert reload.boost_autogroup() is None
+    with open(reload.AUTOGROUP) as file:
+        assert file.read() == before
+
+
 def test_take_handover_path(monkeypatch):
     monkeypatch.setenv(handover.VARIABLE, "/state/handover.json")
     assert reload.take_handover_path() == "/state/handover.json"
