@@ -75,8 +75,11 @@ def test_a_start_takes_a_ready_group_with_its_limits_and_the_pool_refills(make):
         assert cgroupfs.read(os.path.join(directory, "cgroup.procs")).strip() == ""
     second = manager.start("alice", "sleep", ["30"])
     assert second.id == waiting[0]  # the ready group's id is the task's
-    pids = cgroupfs.pids([os.path.join(h.base, SLICE, second.id) for h in manager.driver.hierarchies])
-    assert pids == {second.pid}
+    # The gate joins its groups itself, after the start returns and before
+    # its command runs (taskman-gate -c): in every hierarchy, and nothing else.
+    directories = [os.path.join(h.base, SLICE, second.id) for h in manager.driver.hierarchies]
+    poll_for(lambda: all(cgroupfs.pids([directory]) == {second.pid} for directory in directories),
+             message="the task's gate in each of its ready groups")
     poll_for(lambda: len(ready(manager)) == 2 and second.id not in ready(manager),
              message="the pool refilled")
     manager.stop("alice", second.id)
