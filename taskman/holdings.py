@@ -42,8 +42,8 @@ class Holdings:
     def task_event(self, event: str, task) -> None:
         """A manager listener: keep each user's running tasks."""
         if event == "started":
-            entry = self._entry(task.id)
-            if entry is not None:
+            entry = self.manager.entry(task.id)
+            if entry is not None:  # None: it ended before its listeners heard it started
                 self._add(entry)
         elif event == "ended":
             tasks = self._running.get(task.owner)
@@ -73,20 +73,6 @@ class Holdings:
 
     def _add(self, entry) -> None:
         self._running.setdefault(entry.task.owner, {})[entry.task.id] = entry
-
-    def _entry(self, task_id: str):
-        """The manager's entry of a task just started: its newest (a start
-        registers the entry, then tells its listeners), else found by a walk
-        if another start came in between."""
-        entries = self.manager.entries()
-        for entry in reversed(entries):
-            if entry.task.id == task_id:
-                return entry
-            break
-        for entry in list(entries):
-            if entry.task.id == task_id:
-                return entry
-        return None  # ended before its listeners heard it started
 
 
 def argument_bytes(command: str, args) -> int:

@@ -108,6 +108,7 @@ class TaskManager:
         self.store = TaskStore(os.path.join(self.state_dir, "tasks.db"))
         self.confinement = confinement.Confinement(users, self.store)
         self.entries = self._tasks.values  # what a reload hands over (taskman.adoption)
+        self.entry = self._tasks.get  # a running task's entry by id (taskman.holdings)
         spared = adoption.spared(adopted)  # a reload's tasks: adopted, not recovered nor removed
         self._recover(spared)  # before setup(): it looks for the earlier life's processes
         self.history = History(self.store, self.output_dir)  # after: it counts the recovered
