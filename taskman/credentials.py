@@ -25,7 +25,7 @@ import grpc
 
 from taskman import pki
 from taskman.errors import ConfigError
-from taskman.pki.files import file_stamp, read_file
+from taskman.pki.disk import file_stamp, read_file
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ class ServerIdentity:
     """
 
     def __init__(self, credentials: ReloadingServerCredentials, peers: Peers,
-                 directory: Optional[pki.PKI] = None):
+                 directory: Optional["pki.PKI"] = None):
         self.credentials = credentials
         self.peers = peers
         self.pki = directory

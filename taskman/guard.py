@@ -44,6 +44,9 @@ STATUS_FOR = (
 # Sent as initial metadata on every call: the health response has no field
 # for the server's version, and a client can read headers of any call.
 VERSION_METADATA = (("taskman-version", version()),)
+# True once grpcio adds VERSION_METADATA itself to every call's initial
+# metadata, in the batch that carries the reply (``send_version_with_replies``).
+_VERSION_WITH_REPLIES = False
 
 
 def status_for(error: TaskmanError) -> grpc.StatusCode:
@@ -120,6 +123,7 @@ class CallGuard:
         self.draining: Optional[str] = None
         if metrics is not None:
             metrics.streams_active.set_function(lambda: self.open_streams)
+        send_version_with_replies()
 
     @contextlib.contextmanager
     def call(self, context, method: str, task_id: str = "", *, streaming: bool = False,
@@ -249,7 +253,43 @@ def escape(text: str) -> str:
     return _CONTROL.sub(lambda match: ascii(match.group())[1:-1], text)
 
 
+def send_version_with_replies() -> bool:
+    """Have grpcio's server put VERSION_METADATA in every call's initial
+    metadata itself; True if it does (now or already).
+
+    ``context.send_initial_metadata`` starts a batch of its own, answered by
+    a completion event of its own, before the reply's. Left alone, grpcio
+    sends a call's initial metadata in the reply's batch (with the first
+    message, the status or the abort), through ``grpc._server.
+    _get_initial_metadata``, the one function every such batch asks for what
+    to send; wrapped here, it adds the version, so every response still
+    carries it without a batch of its own. That function is private to
+    grpcio: if a release renames it, this returns False and ``call`` sends
+    the header explicitly as before. Process-wide, for the servers of a
+    process that guards its calls.
+    """
+    global _VERSION_WITH_REPLIES
+    if _VERSION_WITH_REPLIES:
+        return True
+    from grpc import _server
+
+    original = getattr(_server, "_get_initial_metadata", None)
+    if not callable(original) or original.__code__.co_varnames[:2] != ("state", "metadata"):
+        log.warning("grpcio %s: the version header goes in a batch of its own "
+                    "(grpc._server._get_initial_metadata not found)", grpc.__version__)
+        return False
+
+    def _get_initial_metadata(state, metadata):
+        return original(state, VERSION_METADATA + tuple(metadata or ()))
+
+    _server._get_initial_metadata = _get_initial_metadata
+    _VERSION_WITH_REPLIES = True
+    return True
+
+
 def _send_version(context) -> None:
+    if _VERSION_WITH_REPLIES:
+        return  # grpcio adds it to the reply's batch
     send = getattr(context, "send_initial_metadata", None)  # absent from test doubles
     if send is not None:
         send(VERSION_METADATA)

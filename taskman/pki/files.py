@@ -2,10 +2,7 @@
 parsing with readable errors, and proving that a key fits its certificate.
 """
 
-import contextlib
 import hashlib
-import os
-import tempfile
 from typing import Optional
 
 from cryptography import x509
@@ -14,52 +11,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from taskman.errors import ConfigError
+from taskman.pki.disk import (  # noqa: F401 - re-exported: this module's callers import them here
+    _fsync_directory,
+    _make_directory,
+    file_stamp,
+    read_file,
+    write_atomically,
+)
 from taskman.pki.names import KEY_SIZE
-
-# -- files
-
-def file_stamp(path: str):
-    """(inode, size, mtime) of ``path``, None if absent: a change of file."""
-    try:
-        status = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return (status.st_ino, status.st_size, status.st_mtime_ns)
-
-
-def write_atomically(path: str, data: bytes, mode: int = 0o600) -> None:
-    """Write ``path`` whole or not at all, with ``mode`` from the first byte."""
-    directory = os.path.dirname(path) or "."
-    descriptor, temporary = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path))
-    try:
-        os.fchmod(descriptor, mode)
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    _fsync_directory(directory)
-
-
-def _fsync_directory(directory: str) -> None:
-    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def read_file(path: str, what: str) -> bytes:
-    """The bytes of ``path``; ConfigError naming it (as ``what``) if unreadable."""
-    try:
-        with open(path, "rb") as file:
-            return file.read()
-    except OSError as error:
-        raise ConfigError(f"cannot read the {what} {path}: {error.strerror}") from None
 
 
 def load_certificate(path: str, what: str = "certificate") -> x509.Certificate:
@@ -137,11 +96,6 @@ def _key_pem(key) -> bytes:
 
 def new_key(key_size: int = KEY_SIZE):
     return rsa.generate_private_key(public_exponent=65537, key_size=key_size)
-
-
-def _make_directory(path: str) -> None:
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    os.chmod(path, 0o700)
 
 
 # The public key (SHA-256 of its SubjectPublicKeyInfo) of the demo CA

@@ -109,7 +109,7 @@ class PeerCheck:
         A CRL that does not parse or is not signed by the CA is refused
         (ConfigError) and the previous set stays.
         """
-        from taskman.pki.files import file_stamp
+        from taskman.pki.disk import file_stamp
 
         stamp = file_stamp(crl_path)
         if stamp == self._crl_stamp:
