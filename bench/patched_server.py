@@ -12,7 +12,9 @@ The others take one piece off every call's path, to measure what it costs
 (#20 target 3: GetTaskStatus against a bare unary call):
   nolog      no log line per call (the taskman.service logger at WARNING)
   noaudit    no audit record per call (AuditLog.call does nothing)
-  noversion  no version header per call (its own batch before the reply)
+  noversion  no version header per call
+  sendversion  the version header in a batch of its own before the reply
+             (context.send_initial_metadata, as before commit 4c438f0)
   stamp      the revocation list's file stat once a second, not per call
   noturns    no call turns (CallTurns.take grants at once)
   chunk256   output streamed in messages of up to 256 KiB, not 64 KiB
@@ -111,7 +113,14 @@ def patch_noaudit() -> None:
 def patch_noversion() -> None:
     from taskman import guard
 
+    guard.send_version_with_replies = lambda: False
     guard._send_version = lambda context: None
+
+
+def patch_sendversion() -> None:
+    from taskman import guard
+
+    guard.send_version_with_replies = lambda: False
 
 
 def patch_stamp() -> None:
@@ -154,8 +163,8 @@ def patch_chunk64() -> None:
 
 PATCHES = {"chunk256": patch_chunk256, "chunk64": patch_chunk64, "slots": patch_slots,
            "empty": patch_empty, "nolog": patch_nolog,
-           "noaudit": patch_noaudit, "noversion": patch_noversion, "stamp": patch_stamp,
-           "noturns": patch_noturns}
+           "noaudit": patch_noaudit, "noversion": patch_noversion,
+           "sendversion": patch_sendversion, "stamp": patch_stamp, "noturns": patch_noturns}
 
 if __name__ == "__main__":
     for name in FIXES:
