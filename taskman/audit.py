@@ -30,6 +30,9 @@ MAX_COMMAND_CHARS = 16 * 1024
 # Longest value of any other field (task ids and details quote user input).
 MAX_FIELD_CHARS = 1024
 
+# One encoder for every record (json.dumps with options builds one per call).
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
+
 
 class AuditLog:
     """Appends records to ``path`` (created 0600 if missing)."""
@@ -63,8 +66,7 @@ class AuditLog:
             timespec="microseconds"), "event": event}
         entry.update((key, _bounded(value)) for key, value in fields.items()
                      if value is not None)
-        line = (json.dumps(entry, ensure_ascii=False, separators=(",", ":"),
-                           default=str) + "\n").encode("utf-8", "backslashreplace")
+        line = (_encode(entry) + "\n").encode("utf-8", "backslashreplace")
         try:
             with self._lock:
                 written = os.write(self._fd, line)
