@@ -104,24 +104,37 @@ def main() -> int:
         print(f"{len(counters) + len(others)} tasks started in "
               f"{time.monotonic() - started:.1f}s", flush=True)
         followers = [Follower(address, counters[index % len(counters)], env,
-                              own_session=options.follower_sessions)
+                              own_session=options.follower_sessions,
+                              notes=os.path.join(workdir, f"follower{index}.err"))
                      for index in range(options.followers)]
         for follower in followers:
             follower.connected.wait(60)
         probe = Probe(address, counters[0], env)
         probe.start()
         results = []
+        signals = []
         for _ in range(options.reloads):
             time.sleep(2)
             sent = time.monotonic()
+            signals.append(sent)
             server.send_signal(signal.SIGHUP)
-            answered = probe.first_answer_after(sent, timeout=60)
+            answered = probe.first_answer_after(sent, timeout=20)
+            if answered is None:  # no call was refused: see Probe.first_call_of_the_new_image
+                answered = probe.first_call_of_the_new_image(sent, log_path, len(results))
             refused = probe.refused_window(sent)
             results.append((answered - sent, refused))
             print(f"SIGHUP -> first answered call {fmt_ms(answered - sent)}; calls refused "
                   f"for {fmt_ms(refused)}", flush=True)
         time.sleep(2)
+        signals.append(time.monotonic())  # the end of the last reload's window
         probe.stop()
+        for number, (sent, until) in enumerate(zip(signals, signals[1:], strict=False), 1):
+            gaps = sorted(follower.gap_after(sent, until) for follower in followers)
+            print(f"reload {number}: the followers' longest gap after SIGHUP, from their last "
+                  f"line before it to the first after (s after SIGHUP): last "
+                  f"{percentile([g[0] for g in gaps], 0.5):.2f} p50, first "
+                  f"{percentile([g[1] for g in gaps], 0.5):.2f} p50 / "
+                  f"{max(g[1] for g in gaps):.2f} max")
         client.close()  # idle through the reloads: a fresh channel, not grpc's backoff
         for task_id in counters + others:
             stop_retrying(client, task_id)
@@ -136,6 +149,8 @@ def main() -> int:
         for check, stopped in phases(log_path):
             print(f"from the server's log: --check and the pause {fmt_ms(check)}, "
                   f"stop of the old image to the new one listening {fmt_ms(stopped)}")
+        for line in timelines(log_path):
+            print(f"from the server's log: {line}")
         checks = check_times(log_path)
         if checks:
             print(f"from the server's log: --check alone {' / '.join(fmt_ms(c) for c in checks)}")
@@ -187,7 +202,7 @@ def record(options, results, pauses, checks) -> None:
         "(bench/reload.py)", command, rows, __doc__.split("\n\n", 1)[1].strip()))
 
 
-def stop_retrying(client, task_id: str, attempts: int = 5) -> None:
+def stop_retrying(client, task_id: str, attempts: int = 20) -> None:
     """Stop ``task_id``; a loaded server may fail a fresh connection's
     handshake (seen at load ~40), so each failure gets a fresh one."""
     from taskman.client import ClientError
@@ -232,6 +247,14 @@ def phases(log_path: str):
             in zip(times.get("sighup", []), times.get("stop", []), listening, strict=False)]
 
 
+def timelines(log_path: str):
+    """The new images' timeline lines (taskman.reload_timeline) and when
+    their adopted tasks were all supervised again."""
+    with open(log_path, errors="replace") as log:
+        return [line.split(": ", 1)[1].strip() for line in log
+                if "reload timeline" in line or "supervised again" in line]
+
+
 def check_times(log_path: str):
     """Per reload, the ``--check`` alone, in seconds, as the server logs it."""
     with open(log_path, errors="replace") as log:
@@ -248,11 +271,13 @@ class Follower:
     sessions of their own (``own_session``, --follower-sessions) they take a
     share each from the server."""
 
-    def __init__(self, address: str, task_id: str, env: dict, own_session: bool = False):
-        self.process = subprocess.Popen(
-            [os.path.join(BIN, "taskman"), "stream", task_id, "--user-id", "client001",
-             "--server-address", address], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            env=env, start_new_session=own_session)
+    def __init__(self, address: str, task_id: str, env: dict, own_session: bool = False,
+                 notes: str = os.devnull):
+        with open(notes, "wb") as errors:  # its reconnection notes
+            self.process = subprocess.Popen(
+                [os.path.join(BIN, "taskman"), "stream", task_id, "--user-id", "client001",
+                 "--server-address", address], stdout=subprocess.PIPE, stderr=errors,
+                env=env, start_new_session=own_session)
         self.lines = []
         self.times = []
         self.connected = threading.Event()
@@ -266,6 +291,14 @@ class Follower:
 
     def longest_pause(self) -> float:
         return max((b - a for a, b in zip(self.times, self.times[1:], strict=False)), default=0.0)
+
+    def gap_after(self, sent: float, until: float):
+        """The longest gap between lines from ``sent`` to ``until``: (its start,
+        its end), in seconds after ``sent``."""
+        times = [at for at in self.times if sent - 0.5 <= at <= until]
+        start, end = max(zip(times, times[1:], strict=False), key=lambda gap: gap[1] - gap[0],
+                         default=(sent, sent))
+        return start - sent, end - sent
 
     def check(self) -> None:
         numbers = [int(line) for line in self.lines]
@@ -334,13 +367,35 @@ class Probe(threading.Thread):
         self.join(10)
 
     def first_answer_after(self, sent: float, timeout: float) -> float:
-        """When the first call that started after a refusal following ``sent`` was answered."""
+        """When the first call that started after a refusal following ``sent``
+        was answered; None if no call was refused within ``timeout``."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             after = [attempt for attempt in list(self.attempts) if attempt[0] >= sent]
             failed = [index for index, attempt in enumerate(after) if not attempt[2]]
             if failed and any(attempt[2] for attempt in after[failed[0]:]):
                 return next(attempt[1] for attempt in after[failed[0]:] if attempt[2])
+            time.sleep(0.05)
+        return None
+
+    def first_call_of_the_new_image(self, sent: float, log_path: str, earlier: int) -> float:
+        """When the first call made after the exec was answered: for a
+        reload in which no call was refused (the probe's call in flight
+        through the outage, seen at load ~25). The exec's time comes from
+        the new image's timeline line (taskman.reload_timeline), as seconds
+        after its SIGHUP mark, which is a little after ``sent``."""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with open(log_path, errors="replace") as log:
+                lines = [line for line in log if "reload timeline" in line]
+            if len(lines) > earlier:
+                found = re.search(r"exec ([0-9.]+)", lines[earlier])
+                if found is None:
+                    break
+                execed = sent + float(found.group(1))
+                for started, ended, answered in list(self.attempts):
+                    if started >= execed and answered:
+                        return ended
             time.sleep(0.05)
         raise SystemExit("no answer after the reload")
 

@@ -21,7 +21,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 import gevent
 import gevent.event
 
-from taskman import handover, process, reload
+from taskman import handover, process, reload, reload_timeline
 from taskman.cgroups import Driver, Group
 from taskman.cgroups.hierarchy import CgroupGroup
 from taskman.output import OutputLog, reopen_log
@@ -248,6 +248,7 @@ class _Resumption:
             self.greenlet = gevent.spawn(self._run)
 
     def _run(self) -> None:
+        started = 0
         try:
             self.listening.wait(LISTEN_WAIT)
             while self.waiting:
@@ -255,6 +256,11 @@ class _Resumption:
                     gevent.idle()
                 for _ in range(min(RESUME_BATCH, len(self.waiting))):
                     self.waiting.popleft()()
+                    started += 1
+            since = reload_timeline.since_sighup()
+            if since is not None:
+                log.info("reload: the %d adopted task(s) supervised again %.3fs after SIGHUP",
+                         started, since)
         finally:
             self.greenlet = None
             self.restore_autogroup()

@@ -15,7 +15,7 @@ from typing import List, Optional
 import gevent
 import gevent.event
 
-from taskman import adoption
+from taskman import adoption, reload_timeline
 from taskman import handover as handover_format
 from taskman.reload import (
     PROGRAM,
@@ -89,6 +89,7 @@ class Reloader:
             if not first or self.requested:
                 log.warning("SIGHUP: a reload is already under way; ignored")
                 return
+            reload_timeline.start()
             log.info("SIGHUP: checking the installed %s before reloading", PROGRAM)
             # The whole session ahead, the check included, until the reload
             # is refused or the new image serves.
@@ -108,6 +109,7 @@ class Reloader:
             return self._refuse(str(error))
         checking = time.monotonic()
         passed, text = check(program, self.options)
+        reload_timeline.mark("checked")
         log.info("%s --check %s in %.2fs", PROGRAM, "passed" if passed else "failed",
                  time.monotonic() - checking)
         if not passed:
@@ -119,6 +121,7 @@ class Reloader:
         if not self._pause():
             return self._refuse("task output still being written after "
                                 f"{PAUSE_TIMEOUT:g}s")
+        reload_timeline.mark("paused")
         if self.terminating:
             self._resume()
             return
@@ -148,7 +151,9 @@ class Reloader:
         log.info("reloading into %s: new calls refused for a moment, running tasks stay",
                  self.program)
         self.audit.record("server.reload", pid=os.getpid(), program=self.program)
+        reload_timeline.mark("stopping")
         server.stop(grace=STOP_GRACE).wait(STOP_GRACE + 1)
+        reload_timeline.mark("stopped")
         # No call runs now, so no task is spawned with the raised priority;
         # the new image goes back to ``nice`` before it serves.
         nice = boost_priority()
@@ -169,8 +174,11 @@ class Reloader:
         try:
             state = adoption.capture(entries, port, self.stop_deadlines, uids)
             path = handover_format.write(state, state_dir)
+            reload_timeline.mark("exec")
+            reload_timeline.hand_over()
             exec_image(self.program, self.options, path, state.fds, nice, self.autogroup_nice)
         except (OSError, ReloadRefused) as error:
+            reload_timeline.withdraw()
             restore_priority(nice)
             restore_autogroup(self.autogroup_nice)
             handover_format.remove(handover_format.path_in(state_dir))

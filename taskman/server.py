@@ -27,7 +27,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from taskman import private, reload, reloading, tls, users
+from taskman import private, reload, reload_timeline, reloading, tls, users
 from taskman.api import task_manager_pb2, task_manager_pb2_grpc
 from taskman.audit import AuditLog
 from taskman.cgroups import select_driver
@@ -113,6 +113,7 @@ def serve(settings: "Settings", adopted=None) -> int:
     except ConfigError:
         audit.close()
         raise
+    reload_timeline.mark("manager")
     manager.listeners.append(audit.task_event)
     holdings.attach(manager, settings.admins[0])
     log.info("audit log %s", audit.path)
@@ -133,6 +134,7 @@ def serve(settings: "Settings", adopted=None) -> int:
     task_manager_pb2_grpc.add_TaskManagerServicer_to_server(servicer, server)
     health_servicer = add_health_and_reflection(server)
     server.start()
+    reload_timeline.mark("started")
 
     try:
         refusal = tls.check_tls13_only(probe_host(settings.host), port)
@@ -146,6 +148,10 @@ def serve(settings: "Settings", adopted=None) -> int:
 
     log.info("listening on %s:%d (taskman-server %s; mTLS, TLS 1.3 only; self-test: %s)",
              settings.host, port, version(), refusal)
+    reload_timeline.mark("listening")
+    timeline = reload_timeline.summary()
+    if timeline:
+        log.info("reload timeline, seconds after SIGHUP: %s", timeline)
     revocations = membership.revocations(node, identity)
 
     def on_revocation(peers) -> None:
@@ -175,6 +181,7 @@ def serve(settings: "Settings", adopted=None) -> int:
     stopping.wait()
     watcher.kill()
     if reloader.requested:
+        reload_timeline.mark("woken")
         health_servicer.end_watches()
         guard.drain("the server is reloading; reconnect")
         if node is not None:  # the next image takes the node's name and tasks back

@@ -11,6 +11,7 @@ imported once they are in place.
 import os
 import sys
 
+from taskman import reload_timeline
 from taskman.cgroups import Limits
 from taskman.cli import parsed_options
 from taskman.cli.settings import Settings, days
@@ -272,6 +273,8 @@ def patch_all() -> None:
 
 
 def main(argv=None) -> int:
+    reload_timeline.take()  # a reload's, if one exec'd this image
+    reload_timeline.mark("main")
     text = usage()
     arguments = sys.argv[1:] if argv is None else list(argv)
     # A reload's new image: the old image's parse of this same command line.
@@ -317,15 +320,19 @@ def main(argv=None) -> int:
     tls.restrict_to_tls13()
     os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "0"
     patch_all()
+    reload_timeline.mark("gevent")
     # A reload (SIGHUP) exec'd this image: adopt the running tasks before
     # anything can yield to the loop (docs/design.md, reload).
     adopted = adopt_handed_over_tasks()
+    reload_timeline.mark("pids adopted")
     import grpc
     import grpc.experimental.gevent
 
     grpc.experimental.gevent.init_gevent()
+    reload_timeline.mark("grpc")
 
     from taskman import server
+    reload_timeline.mark("server imported")
 
     server.configure_logging(settings.log_level, sys.stderr)
     try:

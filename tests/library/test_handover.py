@@ -496,3 +496,36 @@ def test_adopted_tasks_are_supervised_even_if_the_server_never_listens(monkeypat
     resumption.add(lambda: started.append(1))
     resumption.greenlet.join(5)
     assert started == [1]
+
+
+def test_the_reload_timeline_crosses_the_exec_in_the_environment(monkeypatch):
+    from taskman import reload_timeline
+
+    monkeypatch.delenv(reload_timeline.VARIABLE, raising=False)
+    reload_timeline.start()
+    reload_timeline.mark("checked")
+    reload_timeline.hand_over()
+    handed = os.environ[reload_timeline.VARIABLE]
+    assert handed.startswith("sighup=") and ",checked=" in handed
+    # The new image: its own marks come after the old image's.
+    reload_timeline._marks.clear()
+    reload_timeline.mark("main")
+    reload_timeline.take()
+    assert reload_timeline.VARIABLE not in os.environ  # no task sees it
+    steps = reload_timeline.summary().split(", ")
+    assert [step.split()[0] for step in steps] == ["checked", "main"]
+    assert all(float(step.split()[1]) >= 0 for step in steps)
+    assert reload_timeline.since_sighup() >= 0
+
+
+def test_no_reload_timeline_without_a_sighup_or_from_a_garbled_variable(monkeypatch):
+    from taskman import reload_timeline
+
+    reload_timeline._marks.clear()
+    monkeypatch.setenv(reload_timeline.VARIABLE, "sighup=not-a-number")
+    reload_timeline.mark("main")
+    reload_timeline.take()
+    assert reload_timeline.summary() is None and reload_timeline.since_sighup() is None
+    reload_timeline.start()
+    reload_timeline.withdraw()
+    assert reload_timeline.VARIABLE not in os.environ
