@@ -8,7 +8,9 @@ again from the offset it reached and gets each byte exactly once. Given
 several addresses (replicas of one fleet), each retry goes to the next one.
 The first retry is immediate (another replica, or a reloaded server, is
 usually there already); later ones back off, bounded, with a note on stderr
-each time.
+each time. With one address, a server that says it is reloading, or that
+went away without a word, is first asked again every 0.1 s (a reload's
+outage is about a second), so a follower's pause is the reload's.
 """
 
 import datetime
@@ -32,6 +34,12 @@ RESUMABLE = ("UNAVAILABLE", "CANCELLED")
 RELOADING = "reloading"
 RELOAD_WAIT = 60.0  # seconds; a loaded (or emulated) host may take tens
 RELOAD_PAUSE = 0.1
+# A server that went away without saying so may be reloading too: its stop
+# cancels a stream still waiting to send when the drain came (a loaded
+# server, a follower behind its task). With no other address to go to, such
+# a loss is retried every RELOAD_PAUSE for QUICK_WAIT first (a reload's
+# outage here is about a second), then backs off as above.
+QUICK_WAIT = 3.0  # seconds
 
 
 class Follower:
@@ -60,7 +68,8 @@ class Follower:
         servers stay unreachable, or at once for any other failure."""
         failures = 0
         untried = len(getattr(self.client, "addresses", ())) - 1
-        reload_ends = 0.0  # while the server is known to be reloading
+        reload_ends = 0.0  # while the server is known (or may be) reloading
+        quick = True  # the next loss of a server that answered gets QUICK_WAIT
         while True:
             reached = self.offset
             try:
@@ -71,12 +80,21 @@ class Follower:
                     raise
                 if self.offset != reached:
                     failures = 0  # bytes came through: the budget is for a lasting loss
+                    quick = True
                 lost = self.client.address
                 message = error.message.strip() or "unavailable"
                 if RELOADING in message and self.connected and untried <= 0:
                     reload_ends = time.monotonic() + RELOAD_WAIT
+                    quick = False
                     self.note(f"taskman: {lost}: {message}; reconnecting from offset "
                               f"{self.offset} (waiting up to {RELOAD_WAIT:g}s)")
+                elif quick and self.connected and untried <= 0 and failures == 0:
+                    reload_ends = time.monotonic() + QUICK_WAIT
+                    quick = False
+                    self.note(f"taskman: lost the server at {lost} ({message}); reconnecting "
+                              f"from offset {self.offset} every {RELOAD_PAUSE:g}s for "
+                              f"{QUICK_WAIT:g}s, then backing off")
+                    continue  # at once: a dropped connection to a server still there
                 if time.monotonic() < reload_ends:
                     time.sleep(RELOAD_PAUSE)
                     # A fresh channel connects at once: the old one would

@@ -181,3 +181,45 @@ def test_with_other_replicas_a_reload_is_failed_over_at_once(pauses):
                                          ([4], None)])
     follower, received, notes = run(client)
     assert client.asked == [("a:1", 0), ("b:2", 3)] and pauses == [0.0]
+
+
+def test_a_lone_server_lost_without_a_word_is_asked_again_quickly_first(pauses, monkeypatch):
+    # A reload's stop cancels a stream that was waiting to send when the
+    # drain came: CANCELLED, no "reloading". With one address that loss is
+    # retried every RELOAD_PAUSE (the first at once), not 0.2, 0.4, 0.8 s...
+    clock = [0.0]
+    monkeypatch.setattr(follow.time, "monotonic", lambda: clock[0])
+    taken = []
+
+    def sleep(seconds):
+        taken.append(seconds)
+        clock[0] += seconds
+
+    monkeypatch.setattr(follow.time, "sleep", sleep)
+    refused = [([], Failure("UNAVAILABLE", "failed to connect: Connection refused"))] * 8
+    client = FakeClient(["a:1"], [([3], Failure("CANCELLED", "Cancelled")), *refused, ([4], None)])
+    follower, _, notes = run(client)
+    assert set(client.asked[1:]) == {("a:1", 3)} and follower.offset == 7
+    assert taken == [follow.RELOAD_PAUSE] * 8  # the first retry at once, no back-off
+    assert len(notes) == 1 and "lost the server" in notes[0] and "offset 3" in notes[0]
+
+
+def test_past_the_quick_retries_a_lost_server_backs_off(pauses, monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(follow.time, "monotonic", lambda: clock[0])
+    taken = []
+
+    def sleep(seconds):
+        taken.append(seconds)
+        clock[0] += seconds
+
+    monkeypatch.setattr(follow.time, "sleep", sleep)
+    down = Failure("UNAVAILABLE", "failed to connect: Connection refused")
+    client = FakeClient(["a:1"], [([3], down)] + [([], down)] * 200)
+    with pytest.raises(Failure):
+        run(client)
+    quick = [pause for pause in taken if pause == follow.RELOAD_PAUSE]
+    assert follow.QUICK_WAIT <= len(quick) * follow.RELOAD_PAUSE < follow.QUICK_WAIT + 0.2
+    backing_off = taken[len(quick):]
+    assert backing_off[:3] == [0.0, follow.FIRST_PAUSE, follow.FIRST_PAUSE * 2]
+    assert max(backing_off) == follow.LONGEST_PAUSE
