@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 from taskman import manager as manager_module  # noqa: E402
-from taskman import process  # noqa: E402
+from taskman import process, task_groups  # noqa: E402
 from taskman.cgroups import select_driver  # noqa: E402
 from taskman.manager import TaskManager  # noqa: E402
 
@@ -62,9 +62,10 @@ def main() -> None:
     manager = TaskManager(state_dir=state_dir, driver=driver, stop_grace=1, warm_groups=warm)
     try:
         timed(manager_module, "create_log", "output file (OutputLog)")
-        # With ready groups, the driver's create runs in the worker, off the
-        # start's path; the start itself waits only for the group it takes.
-        timed(manager.groups, "create", "task group (ready, or made in the worker)")
+        # The driver's create runs in the worker (ahead of the start with
+        # ready groups; else while the start makes the output file): the
+        # start itself waits only for the rest of it.
+        timed(task_groups.Making, "get", "waiting for the task group (after the output file)")
         timed(manager.driver, "create", "cgroup create (mkdir + limits, in the worker)")
         timed(process, "spawn", "spawn (gate, place, release)")
         timed(os, "posix_spawn", "posix_spawn of the gate")

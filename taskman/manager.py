@@ -154,12 +154,14 @@ class TaskManager:
             raise InvalidArgument(f"task id {task_id!r} is malformed or taken")
         # Each user's slice: by uid if confined; by name if not (all
         # unconfined users share one uid, but not one slice). A ready
-        # group comes with the id of its task.
-        group = self.groups.create(Owner(owner, sandbox.uid if sandbox.confined else None), task_id)
-        task_id = group.task_id
+        # group comes with the id of its task; a new one is made in the
+        # groups' worker while the output file is made here.
+        making = self.groups.create(Owner(owner, sandbox.uid if sandbox.confined else None), task_id)
+        task_id = making.task_id
         output = None
         try:
             output = create_log(self.output_dir, task_id, self.output_max_bytes)
+            group = making.get()
             proc = process.spawn(executable, args, confinement.environment(task_id, owner, self.search_path),
                                  place=lambda pid: self._place(group, pid, owner, size),
                                  separate_streams=separate_streams, sandbox=sandbox,
@@ -167,7 +169,7 @@ class TaskManager:
         except BaseException as error:
             if output is not None:
                 output.remove()
-            self.groups.discard(group)
+            self.groups.abandon(making)
             if isinstance(error, OSError):
                 raise process.spawn_error(error) from None
             raise

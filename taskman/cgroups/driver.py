@@ -134,6 +134,15 @@ class Driver(abc.ABC):
         """Delete the (empty) groups, and the owner's slice once no task is
         left in it; raise CgroupError if the task's groups stay."""
 
+    def remove_groups(self, group: Group) -> None:
+        """``remove`` without the slice: the task's groups only (its owner's
+        slice is ``remove_slice``'s, which a caller may run later); raise
+        CgroupError if they stay."""
+        self.remove(group)
+
+    def remove_slice(self, group: Group) -> None:  # noqa: B027 - no slices by default
+        """Delete the slice that held ``group`` if no task is in it any more."""
+
     def describe(self) -> str:
         """One line for the start-up log: the driver, where, which limits."""
         return self.name

@@ -1,7 +1,8 @@
 """Hierarchies of per-task directories, what the v2 and hybrid drivers
 share: a task is one directory, named after its id, in each of a few cgroup
 hierarchies; given an owner, inside that user's slice (``user-<key>``, see
-slices.py), which is made with the task's group and removed with the last one.
+slices.py), which is made with the task's group and removed with the last one
+(``remove_slice``; the manager keeps it a moment for the user's next task).
 
 A driver is a list of ``Hierarchy`` objects (where task groups live, which
 limit files to write into each new group). Creating, placing, signalling,
@@ -292,18 +293,29 @@ class HierarchyDriver(Driver):
     def remove(self, group: Group) -> None:
         """Remove the task's groups, then its slice if no other task is in it
         (the kernel refuses to remove a slice that holds a group)."""
+        try:
+            self.remove_groups(group)
+        finally:
+            self.remove_slice(group)
+
+    def remove_groups(self, group: Group) -> None:
+        # Not under the slice lock: removing a task's directory cannot undo
+        # a slice another thread is making (only ``remove_slice`` can).
         first_error = None
-        with self._slice_lock:
-            for directory in reversed(self._directories(group)):
-                try:
-                    cgroupfs.remove_directory(directory)
-                except CgroupError as error:
-                    first_error = first_error or error
-            if getattr(group, "slice_name", None) is not None:
-                for directory in reversed(self._directories(group)):
-                    cgroupfs.remove_if_unused(os.path.dirname(directory))
+        for directory in reversed(self._directories(group)):
+            try:
+                cgroupfs.remove_directory(directory)
+            except CgroupError as error:
+                first_error = first_error or error
         if first_error:
             raise first_error
+
+    def remove_slice(self, group: Group) -> None:
+        if getattr(group, "slice_name", None) is None:
+            return
+        with self._slice_lock:
+            for directory in reversed(self._directories(group)):
+                cgroupfs.remove_if_unused(os.path.dirname(directory))
 
     def close(self) -> None:
         """Remove our base directories if no group is left in them (best

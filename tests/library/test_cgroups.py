@@ -19,12 +19,12 @@ import gevent
 import pytest
 
 from support import poll_for, processes_of, timed_direct_io
-from taskman import cgroups
+from taskman import cgroups, task_groups
 from taskman.cgroups import Limits, cgroupfs, detect
 from taskman.errors import CgroupError
 from taskman.manager import TaskManager
 from taskman.output import log_path
-from taskman.task import JobStatus, Source
+from taskman.task import JobStatus, Source, is_task_id
 
 PY = sys.executable
 MiB = 1 << 20
@@ -50,6 +50,13 @@ def select_or_skip(limits=None, root=None, **keywords):
 def _groups_left(driver):
     return {hierarchy.base: cgroupfs.subgroups(hierarchy.base)
             for hierarchy in driver.hierarchies if cgroupfs.subgroups(hierarchy.base)}
+
+
+def _task_groups_left(driver):
+    """Task groups (not slices, which outlive their last task by
+    task_groups.SLICE_LINGER) anywhere under the bases."""
+    return [path for hierarchy in driver.hierarchies for path in cgroupfs.walk(hierarchy.base)
+            if is_task_id(os.path.basename(path))]
 
 
 @pytest.fixture
@@ -194,6 +201,25 @@ def test_leftovers_die_with_the_main_process_and_groups_go(run):
     poll_for(lambda: not _groups_left(manager.driver), message="the groups to be removed")
 
 
+def test_a_slice_outlives_its_last_task_for_the_next_and_goes_at_shutdown(run, monkeypatch):
+    """A task's groups go before "ended"; its user's slice stays for the
+    user's next task (the same directory, not made again) and goes at
+    shutdown without waiting out the linger (the fixture checks)."""
+    monkeypatch.setattr(task_groups, "SLICE_LINGER", 60.0)
+    manager = run()
+    first = manager.start("alice", "true")
+    wait_ended(manager, first.id)
+    assert not _task_groups_left(manager.driver)
+    left = _groups_left(manager.driver)
+    assert list(left.values()) == [["user-name-alice"]] * len(manager.driver.hierarchies)
+    slice_directory = os.path.join(manager.driver.hierarchies[0].base, "user-name-alice")
+    made = os.stat(slice_directory).st_ino
+    second = manager.start("alice", "true")
+    wait_ended(manager, second.id)
+    assert os.stat(slice_directory).st_ino == made
+    assert not _task_groups_left(manager.driver)
+
+
 def test_stale_groups_of_an_earlier_run_are_removed_at_setup(run, caplog):
     caplog.set_level(logging.INFO, logger="taskman.cgroups")
     root = root_name()
@@ -317,7 +343,8 @@ def test_a_task_that_cannot_join_a_group_ends_before_its_command_runs(run, monke
     output = b"".join(manager.stream("alice", task.id)).decode()
     assert "cannot join the task's cgroup" in output and ".missing" in output
     assert not marker.exists()
-    assert not _groups_left(manager.driver)
+    assert not _task_groups_left(manager.driver)  # gone before "ended"
+    poll_for(lambda: not _groups_left(manager.driver), message="the slice to go after its task")
 
 
 # create() failing in the middle (memory is made after unified and cpu) and
