@@ -16,8 +16,13 @@ it. Whatever taskman does, over gRPC it can only be this fast:
   sends one line and then nothing until the client goes (an idle follower).
 
     python bench/ceiling.py PORT
+
+$BENCH_SERVER_ARGS (a JSON list of [name, value] pairs) adds gRPC server
+channel arguments, so one argument can be measured on this floor and on
+taskman-server (bench/args_server.py) alike.
 """
 
+import json
 import os
 import sys
 
@@ -48,6 +53,20 @@ IDLE = "idle"
 # Every open stream holds a worker of the pool (as in taskman-server): enough
 # for the idle followers' 10,000.
 MAX_STREAMS = 12288
+# gRPC core cancels a call that waits longer than this (default 30 s) for the
+# server to take it. This server takes a new call only when its one polling
+# loop reaches the call's event, queued behind a send completion from every
+# stream already sending: with 1,000 streams at once the last ones wait
+# longer than 30 s and end CANCELLED without a byte (4-8% of them in the
+# fan-out runs of 2026-12-02). The followers' own deadline is 900 s: match it.
+UNREQUESTED_SECONDS = 900
+
+
+def server_args() -> list:
+    """This server's channel arguments, with $BENCH_SERVER_ARGS's."""
+    extra = [tuple(pair) for pair in json.loads(os.environ.get("BENCH_SERVER_ARGS") or "[]")]
+    return [("grpc.so_reuseport", 0),
+            ("grpc.server_max_unrequested_time_in_server", UNREQUESTED_SECONDS), *extra]
 
 
 class Ceiling(task_manager_pb2_grpc.TaskManagerServicer):
@@ -111,7 +130,7 @@ def main() -> None:
     port = int(sys.argv[1])
     common.raise_nofile(65536)
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=MAX_STREAMS + 64),
-                         options=[("grpc.so_reuseport", 0)])
+                         options=server_args())
     task_manager_pb2_grpc.add_TaskManagerServicer_to_server(Ceiling(), server)
     credentials = grpc.ssl_server_credentials(
         [(common.read_cert("server.key"), common.read_cert("server.crt"))],
