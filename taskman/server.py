@@ -225,6 +225,9 @@ class EscapingFormatter(logging.Formatter):
 
 
 def configure_logging(level: int, stream) -> None:
+    # Every call logs a line; the format names no thread or process, so
+    # logging need not look them up for each record (3-5 us of ~21 us).
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = logging.StreamHandler(stream)
     handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler])

@@ -190,9 +190,6 @@ class TaskManagerServicer(task_manager_pb2_grpc.TaskManagerServicer):
                     for chunk in chunks:
                         if cancelled.is_set():  # gone, drained or revoked: also when behind
                             break
-                        call.sent += len(chunk.data)
-                        if sent_bytes is not None:
-                            sent_bytes.inc(len(chunk.data))  # live, as a long stream goes
                         # The turn is held from building the message until
                         # the send is done: a few sends at a time, so other
                         # calls are not queued behind them, and a stream
@@ -200,6 +197,14 @@ class TaskManagerServicer(task_manager_pb2_grpc.TaskManagerServicer):
                         # its message too (1,000 followers behind a fast
                         # writer: one 64 KiB copy each, not two).
                         with turns.turn(call.user):
+                            # A reload's drain may have come while this
+                            # stream waited for its turn: end now, with the
+                            # drain's status, not when its grace cancels it.
+                            if cancelled.is_set():
+                                break
+                            call.sent += len(chunk.data)
+                            if sent_bytes is not None:
+                                sent_bytes.inc(len(chunk.data))  # live, as a long stream goes
                             response = output_response(chunk)
                             chunk = None
                             yield response
