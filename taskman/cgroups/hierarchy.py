@@ -365,9 +365,11 @@ class HierarchyDriver(Driver):
         """Where slices go and their limits, for describe()."""
         if self.slice_limits is None:
             return "user slices user-<key>/<task id>: no aggregate limits"
+        weight = self.slice_limits.cpu_weight
         return (f"user slices user-<key>/<task id>; each user: "
                 f"{self._limits_text(self.slice_limits.user)}; all tasks together: "
-                f"{self._limits_text(self.slice_limits.root)}")
+                f"{self._limits_text(self.slice_limits.root)}, cpu weight "
+                f"{weight or 'the kernel default'} against the server's 100")
 
 
 def _mib(value: int) -> str:

@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Tuple
 from taskman.cgroups.detect import Host
 from taskman.cgroups.driver import Limits
 from taskman.cgroups.hierarchy import Hierarchy, HierarchyDriver, Setting
-from taskman.cgroups.slices import SliceLimits
+from taskman.cgroups.slices import SliceLimits, v1_shares
 
 # The v1 controllers the driver needs, in the order groups are made.
 CONTROLLERS = ("cpu", "memory", "blkio", "pids", "freezer")
@@ -59,6 +59,11 @@ class HybridDriver(HierarchyDriver):
                                                       aggregate=True))
                     root_settings.extend(v1_settings(controller, slice_limits.root, devices,
                                                      aggregate=True))
+                if controller == "cpu" and slice_limits is not None and slice_limits.cpu_weight:
+                    # The root is the server's child or sibling here: one
+                    # weight puts every task together behind it.
+                    root_settings.append(Setting("cpu.shares",
+                                                 str(v1_shares(slice_limits.cpu_weight))))
             hierarchies.append(Hierarchy(
                 ",".join(controllers), _base(mount, own, root), 1, tuple(settings),
                 tuple(slice_settings), tuple(root_settings),

@@ -38,6 +38,11 @@ MEMORY_RESERVE_MIN = 1 << 30
 MEMORY_RESERVE_FRACTION = 10  # percent of total RAM, if more than the minimum
 PIDS_RESERVE_MIN = 1024
 USER_PIDS_MAX = 8192
+# The tasks' CPU weight against the server's, on systemd's CPUWeight scale
+# (1-10000, a service's default 100): under contention every task together
+# gets a tenth of what the server gets (docs/operations.md).
+TASKS_CPU_WEIGHT = 10
+CPU_WEIGHT_MIN, CPU_WEIGHT_MAX, CPU_WEIGHT_DEFAULT = 1, 10000, 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +94,22 @@ class SliceLimits:
 
     user: Limits
     root: Limits
+    # Every task together against the server, for a CPU both want: the
+    # root's cpu.shares on v1, each slice's cpu.weight on v2 (where the
+    # server's leaf is the slices' sibling). 0: the kernel's default.
+    cpu_weight: int = TASKS_CPU_WEIGHT
+
+    def __post_init__(self):
+        weight = self.cpu_weight
+        if (not isinstance(weight, int) or isinstance(weight, bool)
+                or (weight and not CPU_WEIGHT_MIN <= weight <= CPU_WEIGHT_MAX)):
+            raise InvalidArgument(f"--tasks-cpu-weight must be 0 (the kernel's default) or "
+                                  f"{CPU_WEIGHT_MIN} to {CPU_WEIGHT_MAX}, not {weight!r}")
+
+
+def v1_shares(weight: int) -> int:
+    """cpu.shares for a CPUWeight, as systemd maps them (100 is 1024)."""
+    return max(2, weight * 1024 // CPU_WEIGHT_DEFAULT)
 
 
 def unlimited() -> Limits:

@@ -67,6 +67,13 @@ class V2Driver(HierarchyDriver):
         settings = v2_settings(limits, devices) if limits is not None else ()
         slice_settings = v2_settings(slice_limits.user, devices) if slice_limits else ()
         root_settings = v2_settings(slice_limits.root, devices) if slice_limits else ()
+        if slice_limits and slice_limits.cpu_weight:
+            # The server's leaf is the slices' sibling (or, in the root
+            # cgroup, the base's): the weight goes on both, so every task
+            # together stays behind the server either way.
+            weight = (Setting("cpu.weight", str(slice_limits.cpu_weight)),)
+            slice_settings, root_settings = (tuple(slice_settings) + weight,
+                                             tuple(root_settings) + weight)
         hierarchy = Hierarchy("unified", os.path.join(self.own_directory, root), 2,
                               tuple(settings), tuple(slice_settings), tuple(root_settings),
                               oom_file="memory.events" if limits is not None else None,

@@ -137,6 +137,10 @@ Options:
       Read bandwidth of every task together, bytes/s; 0 for none (default).
   --root-io-write-bps <bytes>
       Write bandwidth of every task together, bytes/s; 0 for none (default).
+  --tasks-cpu-weight <n>
+      CPU weight of every task together against the server's 100 when both
+      want a CPU (1-10000, systemd's CPUWeight scale; 0: the kernel's default).
+      Default: 10.
   --stop-grace <seconds>
       Time between SIGTERM and SIGKILL when a task is stopped [default: 10].
   --max-streams <n>

@@ -122,7 +122,13 @@ def slice_limits(options: dict) -> slices.SliceLimits:
         user = dataclasses.replace(user, memory_max=root.memory_max // 2 >> 20 << 20)
     if root.pids_max:
         user = dataclasses.replace(user, pids_max=min(root.pids_max // 2, slices.USER_PIDS_MAX))
-    return slices.SliceLimits(user=_slice_side(options, "user", user), root=root)
+    weight = options.get("--tasks-cpu-weight")
+    weight = slices.TASKS_CPU_WEIGHT if weight is None else integer(weight, "--tasks-cpu-weight")
+    try:
+        return slices.SliceLimits(user=_slice_side(options, "user", user), root=root,
+                                  cpu_weight=weight)
+    except InvalidArgument as error:
+        raise ConfigError(str(error)) from None
 
 
 def _slice_side(options: dict, side: str, default: Limits) -> Limits:

@@ -19,7 +19,7 @@ import pytest
 
 from support import poll_for
 from taskman import cgroups
-from taskman.cgroups import Limits, cgroupfs, detect
+from taskman.cgroups import Limits, cgroupfs, detect, slices
 from taskman.cgroups.v2 import SERVER_LEAF, V2Driver
 from taskman.errors import CgroupError, InvalidArgument
 from taskman.manager import TaskManager
@@ -116,7 +116,7 @@ def test_tracking_driver_removes_stale_groups_of_an_earlier_run(state_dir):
 
 INTERFACE = {"cgroup.procs": "", "cgroup.kill": "", "cgroup.freeze": "",
              "cgroup.events": "populated 0\nfrozen 0\n", "cgroup.subtree_control": "",
-             "cgroup.controllers": "cpu io memory pids\n", "cpu.max": "",
+             "cgroup.controllers": "cpu io memory pids\n", "cpu.max": "", "cpu.weight": "",
              "memory.max": "", "memory.swap.max": "", "memory.events": "oom_kill 0\n",
              "io.max": "", "pids.max": ""}
 
@@ -161,6 +161,24 @@ def test_fake_v2_setup_moves_the_server_into_a_leaf_then_delegates(fake):
         assert _text(fake / "svc" / "cgroup.subtree_control") == "+cpu +memory +io +pids"
         assert _text(base / "cgroup.subtree_control") == "+cpu +memory +io +pids"
         assert "server moved into" in driver.describe()
+    finally:
+        driver.close()
+
+
+def test_fake_v2_slices_and_root_weigh_less_than_the_servers_leaf(fake):
+    """The server's leaf is the slices' sibling: each slice (and the root,
+    for a server in the root cgroup) gets the tasks' weight, the leaf none."""
+    limits = slices.default_slice_limits()
+    driver = V2Driver(Limits(), "taskman", ("254:0",), mount=str(fake), own="/svc",
+                      slice_limits=limits)
+    driver.setup()
+    try:
+        base = fake / "svc" / "taskman"
+        driver.create(str(uuid.uuid4()), owner=slices.Owner("alice", 70001))
+        assert _text(base / "user-70001" / "cpu.weight") == str(slices.TASKS_CPU_WEIGHT)
+        assert _text(base / "cpu.weight") == str(slices.TASKS_CPU_WEIGHT)
+        assert _text(base / SERVER_LEAF / "cpu.weight") == ""
+        assert "cpu weight 10 against the server's 100" in driver.describe()
     finally:
         driver.close()
 

@@ -117,6 +117,35 @@ def read(directory, file):
 # -- real groups
 
 
+def test_every_task_together_weighs_less_than_the_server(run):
+    """The tasks' CPU weight is in the files that compete with the server:
+    the root's cpu.shares on v1 (the server is its parent or an autogroup
+    beside it), each slice's cpu.weight on v2 (the server's leaf is a sibling)."""
+    defaults = slices.default_slice_limits()
+    manager = run(slice_limits=SliceLimits(user=defaults.user, root=defaults.root,
+                                           cpu_weight=25))
+    driver = manager.driver
+    manager.start("alice", "sleep", ["1000"])
+    if driver.name == "hybrid":
+        cpu = hierarchy_with(driver, "cpu.shares").base
+        assert read(cpu, "cpu.shares") == "256"
+        assert read(f"{cpu}/user-70001", "cpu.shares") == "1024"  # users stay equals
+    else:
+        base = driver.hierarchies[0].base
+        assert read(f"{base}/user-70001", "cpu.weight") == "25"
+        assert read(base, "cpu.weight") == "25"
+
+
+def test_the_cpu_weight_is_checked_and_mapped_like_systemds():
+    defaults = slices.default_slice_limits()
+    assert defaults.cpu_weight == slices.TASKS_CPU_WEIGHT == 10
+    assert [slices.v1_shares(weight) for weight in (1, 10, 100, 10000)] == [10, 102, 1024, 102400]
+    for bad in (-1, 10001, True, 1.5):
+        with pytest.raises(InvalidArgument, match="--tasks-cpu-weight"):
+            SliceLimits(user=defaults.user, root=defaults.root, cpu_weight=bad)
+    assert SliceLimits(user=defaults.user, root=defaults.root, cpu_weight=0).cpu_weight == 0
+
+
 def test_a_users_two_tasks_share_one_slice_whose_limits_are_in_the_files(run):
     user = Limits(cpu_quota_us=500_000, cpu_period_us=1_000_000, memory_max=768 * MiB,
                   io_read_bps=100 * MiB, io_write_bps=0, pids_max=300)
