@@ -16,6 +16,8 @@ import errno
 import fcntl
 import os
 import signal as signals
+import sys
+import threading
 import time
 from typing import Iterable, Iterator, List, Optional, Set
 
@@ -92,7 +94,19 @@ def remove_directory(path: str) -> None:
             except OSError as error:
                 if error.errno != errno.EBUSY or time.monotonic() > deadline:
                     raise _error("remove", directory, error) from None
-                time.sleep(0.005)
+                _pause(0.005)
+
+
+def _pause(seconds: float) -> None:
+    """Wait before retrying a busy rmdir: cooperatively on the main
+    thread, plainly in a worker thread (removals run in the task groups'
+    worker threads), where gevent's patched ``time.sleep`` would build the
+    thread a hub of its own and keep its descriptors open for good."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is None or threading.get_native_id() == os.getpid():
+        time.sleep(seconds)
+    else:
+        monkey.get_original("time", "sleep")(seconds)
 
 
 def lock_directory(path: str) -> int:
