@@ -2,6 +2,8 @@
 stand-in client: which address and offset each attempt asks for, and when
 it waits."""
 
+import types
+
 import pytest
 
 from taskman.cli import follow
@@ -142,16 +144,22 @@ def test_other_failures_are_not_retried(pauses):
     assert len(client.asked) == 1
 
 
-def test_a_reloading_server_is_waited_for_at_its_address_quietly(pauses, monkeypatch):
-    clock = [0.0]
-    monkeypatch.setattr(follow.time, "monotonic", lambda: clock[0])
-    pauses_taken = []
+@pytest.fixture
+def clock(monkeypatch):
+    """The follower's clock, moved on only by its own sleeps (``taken``)."""
+    fake = types.SimpleNamespace(now=0.0, taken=[])
 
     def sleep(seconds):
-        pauses_taken.append(seconds)
-        clock[0] += seconds
+        fake.taken.append(seconds)
+        fake.now += seconds
 
+    monkeypatch.setattr(follow.time, "monotonic", lambda: fake.now)
     monkeypatch.setattr(follow.time, "sleep", sleep)
+    return fake
+
+
+def test_a_reloading_server_is_waited_for_at_its_address_quietly(pauses, clock):
+    pauses_taken = clock.taken
     refused = [([], Failure("UNAVAILABLE", "failed to connect: Connection refused"))] * 30
     client = FakeClient(["a:1"], [([3], Failure("UNAVAILABLE", "the server is reloading; reconnect")),
                                   *refused, ([4], None)])
@@ -183,19 +191,11 @@ def test_with_other_replicas_a_reload_is_failed_over_at_once(pauses):
     assert client.asked == [("a:1", 0), ("b:2", 3)] and pauses == [0.0]
 
 
-def test_a_lone_server_lost_without_a_word_is_asked_again_quickly_first(pauses, monkeypatch):
+def test_a_lone_server_lost_without_a_word_is_asked_again_quickly_first(pauses, clock):
     # A reload's stop cancels a stream that was waiting to send when the
     # drain came: CANCELLED, no "reloading". With one address that loss is
     # retried every RELOAD_PAUSE (the first at once), not 0.2, 0.4, 0.8 s...
-    clock = [0.0]
-    monkeypatch.setattr(follow.time, "monotonic", lambda: clock[0])
-    taken = []
-
-    def sleep(seconds):
-        taken.append(seconds)
-        clock[0] += seconds
-
-    monkeypatch.setattr(follow.time, "sleep", sleep)
+    taken = clock.taken
     refused = [([], Failure("UNAVAILABLE", "failed to connect: Connection refused"))] * 8
     client = FakeClient(["a:1"], [([3], Failure("CANCELLED", "Cancelled")), *refused, ([4], None)])
     follower, _, notes = run(client)
@@ -204,16 +204,8 @@ def test_a_lone_server_lost_without_a_word_is_asked_again_quickly_first(pauses, 
     assert len(notes) == 1 and "lost the server" in notes[0] and "offset 3" in notes[0]
 
 
-def test_past_the_quick_retries_a_lost_server_backs_off(pauses, monkeypatch):
-    clock = [0.0]
-    monkeypatch.setattr(follow.time, "monotonic", lambda: clock[0])
-    taken = []
-
-    def sleep(seconds):
-        taken.append(seconds)
-        clock[0] += seconds
-
-    monkeypatch.setattr(follow.time, "sleep", sleep)
+def test_past_the_quick_retries_a_lost_server_backs_off(pauses, clock):
+    taken = clock.taken
     down = Failure("UNAVAILABLE", "failed to connect: Connection refused")
     client = FakeClient(["a:1"], [([3], down)] + [([], down)] * 200)
     with pytest.raises(Failure):
