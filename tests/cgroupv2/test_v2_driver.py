@@ -186,14 +186,14 @@ def test_io_max_throttles_direct_io_on_the_state_disk(run, state_dir, monkeypatc
     driver = manager.driver
     assert driver.devices == detect.backing_devices([state_dir])
     stats = {}
-    remove = driver.remove
+    remove_groups = driver.remove_groups  # a task's own groups (its slice may linger)
 
     def spy(group):  # the group's io.stat, read just before it goes
         stats[group.task_id] = cgroupfs.read(os.path.join(group.directories["unified"],
                                                           "io.stat"))
-        return remove(group)
+        return remove_groups(group)
 
-    monkeypatch.setattr(driver, "remove", spy)
+    monkeypatch.setattr(driver, "remove_groups", spy)
     size = 3
     durations, tasks = {}, {}
     for name, (task, ended, seconds) in timed_direct_io(manager, state_dir, size, 60).items():
