@@ -19,16 +19,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from taskman.errors import ConfigError, InvalidArgument
+from taskman.pki.disk import _make_directory, write_atomically
 from taskman.pki.files import (
     _key_pem,
-    _make_directory,
     _pem,
     _same_key,
     _signs_for,
     load_certificate,
     load_key,
     new_key,
-    write_atomically,
 )
 from taskman.pki.identity import read_revoked
 from taskman.pki.names import (

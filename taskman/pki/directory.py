@@ -16,7 +16,8 @@ from cryptography.exceptions import InvalidSignature
 
 from taskman.errors import ConfigError
 from taskman.pki.authority import Authority, Bundle, Issued, _general_name, default_server_names
-from taskman.pki.files import _fsync_directory, _make_directory, _pem, load_certificate, write_atomically
+from taskman.pki.disk import _fsync_directory, _make_directory, write_atomically
+from taskman.pki.files import _pem, load_certificate
 from taskman.pki.names import (
     CA_CERT,
     CA_CRL,

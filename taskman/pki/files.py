@@ -11,13 +11,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from taskman.errors import ConfigError
-from taskman.pki.disk import (  # noqa: F401 - re-exported: this module's callers import them here
-    _fsync_directory,
-    _make_directory,
-    file_stamp,
-    read_file,
-    write_atomically,
-)
+from taskman.pki.disk import read_file
 from taskman.pki.names import KEY_SIZE
 
 
