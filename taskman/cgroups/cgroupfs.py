@@ -16,6 +16,7 @@ import errno
 import fcntl
 import os
 import signal as signals
+import stat
 import sys
 import threading
 import time
@@ -31,10 +32,21 @@ REMOVE_RETRY_SECONDS = 0.2
 def read(path: str) -> str:
     """Return the file's text; CgroupError if it cannot be read."""
     try:
-        with open(path, encoding="ascii", errors="replace") as file:
-            return file.read()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as error:
         raise _error("read", path, error) from None
+    try:
+        chunks = []
+        while True:  # cgroup.procs of a big task spans several reads
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    except OSError as error:
+        raise _error("read", path, error) from None
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode("ascii", errors="replace")
 
 
 def write(path: str, value: str) -> None:
@@ -82,7 +94,20 @@ def remove_directory(path: str) -> None:
 
     A group that is already gone is fine. Raises CgroupError if it stays
     (still populated after REMOVE_RETRY_SECONDS, or permission).
+
+    One rmdir first: a task group seldom has groups beneath it, and the
+    kernel refuses (EBUSY) to remove one that has, so only then is the tree
+    walked. Listing a group to look for them (a scandir of its few dozen
+    interface files and an isdir) cost twice the rmdir itself.
     """
+    try:
+        os.rmdir(path)
+        return
+    except FileNotFoundError:
+        return
+    except OSError as error:
+        if error.errno not in (errno.EBUSY, errno.ENOTEMPTY):  # groups beneath, or populated
+            raise _error("remove", path, error) from None
     for directory in reversed(list(walk(path))):
         deadline = time.monotonic() + REMOVE_RETRY_SECONDS
         while True:
@@ -155,10 +180,23 @@ def remove_if_unused(path: str) -> bool:
 
 
 def walk(path: str) -> Iterator[str]:
-    """Yield ``path`` and every group beneath it, parents first; nothing if it is gone."""
-    if not os.path.isdir(path):
+    """Yield ``path`` and every group beneath it, parents first; nothing if it is gone.
+
+    A cgroup directory's link count is 2 plus its subdirectories (kernfs
+    keeps it so): at 2 it is not listed. Listing one (a scandir of a few
+    dozen interface files) cost ~20 us against ~2 us for the stat, on every
+    emptiness check and signal of each of a task's groups. Elsewhere
+    (a fake tree on a file system that does not count) it is always listed.
+    """
+    try:
+        info = os.stat(path)
+    except OSError:
+        return
+    if not stat.S_ISDIR(info.st_mode):
         return
     yield path
+    if info.st_nlink == 2:
+        return
     for name in subgroups(path):
         yield from walk(os.path.join(path, name))
 

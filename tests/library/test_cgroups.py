@@ -392,3 +392,35 @@ def _command(pid):
             return cmdline.read().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+def test_removing_a_group_lists_it_only_when_groups_are_beneath_it(tmp_path, monkeypatch):
+    # A plain rmdir first; the tree is walked (a scandir of every interface
+    # file) only when the kernel refuses because of groups beneath.
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    walked = []
+    walk = cgroupfs.walk
+    monkeypatch.setattr(cgroupfs, "walk", lambda path: walked.append(path) or walk(path))
+    cgroupfs.remove_directory(str(lone))
+    assert not lone.exists() and walked == []
+    nested = tmp_path / "nested"
+    (nested / "made-by-the-task" / "deeper").mkdir(parents=True)
+    cgroupfs.remove_directory(str(nested))
+    assert not nested.exists() and walked[0] == str(nested)
+    cgroupfs.remove_directory(str(nested))  # already gone: fine
+
+
+def test_a_group_without_groups_beneath_is_not_listed(tmp_path, monkeypatch):
+    # kernfs (like tmpfs and ext4) counts a directory's links as 2 plus its
+    # subdirectories: at 2 the walk skips the scandir of its interface files.
+    listed = []
+    subgroups = cgroupfs.subgroups
+    monkeypatch.setattr(cgroupfs, "subgroups", lambda path: listed.append(path) or subgroups(path))
+    (tmp_path / "task" / "inner").mkdir(parents=True)
+    (tmp_path / "task" / "cgroup.procs").write_text("")
+    assert list(cgroupfs.walk(str(tmp_path / "task"))) == [str(tmp_path / "task"),
+                                                           str(tmp_path / "task" / "inner")]
+    assert listed == [str(tmp_path / "task")]
+    assert list(cgroupfs.walk(str(tmp_path / "gone"))) == []
+    assert list(cgroupfs.walk(str(tmp_path / "task" / "cgroup.procs"))) == []
