@@ -65,4 +65,4 @@ def follow(worker: common.Worker, task_id: str, size: int) -> dict:
         raise RuntimeError(f"follower got {follower['bytes']} bytes, expected {size}")
     seconds = follower["ended"] - follower["opened"]
     return {"bytes": follower["bytes"], "seconds": seconds, "rate": follower["bytes"] / seconds,
-            "ttfb": follower["ttfb"]}
+            "ttfb": follower["ttfb"], "messages": follower.get("messages")}

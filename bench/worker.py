@@ -82,7 +82,7 @@ async def connect(target: str, count: int):
 async def follow_one(channel, task_id: str, want_hash: bool, go: float) -> dict:
     stub = task_manager_pb2_grpc.TaskManagerStub(channel)
     digest = hashlib.sha256() if want_hash else None
-    received = 0
+    received = messages = 0
     first = None
     opened = time.perf_counter()
     call = stub.StreamTaskOutput(task_manager_pb2.StreamTaskOutputRequest(task_id=task_id),
@@ -92,10 +92,11 @@ async def follow_one(channel, task_id: str, want_hash: bool, go: float) -> dict:
         if first is None:
             first = time.perf_counter()
         received += len(data)
+        messages += 1
         if digest is not None:
             digest.update(data)
     ended = time.perf_counter()
-    return {"bytes": received, "sha256": digest.hexdigest() if digest else None,
+    return {"bytes": received, "messages": messages, "sha256": digest.hexdigest() if digest else None,
             "ttfb": (first - opened) if first is not None else None,
             "opened": opened - go, "ended": ended - go}
 

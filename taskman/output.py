@@ -34,7 +34,7 @@ from taskman.output_index import (
     remove_files,
     write_chunk,
 )
-from taskman.output_reading import CHUNK_SIZE, Chunk, Held, chunk_size, count_reader, data_only
+from taskman.output_reading import CHUNK_SIZE, Chunk, Held, Recent, chunk_size, count_reader, data_only
 
 __all__ = ["Chunk", "OutputLog", "Selector", "Stream", "create_log", "data_only",
            "ensure_directory", "log_path", "reopen_log"]
@@ -80,6 +80,7 @@ class OutputLog:
         self.capped = False
         self._changed = gevent.event.Event()
         self._readers = 0
+        self._recent = Recent()  # the last append, while read
         self._fd = -1
         self.index_fd = -1
         self._writing = None  # the write in the pool, if any
@@ -187,6 +188,8 @@ class OutputLog:
         self._writing = _writers().spawn(write_chunk, self._fd, data, self.index_fd,
                                          self.index_records, self.size, time_ns, stream)
         written, error = self._writing.get()
+        if written == len(data) and self._readers and type(data) is bytes:
+            self._recent.keep(self.size, data)
         if written:
             self.size += written
             if self.index_fd >= 0:
@@ -302,7 +305,7 @@ class OutputLog:
                         break
                     number, last = number + 1, after
                     stop = min(after.end, offset + most, limit)
-                data = os.pread(self._fd, stop - offset, offset)
+                data = self._recent.read(self._fd, offset, stop)
                 if not data:  # truncated under us: nothing more to give
                     return
                 chunk = Chunk(offset, _STREAMS[record.stream], record.time_ns, data)
@@ -336,6 +339,8 @@ class OutputLog:
     def _release(self) -> None:
         self._readers -= 1
         count_reader(-1)
+        if not self._readers:
+            self._recent.forget()
         self._release_fd_if_idle()
 
     def _release_fd_if_idle(self) -> None:

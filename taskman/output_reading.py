@@ -10,6 +10,7 @@ acquired it already, and gives it back exactly once: when the iterator is
 exhausted, fails, is closed or is collected.
 """
 
+import os
 from typing import Callable, Iterator, NamedTuple
 
 from taskman.output_index import Stream
@@ -44,6 +45,31 @@ class Chunk(NamedTuple):
     stream: Stream
     time_ns: int  # when the server read its first byte, ns since the epoch
     data: bytes
+
+
+class Recent:
+    """The bytes a log appended last, kept while someone reads the log: a
+    follower that keeps up takes them from here instead of a pread of what
+    was just written (one copy of 1 GiB less, and 1,000 followers of one
+    task share one object instead of holding a copy each)."""
+
+    __slots__ = ("start", "data")
+
+    def __init__(self):
+        self.forget()
+
+    def keep(self, start: int, data: bytes) -> None:
+        self.start, self.data = start, data
+
+    def forget(self) -> None:
+        self.start, self.data = 0, b""
+
+    def read(self, fd: int, start: int, stop: int) -> bytes:
+        """The log's bytes from ``start`` to ``stop``: these if they hold them, else read."""
+        begin, end = start - self.start, stop - self.start
+        if begin < 0 or end > len(self.data):
+            return os.pread(fd, stop - start, start)
+        return self.data if begin == 0 and end == len(self.data) else self.data[begin:end]
 
 
 class Held:

@@ -129,3 +129,22 @@ def test_finish_waits_for_a_write_left_running_by_a_killed_writer(tmp_path, monk
     writer.kill()  # as the supervisor does to a pump that outlived EOF_TIMEOUT
     log.finish()  # must not close the descriptor under the running write
     assert (tmp_path / "a.log").read_bytes() == b"late bytes"
+
+
+def test_a_follower_that_keeps_up_gets_the_appended_bytes_themselves(tmp_path):
+    """No pread of what was just written: every follower keeping up shares
+    the appended object (one copy for 1,000 followers, not one each), and
+    the log keeps it only while someone reads."""
+    log = OutputLog(str(tmp_path / "a.log"))
+    followers = [log.chunks() for _ in range(3)]
+    data = b"x" * 100_000
+    log.append(data)
+    chunks = [next(follower) for follower in followers]
+    assert all(chunk.data is data for chunk in chunks)
+    for follower in followers:
+        follower.close()
+    assert log._recent.data == b""  # nobody reads: nothing kept
+    log.append(b"more")
+    log.finish()
+    assert b"".join(log.follow()) == data + b"more"
+    assert b"".join(log.follow(99_998)) == b"xxmore"
