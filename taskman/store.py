@@ -90,6 +90,11 @@ _COLUMNS = ("id", "owner", "command", "args", "pid", "status", "exit_code", "sig
             "source", "start_time", "end_time", "output_size", "output_dropped", "output_note")
 _SELECT = ", ".join(_COLUMNS)
 _START_AND_ID = operator.itemgetter(_COLUMNS.index("start_time"), 0)
+# A record's identity (what no later save of it changes), and the rest.
+_KEY = tuple(_COLUMNS.index(name) for name in ("id", "owner", "command", "args", "start_time"))
+_CHANGING = tuple(index for index in range(len(_COLUMNS)) if index not in _KEY)
+_UPDATE = (f"UPDATE tasks SET {', '.join(_COLUMNS[i] + ' = ?' for i in _CHANGING)} "
+           f"WHERE {' AND '.join(_COLUMNS[i] + ' = ?' for i in _KEY)}")
 
 
 class TaskStore:
@@ -118,8 +123,16 @@ class TaskStore:
         self._checkpoint_db: Optional[sqlite3.Connection] = None
 
     def save(self, task: Task) -> None:
-        """Insert or replace the record of ``task``."""
-        self._save(task)
+        """Insert or replace the record of ``task``.
+
+        A record saved again (a task's end) is updated in place where its
+        id, owner, command, arguments and start time are as saved: the
+        indexes of the start and owner then stay as they are, where a
+        REPLACE deleted and reinserted the row in all seven (an end's save
+        took ~0.1 ms on the loop, this ~half)."""
+        row = _to_row(task)
+        if not self._db.execute(_UPDATE, [row[i] for i in _CHANGING + _KEY]).rowcount:
+            self._save(task)
         self._committed()
 
     def _save(self, task: Task) -> None:
