@@ -235,6 +235,10 @@ def _stream(results: dict) -> List[str]:
             f"sending), from disk {stream['replay']['extra']['server_cpu'] / stream['bytes'] * GiB:.2f} s, "
             f"the ceiling server {stream['ceiling']['extra']['server_cpu'] / stream['bytes'] * GiB:.2f} s; "
             f"server RSS peak {fmt_mib(live['rss_peak'])}.", ""]
+    if stream.get("ratios"):
+        out += ["Target 7 is the median of each round's live follow against the ceiling's run of the "
+                "same round (the ceiling itself moves from round to round): "
+                + ", ".join(f"{value:.2f}×" for value in stream["ratios"]) + ".", ""]
     return out
 
 

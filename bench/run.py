@@ -61,7 +61,7 @@ SECTIONS = {
 }
 
 FULL = dict(start_samples=1000, status_samples=2000, sustain_seconds=10.0,
-            stream_bytes=GiB, repeats=3, fanout=[1, 10, 100, 1000],
+            stream_bytes=GiB, repeats=5, fanout=[1, 10, 100, 1000],
             fanout_budget=4 * GiB, fanout_max=256 * MiB, memory_bytes=10 * GiB,
             tail_window=20.0, profile_seconds=8.0, idle_followers=10_000,
             history_records=1_000_000, cli_samples=20)

@@ -56,7 +56,13 @@ def section_stream(bench) -> None:
                   "rates": [run["rate"] for run in values],
                   "ttfb": median([run["ttfb"] for run in values]),
                   "extra": values[len(values) // 2]}
-           for name, values in runs.items()}}
+           for name, values in runs.items()},
+        # Each live follow against the ceiling's run just before it: the
+        # ceiling alone moved 230-580 MiB/s between rounds of one run
+        # (docs/benchmark-history.md), so a ratio of two medians taken
+        # rounds apart says more about the machine than about taskman.
+        "ratios": [live["rate"] / ceiling["rate"]
+                   for live, ceiling in zip(runs["live"], runs["ceiling"], strict=True)]}
 
 
 def pipe_read(command: List[str]) -> dict:

@@ -106,3 +106,15 @@ def test_a_follower_short_of_its_bytes_fails_the_fanout_row_and_quick_runs_say_s
     assert by_what(rows, "1,000 followers of one task").met is False
     assert "(quick run: 100,000, not 1,000,000)" in by_what(rows, "server RSS").what
     assert "(quick run: not 10,000)" in by_what(rows, "1,000 idle followers").what
+
+
+def test_the_live_follower_is_judged_by_its_rounds_not_by_two_medians():
+    """Each round's live follow against that round's ceiling: medians taken
+    over different rounds (live 300, ceiling 400) would say 0.75x."""
+    measured = results()
+    measured["stream"].update({
+        "live": {"rate": 300 * MiB}, "ceiling": {"rate": 400 * MiB},
+        "ratios": [0.95, 0.6, 0.92]})
+    row = targets.follower_rows(measured["stream"])[0]
+    assert row.ratio == "0.92×"
+    assert row.met is True
