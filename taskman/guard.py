@@ -67,16 +67,21 @@ def message_for(error: TaskmanError) -> str:
 class Call:
     """One call as the log line, the audit trail and the metrics report it."""
 
-    def __init__(self, method: str, task_id: str, peer: str, streaming: bool, audited: bool):
+    def __init__(self, method: str, task_id: str, context, streaming: bool, audited: bool):
         self.method = method
         self.task_id = task_id
-        self.peer = peer
+        self.context = context
         self.streaming = streaming
         self.audited = audited  # False: audit only if refused (health probes)
         self.user = "-"
         self.code = grpc.StatusCode.CANCELLED  # until it is known to be otherwise
         self.sent = None  # bytes, for streams
         self.answered: Optional[float] = None  # monotonic time a stream was accepted
+
+    @property
+    def peer(self) -> str:
+        """The client's address, asked of gRPC only when a record needs it."""
+        return self.context.peer()
 
 
 class CallGuard:
@@ -130,7 +135,7 @@ class CallGuard:
              audited: bool = True) -> Iterator[Call]:
         """Run the body as ``method``'s call; on an error, abort the call with
         the status and message STATUS_FOR gives it."""
-        call = Call(method, task_id, context.peer(), streaming, audited)
+        call = Call(method, task_id, context, streaming, audited)
         _send_version(context)
         started = time.monotonic()
         failure: Optional[str] = None
@@ -151,7 +156,14 @@ class CallGuard:
             call.code, failure = grpc.StatusCode.INTERNAL, "internal server error"
         finally:
             self.streams.pop(context, None)
-            self._observe(call, started, failure)
+            ended = time.monotonic()
+            if failure is None and not streaming:
+                # Reported once the reply is out, so the caller does not wait
+                # for its own log line and record; a refusal is reported
+                # before the caller learns of it.
+                when_done(context, lambda: self._observe(call, started, ended, None))
+            else:
+                self._observe(call, started, ended, failure)
         if failure is not None:
             context.abort(call.code, failure)
 
@@ -218,9 +230,9 @@ class CallGuard:
                 ended += 1
         return ended
 
-    def _observe(self, call: Call, started: float, failure: Optional[str]) -> None:
+    def _observe(self, call: Call, started: float, ended: float,
+                 failure: Optional[str]) -> None:
         """The log line, the audit record and the metrics of one finished call."""
-        ended = time.monotonic()
         _log_call(call, ended - started)
         refused = call.code not in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED)
         if self.audit is not None and (call.audited or refused):
@@ -293,6 +305,14 @@ def _send_version(context) -> None:
     send = getattr(context, "send_initial_metadata", None)  # absent from test doubles
     if send is not None:
         send(VERSION_METADATA)
+
+
+def when_done(context, callback) -> None:
+    """Run ``callback`` when the call has ended (its reply sent), or now if
+    it has already."""
+    add_callback = getattr(context, "add_callback", None)  # absent from test doubles
+    if add_callback is None or not add_callback(callback):
+        callback()
 
 
 def _code_set(context) -> Optional[grpc.StatusCode]:

@@ -25,13 +25,26 @@ def status_response(task: Task, args_chars: int = 0) -> task_manager_pb2.TaskSta
         output_bytes=task.output_size, output_dropped_bytes=task.output_dropped,
         output_note=task.output_note)
     if task.start_time is not None:
-        response.start_time.FromDatetime(task.start_time)
+        _set_time(response.start_time, task.start_time)
     if not task.running:
         if task.exit_code is not None:
             response.exit_code = task.exit_code
         if task.end_time is not None:
-            response.end_time.FromDatetime(task.end_time)
+            _set_time(response.end_time, task.end_time)
     return response
+
+
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+_NAIVE_EPOCH = datetime.datetime(1970, 1, 1)
+
+
+def _set_time(timestamp, when: datetime.datetime) -> None:
+    """``timestamp.FromDatetime(when)`` (naive means UTC) in datetime's own C
+    arithmetic: protobuf's goes through a time tuple and calendar.timegm in
+    Python, on every status reply."""
+    since = when - (_EPOCH if when.tzinfo is not None else _NAIVE_EPOCH)
+    timestamp.seconds = since.days * 86400 + since.seconds
+    timestamp.nanos = since.microseconds * 1000
 
 
 def _cut(args: list, chars: int) -> list:

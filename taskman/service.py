@@ -25,6 +25,7 @@ from taskman.guard import (  # noqa: F401 - re-exported: the servicer's edge in 
     escape,
     message_for,
     status_for,
+    when_done,
 )
 from taskman.page_tokens import INVALID_TOKEN, PageTokens
 from taskman.quotas import Quotas
@@ -98,7 +99,7 @@ class TaskManagerServicer(task_manager_pb2_grpc.TaskManagerServicer):
             try:
                 yield call
             finally:
-                _when_done(context, give_back)
+                when_done(context, give_back)
 
     def StartTask(self, request, context):
         with self.unary(context, "StartTask") as call:
@@ -211,14 +212,6 @@ class TaskManagerServicer(task_manager_pb2_grpc.TaskManagerServicer):
                             response = None
                 finally:
                     chunks.close()
-
-
-def _when_done(context, callback) -> None:
-    """Run ``callback`` when the call has ended (its reply sent), or now if
-    it has already."""
-    add_callback = getattr(context, "add_callback", None)  # absent from test doubles
-    if add_callback is None or not add_callback(callback):
-        callback()
 
 
 # -- the server's other services (health checking, reflection)
