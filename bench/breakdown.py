@@ -68,7 +68,7 @@ def main() -> None:
         timed(task_groups.Making, "get", "waiting for the task group (after the output file)")
         timed(manager.driver, "create", "cgroup create (mkdir + limits, in the worker)")
         timed(process, "spawn", "spawn (gate, place, release)")
-        timed(os, "posix_spawn", "posix_spawn of the gate")
+        timed(process, "_posix_spawn", "posix_spawn of the gate")
         timed(manager.store, "save_started", "task record (SQLite)")
         for _ in range(20):
             manager.start("bench", "/bin/true")

@@ -1,4 +1,5 @@
-"""taskman.host's start identity, which every start reads for crash recovery."""
+"""The start path's dealings with the kernel: the start identity every start
+reads for crash recovery (taskman.host), the task's spawn (taskman.process)."""
 
 import os
 
@@ -20,3 +21,18 @@ def test_start_identity_reads_the_boot_id_once(tmp_path, monkeypatch):
 
 def test_start_identity_of_a_missing_process_is_empty():
     assert host.start_identity(2 ** 22 + 1) == ""
+
+
+def test_a_task_is_watched_once_and_kept_in_no_table_of_gevents():
+    # gevent's patched posix_spawn kept each child in a table for 60 s,
+    # scanned whole at every child's exit.
+    import gevent.os
+
+    from taskman import process
+
+    proc = process.spawn("/bin/true", [], {"PATH": "/usr/bin:/bin"})
+    try:
+        assert proc.pid not in getattr(gevent.os, "_watched_children", {})
+        assert proc.wait(10) == 0
+    finally:
+        proc.close_output()
