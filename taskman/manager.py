@@ -376,7 +376,7 @@ class TaskManager:
     def _recover(self, adopted: frozenset = frozenset()) -> None:
         """End the tasks an earlier life left running; finished records stay on disk."""
         started = {task_id: identity for task_id, (_, identity) in self.store.processes().items()}
-        ended = recovery.recover(self.store.load_running(), self.output_dir,
+        ended = recovery.recover(self.store.load_running(adopted), self.output_dir,
                                  lambda task: self._store_call(self.store.save, task), started, adopted)
         if ended:
             log.info("recovered %d task(s) left running in %s", ended, self.store.path)

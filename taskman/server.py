@@ -99,7 +99,8 @@ def serve(settings: "Settings", adopted=None) -> int:
                                                    slice_limits=settings.slice_limits))
         # Tasks run as other uids: the gate, the user map, and files they cannot open.
         task_users = _setting_up(lambda: users.for_server(settings.user_map, settings.uid_range))
-        close_to_tasks(settings, state_dir, reloaded=adopted is not None)
+        if adopted is None:
+            close_to_tasks(settings, state_dir)
         # The one Quotas of this server, the manager's and the servicer's;
         # Holdings counts for it once attached to the manager.
         holdings = Holdings()
@@ -149,6 +150,8 @@ def serve(settings: "Settings", adopted=None) -> int:
     log.info("listening on %s:%d (taskman-server %s; mTLS, TLS 1.3 only; self-test: %s)",
              settings.host, port, version(), refusal)
     reload_timeline.mark("listening")
+    if adopted is not None:  # the walk (~2,000 files, 10-20 ms) need not delay the first calls
+        gevent.spawn_later(RECLOSE_DELAY, close_to_tasks, settings, state_dir, reloaded=True)
     timeline = reload_timeline.summary()
     if timeline:
         log.info("reload timeline, seconds after SIGHUP: %s", timeline)
@@ -244,12 +247,19 @@ def _setting_up(make):
                           f"({error.filename or ''})") from None
 
 
+# Seconds after a reload's new image listens before it walks the state
+# directory again: the previous image closed every file it made, so the
+# walk only repairs what someone changed by hand, and can wait.
+RECLOSE_DELAY = 2.0
+
+
 def close_to_tasks(settings: "Settings", state_dir: str, reloaded: bool = False) -> None:
     """Close the state directory and the keys to tasks (taskman.private);
-    ConfigError if that fails. After a reload only an ERROR line: the
-    previous image served with these files as they are, and a new image
-    that refused to start would end every task it was handed (a reload's
-    ``--check`` does not walk them: taskman.cli.check)."""
+    ConfigError if that fails. After a reload (``RECLOSE_DELAY`` after it
+    listens) only an ERROR line: the previous image served with these files
+    as they are, and a new image that refused to start would end every task
+    it was handed (a reload's ``--check`` does not walk them:
+    taskman.cli.check)."""
     paths = (state_dir, settings.audit_path(state_dir), settings.server_key, settings.ca_key)
     if not reloaded:
         _setting_up(lambda: private.close_to_tasks(paths))

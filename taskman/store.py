@@ -32,7 +32,7 @@ import logging
 import operator
 import os
 import sqlite3
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Dict, FrozenSet, Iterable, Iterator, List, Optional, Tuple
 
 import gevent.threadpool
 
@@ -188,11 +188,13 @@ class TaskStore:
         row = self._db.execute(f"SELECT {_SELECT} FROM tasks WHERE id = ?", (task_id,)).fetchone()
         return _from_row(row) if row is not None else None
 
-    def load_running(self) -> List[Task]:
-        """The records still STARTED (running, or left running by a crash), oldest first."""
+    def load_running(self, skip: FrozenSet[str] = frozenset()) -> List[Task]:
+        """The records still STARTED (running, or left running by a crash),
+        oldest first, but those of ``skip`` (a reload's adopted tasks: not
+        built only to be passed over)."""
         cursor = self._db.execute(f"SELECT {_SELECT} FROM tasks WHERE status = ? "
                                   f"ORDER BY start_time", (int(JobStatus.STARTED),))
-        return [_from_row(row) for row in cursor]
+        return [_from_row(row) for row in cursor if row[0] not in skip]
 
     def newest(self, statuses: Iterable[JobStatus] = (), owner: Optional[str] = None,
                before: Optional[Tuple[float, str]] = None) -> Iterator[Task]:

@@ -469,6 +469,36 @@ def test_adopted_tasks_are_supervised_again_a_batch_at_a_time():
     assert max(steps) <= adoption.RESUME_BATCH and len(steps) >= 3
 
 
+def test_adopted_tasks_with_output_waiting_are_supervised_first():
+    """A follower waits for the bytes in its task's pipe: those tasks go
+    before the silent ones, whatever order the hand-over named them in."""
+    import types
+
+    from taskman import adoption
+
+    pipes = [os.pipe() for _ in range(3)]
+    try:
+        os.write(pipes[1][1], b"x" * 10)
+        os.write(pipes[2][1], b"x" * 4000)
+        entries = [types.SimpleNamespace(process=types.SimpleNamespace(
+            outputs=[types.SimpleNamespace(fd=read_end)])) for read_end, _ in pipes]
+        assert [adoption.waiting_bytes(entry) for entry in entries] == [0, 10, 4000]
+        started = []
+        resumption = adoption._Resumption()
+        for number in range(2 * adoption.RESUME_BATCH):
+            entry = entries[number] if number < 3 else entries[0]
+            resumption.add(lambda number=number: started.append(number),
+                           lambda entry=entry: adoption.waiting_bytes(entry))
+        resumption.listening.set()
+        resumption.greenlet.join(5)
+        assert started[:3] == [2, 1, 0]
+        assert started[3:] == list(range(3, 2 * adoption.RESUME_BATCH))  # ties keep their order
+    finally:
+        for ends in pipes:
+            for end in ends:
+                os.close(end)
+
+
 def test_the_sessions_boost_lasts_until_every_adopted_task_is_supervised(monkeypatch):
     from taskman import adoption
 
