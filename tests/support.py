@@ -172,3 +172,45 @@ def fixture(name: str) -> str:
 
 
 _fixture_copies = None
+
+
+class CallAborted(Exception):
+    """What FakeCallContext.abort raises, as grpc's abort does."""
+
+
+class FakeCallContext:
+    """A servicer context of one call over mTLS presenting ``pem``: what the
+    guard asks of it, and its reply's callbacks, run when the test calls
+    ``end`` (grpc runs them once the call is over)."""
+
+    def __init__(self, pem: bytes, tls_version: bytes = b"TLSv1.3", common_name: bytes = b""):
+        self.auth = {"transport_security_type": [b"ssl"], "ssl_tls_version": [tls_version],
+                     "x509_pem_cert": [pem]}
+        if common_name:
+            self.auth["x509_common_name"] = [common_name]
+        self.callbacks = []
+        self.aborted = None
+
+    def auth_context(self):
+        return self.auth
+
+    def peer(self):
+        return "ipv4:127.0.0.1:1"
+
+    def is_active(self):
+        return True
+
+    def code(self):
+        return None
+
+    def add_callback(self, callback):
+        self.callbacks.append(callback)
+        return True
+
+    def abort(self, code, details):
+        self.aborted = (code, details)
+        raise CallAborted()
+
+    def end(self):
+        for callback in self.callbacks:
+            callback()

@@ -13,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from server_harness import REPO, Cli, program, program_env, session_pki, wait_for
 
+from support import CallAborted, FakeCallContext
 from taskman import tls
 from taskman.api import task_manager_pb2, task_manager_pb2_grpc
 
@@ -339,32 +340,8 @@ def test_systemd_unit_verifies(tmp_path):
 # -- the guard on health and reflection, in process (a real client cannot
 # complete a TLS 1.2 handshake with the server to show it)
 
-class _Aborted(Exception):
-    pass
-
-
-class _Context:
-    def __init__(self, tls_version: bytes):
-        self.auth = {"transport_security_type": [b"ssl"], "ssl_tls_version": [tls_version],
-                     "x509_common_name": [b"client001"],
-                     "x509_pem_cert": [(session_pki() / "client001.crt").read_bytes()]}
-        self.aborted = None
-
-    def auth_context(self):
-        return self.auth
-
-    def peer(self):
-        return "ipv4:127.0.0.1:1"
-
-    def is_active(self):
-        return True
-
-    def code(self):
-        return None
-
-    def abort(self, code, details):
-        self.aborted = (code, details)
-        raise _Aborted()
+def _call(tls_version: bytes):
+    return FakeCallContext((session_pki() / "client001.crt").read_bytes(), tls_version, b"client001")
 
 
 class _Details:
@@ -380,9 +357,9 @@ def test_health_and_reflection_pass_the_same_tls13_and_identity_guard(tmp_path):
     inner = grpc.unary_unary_rpc_method_handler(lambda request, context: "SERVING")
     handler = guard.intercept_service(lambda details: inner, _Details())
 
-    assert handler.unary_unary(None, _Context(b"TLSv1.3")) == "SERVING"
-    refused = _Context(b"TLSv1.2")
-    with pytest.raises(_Aborted):
+    assert handler.unary_unary(None, _call(b"TLSv1.3")) == "SERVING"
+    refused = _call(b"TLSv1.2")
+    with pytest.raises(CallAborted):
         handler.unary_unary(None, refused)
     assert refused.aborted[0] is grpc.StatusCode.UNAUTHENTICATED
     audit.close()

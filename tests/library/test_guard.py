@@ -10,6 +10,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from support import CallAborted, FakeCallContext
 from taskman.audit import AuditLog
 from taskman.errors import NotFound
 from taskman.guard import CallGuard
@@ -26,45 +27,14 @@ def _certificate(name: str) -> bytes:
     return certificate.public_bytes(serialization.Encoding.PEM)
 
 
-class _Aborted(Exception):
-    pass
+_PEM = []
 
 
-class _Context:
-    """A servicer context whose call ends when the test says so (``end``)."""
-
-    pem = None
-
-    def __init__(self):
-        if _Context.pem is None:
-            _Context.pem = _certificate("client001")
-        self.callbacks = []
-        self.aborted = None
-
-    def auth_context(self):
-        return {"transport_security_type": [b"ssl"], "ssl_tls_version": [b"TLSv1.3"],
-                "x509_pem_cert": [self.pem]}
-
-    def peer(self):
-        return "ipv4:127.0.0.1:1"
-
-    def is_active(self):
-        return True
-
-    def code(self):
-        return None
-
-    def add_callback(self, callback):
-        self.callbacks.append(callback)
-        return True
-
-    def abort(self, code, details):
-        self.aborted = (code, details)
-        raise _Aborted()
-
-    def end(self):
-        for callback in self.callbacks:
-            callback()
+def _call():
+    """A call from client001 (its certificate made once)."""
+    if not _PEM:
+        _PEM.append(_certificate("client001"))
+    return FakeCallContext(_PEM[0])
 
 
 @pytest.fixture
@@ -77,7 +47,7 @@ def audited(tmp_path):
 
 def test_a_unary_call_is_reported_once_its_reply_is_sent_a_refusal_before(audited, caplog):
     guard, records = audited
-    context = _Context()
+    context = _call()
     caplog.set_level("INFO", logger="taskman.service")
     with guard.call(context, "GetTaskStatus", "t") as call:
         assert call.user == "client001"
@@ -89,8 +59,8 @@ def test_a_unary_call_is_reported_once_its_reply_is_sent_a_refusal_before(audite
         ("client001", "GetTaskStatus", "OK", "ipv4:127.0.0.1:1")
     assert caplog.text.count("user=client001 method=GetTaskStatus task=t code=OK") == 1
 
-    refused = _Context()
-    with pytest.raises(_Aborted):
+    refused = _call()
+    with pytest.raises(CallAborted):
         with guard.call(refused, "GetTaskStatus", "t"):
             raise NotFound("task t not found")
     assert refused.aborted[0] is grpc.StatusCode.NOT_FOUND
