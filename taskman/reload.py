@@ -72,11 +72,25 @@ def address(configured: str, adopted) -> str:
     return f"{configured[:-2]}:{adopted[0].port}"
 
 
+def _started_in() -> str:
+    try:
+        return os.getcwd()
+    except OSError:  # started in a directory since removed
+        return ""
+
+
+# Where the server started: a relative ``sys.argv[0]`` (a server started as
+# ``.venv/bin/taskman-server``) is relative to it.
+STARTED_IN = _started_in()
+
+
 def installed_program(argv0: Optional[str] = None) -> str:
     """The program to check and exec: the one this server was started as
     (``sys.argv[0]``, which ``pip install -U`` replaces in place), else
     ``taskman-server`` on PATH. ReloadRefused if there is none."""
     argv0 = sys.argv[0] if argv0 is None else argv0
+    if argv0 and os.sep in argv0 and not os.path.isabs(argv0) and STARTED_IN:
+        argv0 = os.path.normpath(os.path.join(STARTED_IN, argv0))
     if argv0 and os.path.isabs(argv0) and os.access(argv0, os.X_OK) \
             and os.path.basename(argv0) == PROGRAM:
         return argv0

@@ -97,6 +97,9 @@ def test_installed_program(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(reload.ReloadRefused, match="none on PATH"):
         reload.installed_program("taskman-server")
+    # Started as .venv/bin/taskman-server: relative to where the server started.
+    monkeypatch.setattr(reload, "STARTED_IN", str(tmp_path.parent))
+    assert reload.installed_program(f"{tmp_path.name}/taskman-server") == str(program)
 
 
 def test_check_passes_and_fails_without_blocking_the_loop(tmp_path):
