@@ -9,6 +9,7 @@ controls), and killing it if so.
 
 import ctypes
 import errno
+import functools
 import os
 import pwd
 import signal
@@ -77,16 +78,12 @@ def start_identity(pid: int) -> str:
         return ""
 
 
-_boot_id: List[str] = []
-
-
+@functools.cache
 def boot_id() -> str:
     """This boot's id, read once: it cannot change while this process lives
     (reading /proc/sys costs ~50 us, a third of a start's identity)."""
-    if not _boot_id:
-        with open(BOOT_ID) as boot:
-            _boot_id.append(boot.read().strip())
-    return _boot_id[0]
+    with open(BOOT_ID) as boot:
+        return boot.read().strip()
 
 
 def is_running(pid: int, identity: str) -> bool:

@@ -132,13 +132,16 @@ class TaskStore:
         took ~0.1 ms on the loop, this ~half)."""
         row = _to_row(task)
         if not self._db.execute(_UPDATE, [row[i] for i in _CHANGING + _KEY]).rowcount:
-            self._save(task)
+            self._insert(row)
         self._committed()
 
     def _save(self, task: Task) -> None:
+        self._insert(_to_row(task))
+
+    def _insert(self, row) -> None:
         self._db.execute(
             f"INSERT OR REPLACE INTO tasks ({', '.join(_COLUMNS)}) "
-            f"VALUES ({', '.join('?' * len(_COLUMNS))})", _to_row(task))
+            f"VALUES ({', '.join('?' * len(_COLUMNS))})", row)
 
     def delete(self, task_ids: Iterable[str]) -> None:
         ids = [(i,) for i in task_ids]

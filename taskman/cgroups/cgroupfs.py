@@ -37,10 +37,7 @@ def read(path: str) -> str:
         raise _error("read", path, error) from None
     try:
         chunks = []
-        while True:  # cgroup.procs of a big task spans several reads
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
+        while chunk := os.read(fd, 65536):  # cgroup.procs of a big task spans several reads
             chunks.append(chunk)
     except OSError as error:
         raise _error("read", path, error) from None

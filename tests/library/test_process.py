@@ -12,11 +12,14 @@ def test_start_identity_reads_the_boot_id_once(tmp_path, monkeypatch):
     boot = tmp_path / "boot_id"
     boot.write_text("first-boot\n")
     monkeypatch.setattr(host, "BOOT_ID", str(boot))
-    monkeypatch.setattr(host, "_boot_id", [], raising=False)
-    identity = host.start_identity(os.getpid())
-    boot.write_text("second-boot\n")
-    assert host.start_identity(os.getpid()) == identity
-    assert identity.startswith("first-boot/") and identity.split("/")[1].isdigit()
+    host.boot_id.cache_clear()
+    try:
+        identity = host.start_identity(os.getpid())
+        boot.write_text("second-boot\n")
+        assert host.start_identity(os.getpid()) == identity
+        assert identity.startswith("first-boot/") and identity.split("/")[1].isdigit()
+    finally:
+        host.boot_id.cache_clear()  # the real one for the tests after this
 
 
 def test_start_identity_of_a_missing_process_is_empty():
