@@ -241,15 +241,23 @@ def test_audit_log_reopens_on_sigusr1_without_losing_records(start_server):
     server = start_server()
     path = server.state_dir / "audit.log"
     moved = server.state_dir / "audit.log.1"
+
+    def call_recorded(task_id):
+        # A call's own record is written once its reply is out: wait for it,
+        # not only for the task's start event the call wrote before replying.
+        whole = path.read_text().split("\n")[:-1]  # not a line still being written
+        return any(record.get("method") == "StartTask" and record.get("task_id") == task_id
+                   for record in map(json.loads, whole))
+
     with client(server) as own:
         before = own.start("true")
-        wait_for(lambda: before in path.read_text(), 10, "the first record")
+        wait_for(lambda: call_recorded(before), 10, "the first call's record")
         os.rename(path, moved)
         during = own.start("true")  # still goes to the moved file
         server.process.send_signal(signal.SIGUSR1)
         wait_for(lambda: path.exists(), 10, "a new audit log")
         after = own.start("true")
-        wait_for(lambda: after in path.read_text(), 10, "the record after the reopen")
+        wait_for(lambda: call_recorded(after), 10, "the call's record after the reopen")
     old = [json.loads(line) for line in moved.read_text().splitlines()]  # whole records
     new = [json.loads(line) for line in path.read_text().splitlines()]
 
