@@ -15,6 +15,7 @@ import datetime
 import errno
 import json
 import logging
+import math
 import os
 import threading
 from typing import Optional
@@ -32,6 +33,11 @@ MAX_FIELD_CHARS = 1024
 
 # One encoder for every record (json.dumps with options builds one per call).
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=str).encode
+# What that encoder writes for one string: a call record, all strings but
+# one float, is put together from these pieces (``call_line``).
+_string = json.encoder.encode_basestring
+# A call record's fields after time and event, in order; None leaves one out.
+_CALL_FIELDS = ("user", "method", "task_id", "code", "peer", "detail")
 
 
 class AuditLog:
@@ -62,11 +68,10 @@ class AuditLog:
         Never raises for a failing disk: a full disk must not turn calls
         into errors or stop the server. Failures are counted and logged.
         """
-        entry = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(
-            timespec="microseconds"), "event": event}
-        entry.update((key, _bounded(value)) for key, value in fields.items()
-                     if value is not None)
-        line = (_encode(entry) + "\n").encode("utf-8", "backslashreplace")
+        self._write(_line(_now(), event, fields))
+
+    def _write(self, line: bytes) -> None:
+        """Append one whole record (a line) with one write(2); count a failure."""
         try:
             with self._lock:
                 written = os.write(self._fd, line)
@@ -85,10 +90,11 @@ class AuditLog:
     def call(self, user: Optional[str], method: str, code: str, task_id: Optional[str] = None,
              peer: Optional[str] = None, detail: Optional[str] = None,
              duration_ms: Optional[float] = None) -> None:
-        """An RPC and its outcome (``code`` is the gRPC status name, e.g. OK, NOT_FOUND)."""
-        self.record("call", user=user, method=method, task_id=task_id or None, code=code,
-                    peer=peer, detail=detail or None,
-                    duration_ms=round(duration_ms, 3) if duration_ms is not None else None)
+        """An RPC and its outcome (``code`` is the gRPC status name, e.g. OK, NOT_FOUND).
+
+        Written once per call, so its line is put together directly
+        (``call_line``), not through a dict and the general encoder."""
+        self._write(call_line(_now(), user, method, code, task_id, peer, detail, duration_ms))
 
     def task_event(self, event: str, task: Task) -> None:
         """A manager listener: task started, stopping, ended."""
@@ -107,6 +113,46 @@ class AuditLog:
             fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
+
+
+def call_line(time: str, user: Optional[str], method: str, code: str,
+              task_id: Optional[str] = None, peer: Optional[str] = None,
+              detail: Optional[str] = None, duration_ms: Optional[float] = None) -> bytes:
+    """A call record's line, byte for byte what ``record`` would write for it."""
+    values = (user, method, task_id or None, code, peer, detail or None)
+    parts = ['{"time":', _string(time), ',"event":"call"']
+    for key, value in zip(_CALL_FIELDS, values, strict=True):
+        if value is None:
+            continue
+        if type(value) is not str:  # not a call's usual fields: the general way
+            return _record_line(time, user, method, code, task_id, peer, detail, duration_ms)
+        parts.append(f',"{key}":')
+        parts.append(_string(_bounded(value)))
+    if duration_ms is not None:
+        rounded = round(duration_ms, 3)
+        if type(rounded) is not float or not math.isfinite(rounded):
+            return _record_line(time, user, method, code, task_id, peer, detail, duration_ms)
+        parts.append(f',"duration_ms":{rounded!r}')  # what the encoder writes for a float
+    parts.append("}\n")
+    return "".join(parts).encode("utf-8", "backslashreplace")
+
+
+def _record_line(time, user, method, code, task_id, peer, detail, duration_ms) -> bytes:
+    """A call record's line the general way: ``record``'s."""
+    return _line(time, "call", dict(
+        user=user, method=method, task_id=task_id or None, code=code, peer=peer,
+        detail=detail or None,
+        duration_ms=round(duration_ms, 3) if duration_ms is not None else None))
+
+
+def _line(time: str, event: str, fields: dict) -> bytes:
+    entry = {"time": time, "event": event}
+    entry.update((key, _bounded(value)) for key, value in fields.items() if value is not None)
+    return (_encode(entry) + "\n").encode("utf-8", "backslashreplace")
 
 
 def _open(path: str) -> int:

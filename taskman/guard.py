@@ -241,8 +241,7 @@ class CallGuard:
         if self.metrics is not None:
             # Streams: time to accept (or refuse) them, not their whole life.
             answered = call.answered if call.answered is not None else ended
-            self.metrics.rpc_duration.labels(call.method, call.code.name).observe(
-                answered - started)
+            self.metrics.rpc(call.method, call.code.name).observe(answered - started)
             if call.code is grpc.StatusCode.RESOURCE_EXHAUSTED and call.streaming:
                 self.metrics.streams_refused.inc()
 

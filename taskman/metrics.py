@@ -42,6 +42,16 @@ class Metrics:
                                       "Time to answer a call (streams: until the stream "
                                       "is accepted or refused), by method and status code.",
                                       ["method", "code"], buckets=RPC_BUCKETS, registry=r)
+        # (method, code) -> its histogram: ``labels`` checks and locks on
+        # every look-up, and every call makes one. Both sets are small and fixed.
+        self._rpc_children = {}
+
+    def rpc(self, method: str, code: str) -> Histogram:
+        """``rpc_duration``'s histogram for ``method`` and ``code``."""
+        child = self._rpc_children.get((method, code))
+        if child is None:
+            child = self._rpc_children[(method, code)] = self.rpc_duration.labels(method, code)
+        return child
 
     def task_event(self, event: str, task: Task) -> None:
         if event == "started":

@@ -43,3 +43,23 @@ def test_a_full_disk_loses_records_but_never_raises(tmp_path):
             audit.call("u", "GetTaskStatus", "OK", detail="x" * 500)
         assert audit.failures > 0
         assert all(record["event"] == "call" for record in records(mount / "audit.log"))
+
+
+def test_a_call_record_is_written_as_the_general_encoder_would_write_it():
+    """``call_line`` (a call's record, put together directly) is byte for
+    byte the general path's line, whatever the fields hold."""
+    from taskman.audit import _record_line, call_line
+
+    when = "2026-12-02T21:00:00.123456+00:00"
+    texts = [None, "", "client001", 'a"b\\c', "line\nbreak\x00\x1b\x7f", "\u2028é€😀",
+             "\ud800", "z" * 5000, "/t"]
+    durations = [None, 0.0, -0.0, 0.3125, 1e-9, 123.45678, 1e20, 7, float("nan"), float("inf")]
+    for index, text in enumerate(texts):
+        for duration in durations:
+            fields = (when, text, "GetTaskStatus", "OK", text, "ipv4:127.0.0.1:1", text, duration)
+            assert call_line(*fields) == _record_line(*fields)
+            other = (when, "u", text or "M", "NOT_FOUND", None, text, texts[index - 1], duration)
+            assert call_line(*other) == _record_line(*other)
+    # Not a string (no caller passes one): still the general encoder's line.
+    odd = (when, 7, "GetTaskStatus", "OK", None, None, None, 1.5)
+    assert call_line(*odd) == _record_line(*odd)
