@@ -10,7 +10,8 @@ The first retry is immediate (another replica, or a reloaded server, is
 usually there already); later ones back off, bounded, with a note on stderr
 each time. With one address, a server that says it is reloading, or that
 went away without a word, is first asked again every 0.1 s (a reload's
-outage is about a second), so a follower's pause is the reload's.
+outage is about a second; the first retry sooner by as long as the follower
+was behind its task), so a follower's pause is the reload's.
 """
 
 import datetime
@@ -62,6 +63,7 @@ class Follower:
         # Only a server that answered once is waited for: an address where
         # none ever was fails at once, as before.
         self.connected = connected
+        self.read_at = None  # when the server read the last bytes received (a reload's first pause)
 
     def run(self) -> None:
         """Until the stream ends; raises the last ClientError when the
@@ -96,7 +98,7 @@ class Follower:
                               f"{QUICK_WAIT:g}s, then backing off")
                     continue  # at once: a dropped connection to a server still there
                 if time.monotonic() < reload_ends:
-                    time.sleep(RELOAD_PAUSE)
+                    time.sleep(self._pause())
                     # A fresh channel connects at once: the old one would
                     # wait out grpc's reconnect backoff (up to 1 s), which
                     # grows while the server is down and so outlasts it.
@@ -120,6 +122,17 @@ class Follower:
                           f"(attempt {failures} of {RETRIES})")
                 time.sleep(pause)
 
+    def _pause(self) -> float:
+        """RELOAD_PAUSE, less what has passed since the server read the last
+        bytes received (a chunk's ``time``): a follower behind its task
+        learns of a reload late, when the server may be back already. A
+        clock set apart from the server's costs one early attempt at most."""
+        read_at, self.read_at = self.read_at, None
+        if read_at is None:
+            return RELOAD_PAUSE
+        behind = (datetime.datetime.now(datetime.timezone.utc) - read_at).total_seconds()
+        return min(max(RELOAD_PAUSE - behind, 0.0), RELOAD_PAUSE)
+
     def _fresh_channel(self) -> None:
         close = getattr(self.client, "close", None)
         if close is not None:
@@ -140,6 +153,7 @@ class Follower:
                 self.connected = True
                 self.write(chunk)
                 self.offset = chunk.end
+                self.read_at = getattr(chunk, "time", None)
                 self.tail_lines, self.since = 0, None
         finally:
             chunks.close()  # cancels the call if we leave early (Ctrl-C, closed pipe)
