@@ -134,7 +134,9 @@ def main() -> int:
                   f"line before it to the first after (s after SIGHUP): last "
                   f"{percentile([g[0] for g in gaps], 0.5):.2f} p50, first "
                   f"{percentile([g[1] for g in gaps], 0.5):.2f} p50 / "
-                  f"{max(g[1] for g in gaps):.2f} max")
+                  f"{max(g[1] for g in gaps):.2f} max; the gap itself "
+                  f"{percentile([g[1] - g[0] for g in gaps], 0.5):.2f} p50 / "
+                  f"{max(g[1] - g[0] for g in gaps):.2f} max")
         client.close()  # idle through the reloads: a fresh channel, not grpc's backoff
         for task_id in counters + others:
             stop_retrying(client, task_id)
@@ -146,6 +148,7 @@ def main() -> int:
         print(f"followers: {len(followers)}, every one saw the counter with no gap and no "
               f"repeat; longest pause p50 {fmt_ms(percentile(pauses, 0.5))}, "
               f"max {fmt_ms(max(pauses))}")
+        print(f"where the followers' longest pauses began: {where_paused(followers, signals[:-1])}")
         for check, stopped in phases(log_path):
             print(f"from the server's log: --check and the pause {fmt_ms(check)}, "
                   f"stop of the old image to the new one listening {fmt_ms(stopped)}")
@@ -200,6 +203,23 @@ def record(options, results, pauses, checks) -> None:
     recorded.record("reload", recorded.block(
         "reload", "#19 Reload in place: SIGHUP to the first answer, followers' pause "
         "(bench/reload.py)", command, rows, __doc__.split("\n\n", 1)[1].strip()))
+
+
+def where_paused(followers, signals) -> str:
+    """The five longest of the followers' longest pauses, each as its length
+    and when it began: after which SIGHUP (and how long after; up to 0.5 s
+    before one counts as that reload's, negative), or before the first.
+    A pause far from every SIGHUP is not the reload's own."""
+    pauses = []
+    for follower in followers:
+        gaps = list(zip(follower.times, follower.times[1:], strict=False))
+        if gaps:
+            start, end = max(gaps, key=lambda gap: gap[1] - gap[0])
+            before = [number for number, sent in enumerate(signals, 1) if sent <= start + 0.5]
+            where = (f"reload {before[-1]} {start - signals[before[-1] - 1]:+.2f} s" if before
+                     else "before the first reload")
+            pauses.append((end - start, where))
+    return "; ".join(f"{length:.2f} s at {where}" for length, where in sorted(pauses)[::-1][:5])
 
 
 def stop_retrying(client, task_id: str, attempts: int = 20) -> None:
