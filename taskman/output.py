@@ -43,6 +43,7 @@ __all__ = ["Chunk", "OutputLog", "Selector", "Stream", "create_log", "data_only"
 _SKIPS_PER_YIELD = 4096
 # Records join a chunk (dated by its first) only within this, --timestamps' precision (docs/design.md).
 _MERGE_NS = 10_000_000
+_STREAMS = tuple(Stream)
 
 # Where output is written to disk. Once the kernel throttles writers of dirty
 # pages, a write blocks for tens to hundreds of ms: off the event loop it
@@ -56,9 +57,6 @@ def _writers() -> gevent.threadpool.ThreadPool:
     if _WRITERS is None:
         _WRITERS = gevent.threadpool.ThreadPool(4)
     return _WRITERS
-
-
-_STREAMS = tuple(Stream)
 
 
 class OutputLog:
@@ -367,10 +365,13 @@ def create_log(directory: str, task_id: str, max_bytes: int = 0) -> OutputLog:
 
     Raises ResourceExhausted when the disk or quota is full, TaskmanError
     for any other failure to create the files."""
+    path, index = log_path(directory, task_id), index_path(directory, task_id)
     try:
-        os.makedirs(index_directory(directory), mode=0o700, exist_ok=True)
-        return OutputLog(log_path(directory, task_id), max_bytes=max_bytes,
-                         index_path=index_path(directory, task_id))
+        try:
+            return OutputLog(path, max_bytes=max_bytes, index_path=index)
+        except FileNotFoundError:  # the indexes' directory, made here when missing, not tried at each start
+            os.makedirs(index_directory(directory), mode=0o700, exist_ok=True)
+            return OutputLog(path, max_bytes=max_bytes, index_path=index)
     except OSError as error:
         if error.errno in (errno.ENOSPC, errno.EDQUOT):
             raise ResourceExhausted("no space left for task output on the server") from None

@@ -75,12 +75,19 @@ def keyed(path: str) -> dict:
     return values
 
 
-def make_directory(path: str) -> bool:
-    """Create a group; return False if it already existed."""
+def make_directory(path: str, parent_missing: bool = False) -> Optional[bool]:
+    """Create a group; return False if it already existed.
+
+    ``parent_missing``: return None if the parent does not exist (the
+    caller makes it and tries again), where it is otherwise an error."""
     try:
         os.mkdir(path)
     except FileExistsError:
         return False
+    except FileNotFoundError as error:
+        if parent_missing:
+            return None
+        raise _error("create", path, error) from None
     except OSError as error:
         raise _error("create", path, error) from None
     return True

@@ -87,6 +87,7 @@ class HierarchyDriver(Driver):
         # Held while a slice is made or removed together with a task group in
         # it, so a slice emptied by one task is not removed under the next.
         self._slice_lock = threading.Lock()
+        self._optional: dict = {}  # a task group's optional files: present or not (``_write``)
 
     # -- start-up
 
@@ -183,16 +184,21 @@ class HierarchyDriver(Driver):
             try:
                 for hierarchy in self.hierarchies:
                     directory = group.directories[hierarchy.name]
-                    if owner is not None:
+                    # The user's slice is made when the group's mkdir finds
+                    # it missing (ENOENT), not tried (EEXIST) before each
+                    # group: a syscall fewer per hierarchy on most starts.
+                    made_here = cgroupfs.make_directory(directory, parent_missing=owner is not None)
+                    if made_here is None:
                         parent = os.path.dirname(directory)
                         if cgroupfs.make_directory(parent):
                             made.append(parent)
                             self._write(parent, hierarchy.slice_settings)
                             self._prepare_slice(hierarchy, parent)
-                    if not cgroupfs.make_directory(directory):
+                        made_here = cgroupfs.make_directory(directory)
+                    if not made_here:
                         raise CgroupError(f"cannot create {directory}: it already exists")
                     made.append(directory)
-                    self._write(directory, hierarchy.settings)
+                    self._write(directory, hierarchy.settings, self._optional)
             except BaseException:
                 for directory in reversed(made):
                     try:
@@ -203,11 +209,22 @@ class HierarchyDriver(Driver):
         return group
 
     @staticmethod
-    def _write(directory: str, settings: Tuple[Setting, ...]) -> None:
+    def _write(directory: str, settings: Tuple[Setting, ...], optional: Optional[dict] = None) -> None:
+        """Write ``settings``; one not required only where its file exists.
+        ``optional``: whether it does, by file name, looked up once (a task
+        group's files are the same in every group: the kernel's build and
+        boot options decide, e.g. memsw with swap accounting)."""
         for setting in settings:
             path = os.path.join(directory, setting.file)
-            if setting.required or cgroupfs.exists(path):
-                cgroupfs.write(path, setting.value)
+            if not setting.required:
+                present = optional.get(setting.file) if optional is not None else None
+                if present is None:
+                    present = cgroupfs.exists(path)
+                    if optional is not None:
+                        optional[setting.file] = present
+                if not present:
+                    continue
+            cgroupfs.write(path, setting.value)
 
     def _prepare_slice(self, hierarchy: Hierarchy, directory: str) -> None:
         """Make a new slice ready for task groups (v2 enables controllers)."""

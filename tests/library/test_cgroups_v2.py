@@ -127,8 +127,8 @@ def fake(tmp_path, monkeypatch):
     mount = tmp_path / "cgroup"
     real_make = cgroupfs.make_directory
 
-    def make_directory(path):
-        made = real_make(path)
+    def make_directory(path, **options):
+        made = real_make(path, **options)
         if made:
             for name, text in INTERFACE.items():
                 with open(os.path.join(path, name), "w") as interface_file:
@@ -179,6 +179,54 @@ def test_fake_v2_slices_and_root_weigh_less_than_the_servers_leaf(fake):
         assert _text(base / "cpu.weight") == str(slices.TASKS_CPU_WEIGHT)
         assert _text(base / SERVER_LEAF / "cpu.weight") == ""
         assert "cpu weight 10 against the server's 100" in driver.describe()
+    finally:
+        driver.close()
+
+
+def test_fake_v2_a_users_slice_is_made_when_missing_not_tried_at_each_group(fake, monkeypatch):
+    """A task group's mkdir comes first: its slice is made (with its
+    settings) only when that finds it missing, also if it went meanwhile."""
+    driver = V2Driver(Limits(), "taskman", ("254:0",), mount=str(fake), own="/svc",
+                      slice_limits=slices.default_slice_limits())
+    driver.setup()
+    made = []
+    real_mkdir = os.mkdir
+    monkeypatch.setattr(os, "mkdir", lambda path, *args: made.append(str(path)) or real_mkdir(path, *args))
+    try:
+        user_slice = fake / "svc" / "taskman" / "user-70001"
+        owner = slices.Owner("alice", 70001)
+        first, second, third = (str(uuid.uuid4()) for _ in range(3))
+        driver.create(first, owner=owner)
+        assert made == [str(user_slice / first), str(user_slice), str(user_slice / first)]
+        made.clear()
+        driver.create(second, owner=owner)
+        assert made == [str(user_slice / second)]
+        assert _text(user_slice / "cpu.weight") == str(slices.TASKS_CPU_WEIGHT)  # written once
+        shutil.rmtree(user_slice)
+        made.clear()
+        driver.create(third, owner=owner)
+        assert made == [str(user_slice / third), str(user_slice), str(user_slice / third)]
+        assert _text(user_slice / "cpu.weight") == str(slices.TASKS_CPU_WEIGHT)
+    finally:
+        driver.close()
+
+
+def test_fake_v2_an_optional_file_is_looked_for_once(fake, monkeypatch):
+    """memory.swap.max (absent without swap accounting) is looked for at the
+    first task group, not at every one: the kernel's options decide."""
+    monkeypatch.delitem(INTERFACE, "memory.swap.max")
+    driver = V2Driver(Limits(), "taskman", ("254:0",), mount=str(fake), own="/")
+    driver.setup()
+    looked = []
+    real_exists = cgroupfs.exists
+    monkeypatch.setattr(cgroupfs, "exists", lambda path: looked.append(os.path.basename(path))
+                        or real_exists(path))
+    try:
+        for _ in range(3):
+            directory = fake / "taskman" / driver.create(str(uuid.uuid4())).task_id
+            assert not (directory / "memory.swap.max").exists()
+            assert _text(directory / "memory.max") == str(Limits().memory_max)
+        assert looked.count("memory.swap.max") == 1
     finally:
         driver.close()
 

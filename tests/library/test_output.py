@@ -7,7 +7,8 @@ import gevent.event
 import pytest
 
 from support import poll_for, small_tmpfs
-from taskman.output import OutputLog
+from taskman.output import OutputLog, create_log, log_path
+from taskman.output_index import index_directory, index_path
 
 
 def open_fds(directory):
@@ -148,3 +149,25 @@ def test_a_follower_that_keeps_up_gets_the_appended_bytes_themselves(tmp_path):
     log.finish()
     assert b"".join(log.follow()) == data + b"more"
     assert b"".join(log.follow(99_998)) == b"xxmore"
+
+
+def test_create_log_makes_the_indexes_directory_only_when_it_is_missing(tmp_path, monkeypatch):
+    """A start creates its two files; the indexes' directory is made when
+    missing (the first start, or removed since), not tried at every start."""
+    output = tmp_path / "output"
+    output.mkdir()
+    made = []
+    real_makedirs = os.makedirs
+    monkeypatch.setattr(os, "makedirs", lambda path, *args, **options:
+                        made.append(path) or real_makedirs(path, *args, **options))
+    first = create_log(str(output), "first")
+    assert made == [index_directory(str(output))]
+    second = create_log(str(output), "second")
+    assert made == [index_directory(str(output))]
+    for name in ("first", "second"):
+        assert os.path.exists(log_path(str(output), name)) and os.path.exists(index_path(str(output), name))
+    first.remove()
+    second.remove()
+    os.rmdir(index_directory(str(output)))
+    create_log(str(output), "third")
+    assert len(made) == 2 and os.path.exists(index_path(str(output), "third"))
