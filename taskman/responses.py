@@ -4,6 +4,7 @@ Protobuf only, no grpc: the servicer (``taskman.service``) calls these, and
 they are testable without a server.
 """
 
+import collections
 import datetime
 
 from taskman.api import task_manager_pb2
@@ -32,6 +33,32 @@ def status_response(task: Task, args_chars: int = 0) -> task_manager_pb2.TaskSta
         if task.end_time is not None:
             _set_time(response.end_time, task.end_time)
     return response
+
+
+# Finished tasks' GetTaskStatus replies, by task id, with the record each was
+# made from: a finished task's record no longer changes and clients poll it.
+# A reply is reused only for a record equal in every field, so it is never stale;
+# only small ones are kept (long argument lists are not worth the memory).
+REPLIES_KEPT = 1024
+REPLY_BYTES_KEPT = 4096
+_replies: "collections.OrderedDict[str, tuple]" = collections.OrderedDict()
+
+
+def status_reply(task: Task) -> task_manager_pb2.TaskStatusResponse:
+    """``status_response(task)`` for GetTaskStatus: a finished task's reply
+    made once. ``task`` is the caller's own snapshot (kept as the key), and
+    the reply is shared: send it, never change it."""
+    if task.running:
+        return status_response(task)
+    kept = _replies.get(task.id)
+    if kept is not None and kept[0] == task:
+        return kept[1]
+    reply = status_response(task)
+    if reply.ByteSize() <= REPLY_BYTES_KEPT:
+        if len(_replies) >= REPLIES_KEPT:
+            _replies.popitem(last=False)
+        _replies[task.id] = (task, reply)
+    return reply
 
 
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)

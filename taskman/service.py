@@ -31,6 +31,7 @@ from taskman.page_tokens import INVALID_TOKEN, PageTokens
 from taskman.quotas import Quotas
 from taskman.responses import (  # noqa: F401
     output_response,
+    status_reply,
     status_response,
     stream_view,
     usage_response,
@@ -123,7 +124,7 @@ class TaskManagerServicer(task_manager_pb2_grpc.TaskManagerServicer):
 
     def GetTaskStatus(self, request, context):
         with self.unary(context, "GetTaskStatus", request.task_id) as call:
-            return status_response(self.manager.status(call.user, request.task_id))
+            return status_reply(self.manager.status(call.user, request.task_id))
 
     def ListTasks(self, request, context):
         with self.unary(context, "ListTasks") as call:
