@@ -118,3 +118,19 @@ def test_the_live_follower_is_judged_by_its_rounds_not_by_two_medians():
     row = targets.follower_rows(measured["stream"])[0]
     assert row.ratio == "0.92×"
     assert row.met is True
+
+
+def test_the_one_follower_section_says_how_the_live_task_was_limited():
+    """Section 4 names the writer's CPU quota wherever it shows the task's own
+    pace: none since the section's server lifts it, the cgroup's default in
+    runs recorded before (--render of an old --json)."""
+    report = pytest.importorskip("report")
+    row = {"rate": 300 * MiB, "rates": [300 * MiB], "ttfb": 0.002,
+           "extra": {"task_seconds": 3.0, "server_cpu": 4.0, "rss_peak": 70 * MiB}}
+    stream = {"bytes": 1024 * MiB, "repeats": 1, "ratios": [0.7],
+              **{name: row for name in ("pipe", "ceiling", "live", "replay")}}
+    old = "\n".join(report._stream({"stream": stream}))
+    assert "under its cgroup's CPU quota" in old and "--cpu-quota-us" not in old
+    new = "\n".join(report._stream({"stream": dict(stream, task_cpu_quota_us=0)}))
+    assert "`--cpu-quota-us 0`" in new and "no CPU quota" in new
+    assert "under its cgroup's CPU quota" not in new
