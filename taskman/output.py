@@ -34,7 +34,7 @@ from taskman.output_index import (
     remove_files,
     write_chunk,
 )
-from taskman.output_reading import CHUNK_SIZE, Chunk, Held, Recent, chunk_size, count_reader, data_only
+from taskman.output_reading import CHUNK_SIZE, Chunk, Held, Recent, await_more, chunk_size, count_reader, data_only
 
 __all__ = ["Chunk", "OutputLog", "Selector", "Stream", "create_log", "data_only",
            "ensure_directory", "log_path", "reopen_log"]
@@ -280,8 +280,7 @@ class OutputLog:
             read = lambda start, size: os.pread(self._fd, size, start)  # noqa: E731
             offset = max(offset, index.view_start(selector, tail_bytes, tail_lines,
                                                   since_ns, read, size or CHUNK_SIZE))
-        number = index.locate(offset)
-        skipped = 0
+        number, skipped, sent_at = index.locate(offset), 0, 0.0
         while True:
             changed = self._changed
             limit = self.size if end is None else end
@@ -311,14 +310,12 @@ class OutputLog:
                 if offset >= last.end:
                     number += 1
                 yield chunk
+                sent_at = time.monotonic()  # the consumer asks for more once it has sent it
                 continue
             if (self.finished or end is not None
                     or (cancelled is not None and cancelled.is_set())):
                 return
-            if cancelled is None:
-                changed.wait()
-            else:
-                gevent.wait([changed, cancelled], count=1)
+            await_more(self, offset, changed, cancelled, sent_at)
 
     def _acquire(self) -> None:
         if self._fd < 0:

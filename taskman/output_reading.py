@@ -11,7 +11,11 @@ exhausted, fails, is closed or is collected.
 """
 
 import os
-from typing import Callable, Iterator, NamedTuple
+import time
+from typing import Callable, Iterator, NamedTuple, Optional
+
+import gevent
+import gevent.event
 
 from taskman.output_index import Stream
 
@@ -23,6 +27,14 @@ from taskman.output_index import Stream
 CHUNK_SIZE = 64 * 1024
 LARGE_CHUNK_SIZE = 256 * 1024
 FEW_READERS = 8  # readers of all logs together that may read large chunks
+
+# A follower that has caught up with a chatty task waits this long after its
+# last message before sending the next, unless a whole chunk is waiting: a
+# task printing a line a millisecond then costs each follower ~125 messages a
+# second, not 1,000, for at most this much latency; the first output after a
+# silence goes at once. Under the 10 ms within which records share a chunk
+# (output._MERGE_NS), so what waited goes as one message (docs/design.md).
+LINGER = 0.008  # seconds
 
 _readers = 0  # readers of every log in this process
 
@@ -36,6 +48,23 @@ def count_reader(change: int) -> None:
 def chunk_size() -> int:
     """How much a reader reads at a time now: more while few read at all."""
     return LARGE_CHUNK_SIZE if _readers <= FEW_READERS else CHUNK_SIZE
+
+
+def await_more(log, offset: int, changed: gevent.event.Event,
+               cancelled: Optional[gevent.event.Event], sent_at: float) -> None:
+    """Wait until ``changed`` (the log grew or finished) or ``cancelled``; then
+    linger until ``sent_at`` + LINGER while less than a chunk is waiting."""
+    if cancelled is None:
+        changed.wait()
+    else:
+        gevent.wait([changed, cancelled], count=1)
+    rest = sent_at + LINGER - time.monotonic()
+    if rest <= 0 or log.finished or log.size - offset >= chunk_size():
+        return
+    if cancelled is None:
+        gevent.sleep(rest)
+    else:
+        cancelled.wait(rest)
 
 
 class Chunk(NamedTuple):

@@ -171,3 +171,43 @@ def test_create_log_makes_the_indexes_directory_only_when_it_is_missing(tmp_path
     os.rmdir(index_directory(str(output)))
     create_log(str(output), "third")
     assert len(made) == 2 and os.path.exists(index_path(str(output), "third"))
+
+
+def test_a_caught_up_follower_of_a_chatty_task_gets_its_lines_together(tmp_path, monkeypatch):
+    # Lines appended one at a time, the follower given the loop after each:
+    # without the linger each line is a message of its own.
+    monkeypatch.setattr("taskman.output_reading.LINGER", 0.5)
+    log = OutputLog(str(tmp_path / "a.log"))
+    chunks = []
+    follower = gevent.spawn(lambda: [chunks.append(chunk) for chunk in log.follow()])
+    lines = [b"%d\n" % i for i in range(40)]
+    for line in lines:
+        log.append(line)
+        gevent.sleep(0)
+        gevent.sleep(0)
+    log.finish()
+    follower.get(timeout=5)
+    assert b"".join(chunks) == b"".join(lines)
+    assert len(chunks) <= 3, [len(chunk) for chunk in chunks]  # the first at once, the rest lingered
+
+
+def test_a_waiting_follower_lingers_only_while_less_than_a_chunk_waits(tmp_path, monkeypatch):
+    monkeypatch.setattr("taskman.output_reading.LINGER", 60)
+    log = OutputLog(str(tmp_path / "a.log"))
+    chunks = []
+    follower = gevent.spawn(lambda: [chunks.append(chunk) for chunk in log.follow()])
+    log.append(b"first\n")
+    poll_for(lambda: chunks, timeout=5)  # the first output after a silence goes at once
+    log.append(b"x" * 300_000)  # more than a chunk waiting: no linger either
+    poll_for(lambda: sum(map(len, chunks)) == 300_006, timeout=5)
+    cancelled = gevent.event.Event()
+    late = []
+    lingering = gevent.spawn(lambda: [late.append(chunk.data) for chunk in
+                                      log.chunks(offset=300_005, cancelled=cancelled)])
+    gevent.sleep(0.01)  # it has sent the last x and waits
+    log.append(b"y")
+    gevent.sleep(0.05)  # woken by the y so soon after the x: it lingers
+    assert late == [b"x"]
+    cancelled.set()  # a follower that goes away is not held by its linger
+    lingering.get(timeout=5)
+    follower.kill()
