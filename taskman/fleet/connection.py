@@ -6,14 +6,17 @@ same settings on every start (creating them is idempotent; a settings change
 is an update). The names live here so every module agrees on them.
 """
 
+import asyncio
 import dataclasses
+import itertools
 import logging
 import ssl
+import time
 from typing import Any, Awaitable, Dict, List, Optional
 
 import nats
 import nats.js.api as api
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, NotFoundError, ServerError, ServiceUnavailableError
 
 from taskman.errors import ConfigError, Unavailable
 from taskman.fleet.bridge import Bridge
@@ -36,6 +39,13 @@ DEFAULT_TIMEOUT = 10.0  # for one request to the fleet
 # Long enough to outlast a stream leader's election after a node dies
 # (measured 4.8-6.7 s, docs/fleet.md), so no publish fails on that alone.
 PUBLISH_RETRY_WINDOW = 15.0
+# What JetStream answers while its cluster is still forming (a meta leader
+# just elected, routes still coming up: a CI run saw a stream's creation
+# answered "not found" 0.3 s after the election). Making the layout is
+# retried on these until open()'s bound, every LAYOUT_RETRY seconds.
+LAYOUT_NOT_READY = (NotFoundError, ServiceUnavailableError, ServerError,
+                    nats.errors.NoRespondersError, nats.errors.TimeoutError)
+LAYOUT_RETRY = 0.5
 
 
 def output_subject(task_id: str) -> str:
@@ -101,7 +111,7 @@ class Connection:
         the fleet cannot be reached within ``timeout``, ConfigError if it
         refuses this server (TLS)."""
         try:
-            self.call(self._open(), timeout)
+            self.call(self._open(time.monotonic() + timeout - DEFAULT_TIMEOUT), timeout)
         except ssl.SSLError as error:
             raise ConfigError(f"the fleet refused this server's TLS: {error}") from error
         except (OSError, nats.errors.Error) as error:
@@ -109,13 +119,24 @@ class Connection:
                               f"{error!r}") from error
         return self
 
-    async def _open(self) -> None:
+    async def _open(self, retry_until: float) -> None:
         self.client = await nats.connect(
             servers=self.settings.servers, tls=self._tls, name=f"taskman {self.settings.node}",
             max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=5,
             allow_reconnect=True, error_cb=self._log_error,
             disconnected_cb=self._log_disconnected, reconnected_cb=self._log_reconnected)
         self.jetstream = self.client.jetstream(timeout=DEFAULT_TIMEOUT)
+        for attempt in itertools.count():
+            try:
+                return await self._layout()
+            except LAYOUT_NOT_READY as error:
+                if time.monotonic() + LAYOUT_RETRY > retry_until:
+                    raise
+                if not attempt:
+                    log.warning("the fleet's JetStream is not ready (%r); trying again", error)
+                await asyncio.sleep(LAYOUT_RETRY)
+
+    async def _layout(self) -> None:
         replicas = self.settings.replicas
         self.tasks = await self._bucket(api.KeyValueConfig(
             bucket=TASKS_BUCKET, history=1, replicas=replicas, storage=api.StorageType.FILE))

@@ -44,3 +44,36 @@ def test_a_server_of_another_ca_is_refused(cluster, bridge, tmp_path):
     with pytest.raises((ConfigError, Unavailable)):
         connection.open(timeout=10)
     connection.close()
+
+
+def test_a_server_opening_while_the_cluster_forms_waits_for_jetstream(
+        nats_server_binary, bridge, tmp_path):
+    """One node up, no JetStream meta leader yet: opening waits (within its
+    bound) for the other nodes, as a fleet server started beside a NATS
+    cluster that is still forming must, rather than give up at once."""
+    import threading
+    import time
+
+    from nats_cluster import Cluster
+
+    forming = Cluster(tmp_path / "forming", nats_server_binary)
+    first, *rest = forming.nodes
+    first.start()
+    certificate, key = forming.authority.issue("taskman-early")
+    connection = Connection(bridge, Settings(
+        servers=[first.url], node="early", ca_file=forming.authority.ca_file,
+        certificate_file=certificate, key_file=key))
+
+    def the_others_later():
+        time.sleep(3)
+        for node in rest:
+            node.start()
+    later = threading.Thread(target=the_others_later)
+    later.start()
+    try:
+        connection.open(timeout=45)
+        assert connection.call(connection.tasks.status()).bucket == TASKS_BUCKET
+    finally:
+        later.join()
+        connection.close()
+        forming.stop()
