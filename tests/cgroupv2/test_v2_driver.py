@@ -117,7 +117,10 @@ def test_a_task_group_gets_the_limit_files(run, state_dir):
     manager = run()  # the RFD's defaults
     task = manager.start("alice", "sleep", ["1000"])
     group = group_of(manager, task.id)
-    assert guest.relative_cgroup(task.pid) == group[len(guest.CG_ROOT):]
+    # The gate writes itself into its groups before it can run the command,
+    # and start() does not wait for that (taskman.process.spawn): poll.
+    poll_for(lambda: guest.relative_cgroup(task.pid) == group[len(guest.CG_ROOT):], timeout=10,
+             message="the task in its group")
     assert guest.read(f"{group}/cpu.max").split() == ["200000", "1000000"]
     assert int(guest.read(f"{group}/memory.max")) == 512 * MiB
     if os.path.exists(f"{group}/memory.swap.max"):
