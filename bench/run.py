@@ -7,7 +7,9 @@ Starts a real taskman-server (default cgroup driver and limits, temp
 --state-dir, a free loopback port, output cap, disk budget and per-user
 quotas off, client002 mapped to root), a bare gRPC server with the same
 certificates and gevent set-up (the transport ceiling, bench/ceiling.py)
-and a private supervisord, measures everything in one run on this machine
+and a private supervisord (the one-follower section starts a second
+taskman-server of its own with the task CPU quota off, so that its live
+writer is not held to 20% of a CPU), measures everything in one run on this machine
 and writes the report: every target's rows with their baselines from the
 same run, met or not met (bench/targets.py). Everything it starts is stopped
 on exit and its temp directory (task output included) removed. Needs root
