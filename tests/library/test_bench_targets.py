@@ -134,3 +134,20 @@ def test_the_one_follower_section_says_how_the_live_task_was_limited():
     new = "\n".join(report._stream({"stream": dict(stream, task_cpu_quota_us=0)}))
     assert "`--cpu-quota-us 0`" in new and "no CPU quota" in new
     assert "under its cgroup's CPU quota" not in new
+
+
+def test_the_reload_benchs_pause_counts_from_just_before_the_first_sighup():
+    """bench/reload.py: a follower's longest pause counts the gaps that end
+    after ``since`` (one under way then counts whole); the bench's own
+    start-up before it does not."""
+    sys.path.insert(0, os.path.dirname(BENCH_DIR))
+    from bench.reload import Follower
+
+    follower = Follower.__new__(Follower)  # no process: only its arrival times
+    follower.times = [0.0, 1.2, 1.3, 2.0, 2.4, 3.3]
+    assert follower.longest_pause() == pytest.approx(1.2)
+    assert follower.longest_pause(since=1.5) == pytest.approx(0.9)  # 2.4 -> 3.3
+    assert follower.longest_pause(since=1.9) == pytest.approx(0.9)
+    assert follower.longest_pause(since=1.25) == pytest.approx(0.9)  # 1.2 -> 1.3 ends after it
+    follower.times = [0.0, 5.0]
+    assert follower.longest_pause(since=4.0) == pytest.approx(5.0)  # under way at since: whole
