@@ -25,7 +25,6 @@ import grpc
 
 from taskman import pki
 from taskman.errors import ConfigError
-from taskman.file_watch import FileWatch
 from taskman.pki.disk import file_stamp, read_file
 
 log = logging.getLogger(__name__)
@@ -138,13 +137,8 @@ MAKE_REAL_ONES = (
 class Peers:
     """pki.PeerCheck kept in step with the CA's revocation list.
 
-    A revoked certificate is refused on its very next call, not at the next
-    tick: before each ``identify`` an inotify watch of the CRL
-    (taskman.file_watch) is read, a read that keeps the GIL and walks no
-    path; only when it reports something is the CRL stat-ed and reloaded.
-    Where the watch cannot vouch for the file (no inotify, a symbolic link or
-    a remote file system on the way, a lost event) ``identify`` stats the CRL
-    as before, and ``refresh`` (each tick) tries to arm the watch again.
+    ``identify`` looks at the CRL's stamp first (a stat) so that a revoked
+    certificate is refused on its very next call, not at the next tick.
     """
 
     def __init__(self, ca_path: str, crl_path: str):
@@ -152,25 +146,12 @@ class Peers:
         self.crl_path = crl_path
         self.check = pki.PeerCheck()
         self.last_error: Optional[str] = None
-        self.watch = FileWatch(crl_path)
         self._authority = (None, None)  # (stamp, certificate) of ca_path
         self._crl_stamp = None
-        self._watch_reason: Optional[str] = None
-        # Set from a reported change until the reload is done: a call that
-        # runs meanwhile (refresh may yield) reloads too rather than trust
-        # the emptied queue. Calls run on the hub's greenlets, one at a time.
-        self._stale = False
         self.refresh()
 
     def refresh(self) -> bool:
         """Re-read the CRL if it changed; True if the revoked set changed."""
-        # Armed (or emptied) before the file is read: a change made after
-        # this point is reported to the next call.
-        if self.watch.armed:
-            self.watch.changed()
-        if not self.watch.armed and not self.watch.arm() and self.watch.reason != self._watch_reason:
-            log.info("revocation list checked by a stat per call: %s", self.watch.reason)
-        self._watch_reason = self.watch.reason
         try:
             stamp, authority = self._authority
             if stamp != file_stamp(self.ca_path) or authority is None:
@@ -183,31 +164,19 @@ class Peers:
             if str(error) != self.last_error:
                 log.warning("revocation list not reloaded: %s", error)
             self.last_error = str(error)
-            self._stale = False
             return False
         self.last_error = None
-        self._stale = False
         if changed:
             log.info("revocation list reloaded: %d certificate(s) revoked", len(self.check.revoked))
         return changed
 
     def identify(self, pem: bytes) -> str:
-        watch = self.watch
-        if watch.armed:
-            if self._stale or watch.changed():
-                self._stale = True
-                self.refresh()
-        elif file_stamp(self.crl_path) != self._crl_stamp:
+        if file_stamp(self.crl_path) != self._crl_stamp:
             self.refresh()
         return self.check.identify(pem)
 
     def is_revoked(self, pem: bytes) -> bool:
         return self.check.is_revoked(pem)
-
-    def close(self) -> None:
-        """Close the watch's descriptor: identify stats per call until the
-        next ``refresh`` arms it again."""
-        self.watch.close()
 
 
 class ServerIdentity:
