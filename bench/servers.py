@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import common
 
@@ -35,7 +35,8 @@ def find_script(name: str, explicit: Optional[str] = None) -> str:
 class TaskmanServer:
     """taskman-server on a free loopback port with a temp state dir."""
 
-    def __init__(self, workdir: str, script: str, max_streams: int, cgroup_root: str = "taskman"):
+    def __init__(self, workdir: str, script: str, max_streams: int, cgroup_root: str = "taskman",
+                 options: Sequence[str] = ()):
         self.state_dir = os.path.join(workdir, "state")
         self.log_path = os.path.join(workdir, "taskman-server.log")
         self.user_map = os.path.join(workdir, "user-map")
@@ -57,7 +58,7 @@ class TaskmanServer:
             # would refuse most of the bench.
             "--quota-open-streams", "0", "--quota-running-tasks", "0",
             "--quota-calls-in-flight", "0", "--quota-finished-records", "0",
-            "--quota-output-bytes", "0"]
+            "--quota-output-bytes", "0", *options]
         self.proc: Optional[subprocess.Popen] = None
 
     def __enter__(self) -> "TaskmanServer":

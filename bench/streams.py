@@ -31,9 +31,8 @@ def section_stream(bench) -> None:
 
     directory = os.path.join(bench.workdir, "stream")
     os.makedirs(directory)
-    server = TaskmanServer(directory, bench.server.command[1], 100,
-                           cgroup_root="taskman-bench-stream")
-    server.command += ["--cpu-quota-us", str(STREAM_CPU_QUOTA_US)]
+    server = TaskmanServer(directory, bench.server.command[1], 100, cgroup_root="taskman-bench-stream",
+                           options=["--cpu-quota-us", str(STREAM_CPU_QUOTA_US)])
     with server, TaskmanClient(server.address, USER) as client:
         _stream_rounds(bench, server, client)
     bench.results["stream"]["task_cpu_quota_us"] = STREAM_CPU_QUOTA_US

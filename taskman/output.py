@@ -315,7 +315,7 @@ class OutputLog:
             if (self.finished or end is not None
                     or (cancelled is not None and cancelled.is_set())):
                 return
-            await_more(self, offset, changed, cancelled, sent_at)
+            await_more(self, offset, changed, cancelled, sent_at, size)
 
     def _acquire(self) -> None:
         if self._fd < 0:

@@ -51,15 +51,16 @@ def chunk_size() -> int:
 
 
 def await_more(log, offset: int, changed: gevent.event.Event,
-               cancelled: Optional[gevent.event.Event], sent_at: float) -> None:
+               cancelled: Optional[gevent.event.Event], sent_at: float, size: int = 0) -> None:
     """Wait until ``changed`` (the log grew or finished) or ``cancelled``; then
-    linger until ``sent_at`` + LINGER while less than a chunk is waiting."""
+    linger until ``sent_at`` + LINGER while less than a chunk (``size``, 0:
+    chunk_size()) is waiting."""
     if cancelled is None:
         changed.wait()
     else:
         gevent.wait([changed, cancelled], count=1)
     rest = sent_at + LINGER - time.monotonic()
-    if rest <= 0 or log.finished or log.size - offset >= chunk_size():
+    if rest <= 0 or log.finished or log.size - offset >= (size or chunk_size()):
         return
     if cancelled is None:
         gevent.sleep(rest)
