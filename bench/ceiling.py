@@ -15,7 +15,14 @@ it. Whatever taskman does, over gRPC it can only be this fast:
   reader has), so a follower can check them byte for byte; with "idle" it
   sends one line and then nothing until the client goes (an idle follower).
 
-    python bench/ceiling.py PORT
+    python bench/ceiling.py PORT [--gate]
+
+With ``--gate`` StartTask also does the one piece of a start no server can
+skip: it spawns /bin/true through the installed taskman-gate, confined as a
+sandboxed task is (an unprivileged uid, private mounts, IPC and /proc, no
+capabilities), releases the gate and answers; the child is reaped by a libev
+child watcher, as taskman-server reaps its tasks. No cgroups, output file,
+record or guard: the floor of a start under load (needs root).
 
 $BENCH_SERVER_ARGS (a JSON list of [name, value] pairs) adds gRPC server
 channel arguments, so one argument can be measured on this floor and on
@@ -36,6 +43,7 @@ import gevent.monkey  # noqa: I001 (gevent must patch before anything else is im
 gevent.monkey.patch_all()
 
 import concurrent.futures  # noqa: E402
+import fcntl  # noqa: E402
 import threading  # noqa: E402
 
 import grpc  # noqa: E402
@@ -70,7 +78,8 @@ def server_args() -> list:
 
 
 class Ceiling(task_manager_pb2_grpc.TaskManagerServicer):
-    def __init__(self):
+    def __init__(self, gate: bool = False):
+        self.spawn = _gate_spawner() if gate else None
         self.payload = os.urandom(CHUNK)
         self.started = task_manager_pb2.StartTaskResponse(task_id="00000000-0000-4000-8000-000000000001")
         status = task_manager_pb2.TaskStatusResponse(
@@ -82,6 +91,8 @@ class Ceiling(task_manager_pb2_grpc.TaskManagerServicer):
         self.status = status
 
     def StartTask(self, request, context):  # noqa: N802 (gRPC's method name)
+        if self.spawn is not None:
+            self.spawn()
         return self.started
 
     def GetTaskStatus(self, request, context):  # noqa: N802
@@ -101,6 +112,49 @@ class Ceiling(task_manager_pb2_grpc.TaskManagerServicer):
             chunk = payload if remaining >= CHUNK else payload[:remaining]
             remaining -= len(chunk)
             yield task_manager_pb2.StreamTaskOutputResponse(output=chunk)
+
+
+def _gate_spawner():
+    """A function that spawns /bin/true through taskman-gate, releases it and
+    returns at once; a child watcher reaps it."""
+    from gevent import get_hub
+    from gevent.monkey import get_original
+
+    from taskman.sandbox import Sandbox, check_gate
+
+    check_gate()
+    nobody = 65534  # any unprivileged uid costs the gate the same
+    argv = Sandbox(uid=nobody, gid=nobody).gate_argv("/", "/bin/true", [])
+    environment = {"PATH": "/usr/bin:/bin", "HOME": "/tmp"}
+    loop = get_hub().loop
+    # The standard library's, as taskman.process spawns (gevent's keeps a
+    # table of every dead child for 60 s and scans it at each exit).
+    posix_spawn = get_original("os", "posix_spawn")
+
+    def reaped(watcher) -> None:
+        watcher.stop()
+        if watcher.rstatus != 0:
+            print(f"gate ended with wait status {watcher.rstatus}", file=sys.stderr, flush=True)
+
+    def spawn() -> None:
+        gate_read, gate_write = os.pipe2(os.O_CLOEXEC)
+        if gate_read <= 3:  # dup2(3, 3) would keep close-on-exec set
+            low, gate_read = gate_read, fcntl.fcntl(gate_read, fcntl.F_DUPFD_CLOEXEC, 4)
+            os.close(low)
+        try:
+            pid = posix_spawn(argv[0], argv, environment, setsid=True, file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_OPEN, 1, "/dev/null", os.O_WRONLY, 0),
+                (os.POSIX_SPAWN_DUP2, 1, 2),
+                (os.POSIX_SPAWN_DUP2, gate_read, 3)])
+            watcher = loop.child(pid, False)
+            watcher.start(reaped, watcher)
+            os.write(gate_write, b"\n")
+        finally:
+            os.close(gate_read)
+            os.close(gate_write)
+
+    return spawn
 
 
 def _idle(context):
@@ -128,16 +182,18 @@ def _from_file(path: str, size: int):
 
 def main() -> None:
     port = int(sys.argv[1])
+    gate = "--gate" in sys.argv[2:]
     common.raise_nofile(65536)
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=MAX_STREAMS + 64),
                          options=server_args())
-    task_manager_pb2_grpc.add_TaskManagerServicer_to_server(Ceiling(), server)
+    task_manager_pb2_grpc.add_TaskManagerServicer_to_server(Ceiling(gate), server)
     credentials = grpc.ssl_server_credentials(
         [(common.read_cert("server.key"), common.read_cert("server.crt"))],
         root_certificates=common.read_cert("ca.crt"), require_client_auth=True)
     server.add_secure_port(f"127.0.0.1:{port}", credentials)
     server.start()
-    print(f"ceiling listening on 127.0.0.1:{port}", flush=True)
+    print(f"ceiling listening on 127.0.0.1:{port}{' (StartTask spawns the gate)' if gate else ''}",
+          flush=True)
     try:
         server.wait_for_termination()
     except KeyboardInterrupt:

@@ -22,6 +22,7 @@ import time
 
 import common
 from common import fmt_ms, median, stats
+from servers import CeilingServer
 
 TRUE = "/bin/true"
 # The uid a bare gate spawn runs /bin/true as: any unprivileged uid costs
@@ -136,13 +137,19 @@ def breakdown(workdir: str, count: int) -> dict:
 
 def section_sustained(bench) -> None:
     """4 client processes start /bin/true back to back; then the same clients
-    against the ceiling's canned StartTask: the rate the transport allows."""
+    against the ceiling's canned StartTask (the rate the transport allows)
+    and against a ceiling whose StartTask spawns /bin/true through the
+    sandbox gate before it answers (the rate a start allows on this machine
+    with no taskman work at all: the floor of target 5)."""
     result = {}
-    for name, address in (("taskman", bench.server.address), ("ceiling", bench.ceiling.address)):
-        pid = bench.server.pid if name == "taskman" else bench.ceiling.pid
-        result[name] = _sustained(bench, address, pid)
-        bench.log(f"sustained {name}: {result[name]['per_second']:.0f} starts/s from 4 clients, "
-                  f"p99 {fmt_ms(result[name]['latency']['p99'])}")
+    with CeilingServer(bench.workdir, name="ceiling-gate", gate=True) as gated:
+        for name, server in (("taskman", bench.server), ("ceiling", bench.ceiling), ("gate_floor", gated)):
+            result[name] = _sustained(bench, server.address, server.pid)
+            bench.log(f"sustained {name}: {result[name]['per_second']:.0f} starts/s from 4 clients, "
+                      f"p99 {fmt_ms(result[name]['latency']['p99'])}")
+        failed = [line for line in gated.log().splitlines() if "wait status" in line]
+    if failed:  # a gate that fails is cheaper than one that runs the task: a wrong floor
+        raise RuntimeError(f"the gated ceiling's gates failed {len(failed)} times: {failed[0]}")
     bench.results["sustained"] = result
 
 

@@ -181,11 +181,15 @@ def _start(results: dict) -> List[str]:
         out += ["", "Sustained: 4 client processes (bench/worker.py `starts`, one connection each, "
                 "`taskman.client`) call StartTask(/bin/true) back to back for "
                 f"{sustained['taskman']['seconds']:.0f} s, as client001 (sandboxed); then the same "
-                "clients call the ceiling's StartTask for as long. The clients share the 2 cores with "
-                "the server.", "",
+                "clients call the ceiling's StartTask for as long; then a second ceiling's (`ceiling.py "
+                "--gate`), which spawns /bin/true through the installed taskman-gate with the sandbox's "
+                "options, releases it and answers, reaping it with a child watcher: a start with no "
+                "taskman work at all (no cgroups, output file, record, guard or log line), the floor "
+                "of the sustained rate. The clients share the 2 cores with the servers.", "",
                 "| | calls/s | calls | latency p50 | p99 | max | server CPU per call |",
                 "|---|---:|---:|---:|---:|---:|---:|"]
-        for key, label in (("taskman", "taskman StartTask"), ("ceiling", "bare grpcio unary (ceiling)")):
+        for key, label in (("taskman", "taskman StartTask"), ("ceiling", "bare grpcio unary (ceiling)"),
+                           ("gate_floor", "bare unary + the gate's spawn (ceiling --gate)")):
             row = sustained.get(key)
             if row:
                 out.append(f"| {label} | {row['per_second']:.0f} | {row['count']} | "

@@ -105,16 +105,18 @@ class TaskmanServer:
 class CeilingServer:
     """bench/ceiling.py: the same transport with nothing behind it."""
 
-    def __init__(self, workdir: str, name: str = "ceiling"):
+    def __init__(self, workdir: str, name: str = "ceiling", gate: bool = False):
         self.port = common.free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = os.path.join(workdir, name + ".log")
+        # --gate: its StartTask spawns /bin/true through the sandbox gate.
+        self.options = ["--gate"] if gate else []
         self.proc: Optional[subprocess.Popen] = None
 
     def __enter__(self) -> "CeilingServer":
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, os.path.join(common.BENCH_DIR, "ceiling.py"), str(self.port)],
+                [sys.executable, os.path.join(common.BENCH_DIR, "ceiling.py"), str(self.port), *self.options],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             common.wait_for_port(self.port, 30, self.proc)
@@ -129,3 +131,7 @@ class CeilingServer:
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as handle:
+            return handle.read()

@@ -151,3 +151,17 @@ def test_the_reload_benchs_pause_counts_from_just_before_the_first_sighup():
     assert follower.longest_pause(since=1.25) == pytest.approx(0.9)  # 1.2 -> 1.3 ends after it
     follower.times = [0.0, 5.0]
     assert follower.longest_pause(since=4.0) == pytest.approx(5.0)  # under way at since: whole
+
+
+def test_the_sustained_rate_is_shown_beside_the_gates_floor_when_it_ran():
+    run = results()
+    assert not [row for row in targets.summary(run) if "floor" in row.what and row.target == "5"]
+    run["sustained"]["gate_floor"] = {"clients": 4, "per_second": 640.0, "latency": stats(0.006, 0.012)}
+    rows = [row for row in targets.summary(run) if row.target == "5"]
+    floor = by_what(rows, "the floor itself")
+    assert (floor.taskman, floor.that, floor.ratio, floor.met) == ("640/s", "2400/s", "0.27×", None)
+    beside = by_what(rows, "sustained starts, beside")
+    assert (beside.taskman, beside.that, beside.ratio, beside.goal) == ("610/s", "640/s", "0.95×", "")
+    assert by_what(rows, "StartTask p99 under load, beside").ratio == "1.75×"
+    # The verdicts stay the target's own: the floor does not excuse a miss.
+    assert by_what(rows, "sustained starts, 4").met is True
