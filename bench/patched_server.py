@@ -1,4 +1,5 @@
-"""taskman-server with the fixes proposed in bench/findings.md patched in.
+"""taskman-server with measured variants patched in (the first reports'
+proposed fixes, docs/benchmark-history.md "2026-11-26", and per-call pieces).
 
 For before/after numbers before a fix lands in the library:
 
