@@ -43,7 +43,6 @@ import gevent.monkey  # noqa: I001 (gevent must patch before anything else is im
 gevent.monkey.patch_all()
 
 import concurrent.futures  # noqa: E402
-import fcntl  # noqa: E402
 import threading  # noqa: E402
 
 import grpc  # noqa: E402
@@ -115,21 +114,16 @@ class Ceiling(task_manager_pb2_grpc.TaskManagerServicer):
 
 
 def _gate_spawner():
-    """A function that spawns /bin/true through taskman-gate, releases it and
-    returns at once; a child watcher reaps it."""
+    """A function that spawns /bin/true through taskman-gate
+    (common.gate_starter), releases it and returns at once; a child watcher
+    reaps it."""
     from gevent import get_hub
     from gevent.monkey import get_original
 
-    from taskman.sandbox import Sandbox, check_gate
-
-    check_gate()
-    nobody = 65534  # any unprivileged uid costs the gate the same
-    argv = Sandbox(uid=nobody, gid=nobody).gate_argv("/", "/bin/true", [])
-    environment = {"PATH": "/usr/bin:/bin", "HOME": "/tmp"}
+    # The standard library's posix_spawn, as taskman.process spawns (gevent's
+    # keeps a table of every dead child for 60 s and scans it at each exit).
+    start = common.gate_starter(get_original("os", "posix_spawn"))
     loop = get_hub().loop
-    # The standard library's, as taskman.process spawns (gevent's keeps a
-    # table of every dead child for 60 s and scans it at each exit).
-    posix_spawn = get_original("os", "posix_spawn")
 
     def reaped(watcher) -> None:
         watcher.stop()
@@ -137,21 +131,12 @@ def _gate_spawner():
             print(f"gate ended with wait status {watcher.rstatus}", file=sys.stderr, flush=True)
 
     def spawn() -> None:
-        gate_read, gate_write = os.pipe2(os.O_CLOEXEC)
-        if gate_read <= 3:  # dup2(3, 3) would keep close-on-exec set
-            low, gate_read = gate_read, fcntl.fcntl(gate_read, fcntl.F_DUPFD_CLOEXEC, 4)
-            os.close(low)
+        pid, gate_write = start()
         try:
-            pid = posix_spawn(argv[0], argv, environment, setsid=True, file_actions=[
-                (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_OPEN, 1, "/dev/null", os.O_WRONLY, 0),
-                (os.POSIX_SPAWN_DUP2, 1, 2),
-                (os.POSIX_SPAWN_DUP2, gate_read, 3)])
             watcher = loop.child(pid, False)
             watcher.start(reaped, watcher)
             os.write(gate_write, b"\n")
         finally:
-            os.close(gate_read)
             os.close(gate_write)
 
     return spawn

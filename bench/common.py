@@ -4,6 +4,7 @@ Standard library only, so every bench process (the harness, the followers, the
 transport-ceiling server) can import it before gevent patches anything.
 """
 
+import fcntl
 import json
 import os
 import resource
@@ -143,6 +144,45 @@ def raise_nofile(wanted: int) -> int:
     except (ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+# The uid a bare gate start runs /bin/true as: any unprivileged uid costs the
+# gate the same (it only changes to it).
+NOBODY = 65534
+
+
+def gate_starter(posix_spawn=os.posix_spawn):
+    """A function that spawns /bin/true through the installed taskman-gate,
+    confined as a sandboxed task is (uid NOBODY, private mounts, IPC and
+    /proc, no capabilities) but with no cgroups, pipes or record, and holds
+    it at its gate: it returns (pid, the gate's write end: write a byte to
+    release it). The floors of a start (bench/latency.py, bench/ceiling.py
+    --gate) both start it so."""
+    from taskman.sandbox import Sandbox, check_gate
+
+    check_gate()
+    argv = Sandbox(uid=NOBODY, gid=NOBODY).gate_argv("/", "/bin/true", [])
+    environment = {"PATH": "/usr/bin:/bin", "HOME": "/tmp"}
+
+    def start():
+        gate_read, gate_write = os.pipe2(os.O_CLOEXEC)
+        if gate_read <= 3:  # dup2(3, 3) would keep close-on-exec set
+            low, gate_read = gate_read, fcntl.fcntl(gate_read, fcntl.F_DUPFD_CLOEXEC, 4)
+            os.close(low)
+        try:
+            pid = posix_spawn(argv[0], argv, environment, setsid=True, file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_OPEN, 1, "/dev/null", os.O_WRONLY, 0),
+                (os.POSIX_SPAWN_DUP2, 1, 2),
+                (os.POSIX_SPAWN_DUP2, gate_read, 3)])
+        except BaseException:
+            os.close(gate_write)
+            raise
+        finally:
+            os.close(gate_read)
+        return pid, gate_write
+
+    return start
 
 
 def rss_bytes(pid: int) -> int:

@@ -29,7 +29,7 @@ def section_idle(bench) -> None:
     count = bench.args.idle_followers
     directory = os.path.join(bench.workdir, "idle")
     os.makedirs(directory)
-    server = TaskmanServer(directory, bench.server.command[1], count + 100, cgroup_root="taskman-bench-idle")
+    server = TaskmanServer(directory, bench.server.script, count + 100, cgroup_root="taskman-bench-idle")
     with server, TaskmanClient(server.address, USER) as client:
         task_id = client.start(*SILENT)
         try:

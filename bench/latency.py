@@ -25,9 +25,6 @@ from common import fmt_ms, median, stats
 from servers import CeilingServer
 
 TRUE = "/bin/true"
-# The uid a bare gate spawn runs /bin/true as: any unprivileged uid costs
-# the gate the same (it only changes to it).
-NOBODY = 65534
 
 
 def section_start(bench) -> None:
@@ -92,33 +89,21 @@ def bare_spawn():
 
 
 def gate_spawner():
-    """A function that spawns /bin/true through the installed taskman-gate,
-    confined as a sandboxed task is, opens the gate and reaps it.
+    """A function that spawns /bin/true through the installed taskman-gate
+    (common.gate_starter), opens the gate and reaps it.
 
     Raises RuntimeError if the gate does not run /bin/true to exit 0 (a
     failing gate would be a cheaper, wrong floor).
     """
-    from taskman.sandbox import Sandbox, check_gate
-
-    check_gate()
-    argv = Sandbox(uid=NOBODY, gid=NOBODY).gate_argv("/", TRUE, [])
-    environment = {"PATH": "/usr/bin:/bin", "HOME": "/tmp"}
+    start = common.gate_starter()
 
     def spawn() -> None:
-        gate_read, gate_write = os.pipe()
-        try:
-            pid = os.posix_spawn(argv[0], argv, environment, setsid=True, file_actions=[
-                (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_OPEN, 1, "/dev/null", os.O_WRONLY, 0),
-                (os.POSIX_SPAWN_DUP2, 1, 2),
-                (os.POSIX_SPAWN_DUP2, gate_read, 3)])
-        finally:
-            os.close(gate_read)
+        pid, gate_write = start()
         os.write(gate_write, b"\n")
         os.close(gate_write)
         _, status = os.waitpid(pid, 0)
         if status != 0:
-            raise RuntimeError(f"taskman-gate {' '.join(argv)} ended with wait status {status}")
+            raise RuntimeError(f"taskman-gate ended /bin/true with wait status {status}")
 
     return spawn
 

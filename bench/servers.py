@@ -32,11 +32,27 @@ def find_script(name: str, explicit: Optional[str] = None) -> str:
     return found
 
 
-class TaskmanServer:
+class _Server:
+    """A server subprocess whose output goes to ``log_path``."""
+
+    proc: Optional[subprocess.Popen] = None
+    log_path = ""
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as handle:
+            return handle.read()
+
+
+class TaskmanServer(_Server):
     """taskman-server on a free loopback port with a temp state dir."""
 
     def __init__(self, workdir: str, script: str, max_streams: int, cgroup_root: str = "taskman",
                  options: Sequence[str] = ()):
+        self.script = script
         self.state_dir = os.path.join(workdir, "state")
         self.log_path = os.path.join(workdir, "taskman-server.log")
         self.user_map = os.path.join(workdir, "user-map")
@@ -79,14 +95,6 @@ class TaskmanServer:
     def __exit__(self, *exc) -> None:
         common.stop_process(self.proc, grace=30)
 
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def log(self) -> str:
-        with open(self.log_path, errors="replace") as handle:
-            return handle.read()
-
     def driver_line(self) -> str:
         for line in self.log().splitlines():
             if "cgroup driver:" in line:
@@ -102,7 +110,7 @@ class TaskmanServer:
             os.unlink(self.output_path(task_id))
 
 
-class CeilingServer:
+class CeilingServer(_Server):
     """bench/ceiling.py: the same transport with nothing behind it."""
 
     def __init__(self, workdir: str, name: str = "ceiling", gate: bool = False):
@@ -127,11 +135,3 @@ class CeilingServer:
 
     def __exit__(self, *exc) -> None:
         common.stop_process(self.proc, grace=5)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def log(self) -> str:
-        with open(self.log_path, errors="replace") as handle:
-            return handle.read()

@@ -31,7 +31,7 @@ def section_stream(bench) -> None:
 
     directory = os.path.join(bench.workdir, "stream")
     os.makedirs(directory)
-    server = TaskmanServer(directory, bench.server.command[1], 100, cgroup_root="taskman-bench-stream",
+    server = TaskmanServer(directory, bench.server.script, 100, cgroup_root="taskman-bench-stream",
                            options=["--cpu-quota-us", str(STREAM_CPU_QUOTA_US)])
     with server, TaskmanClient(server.address, USER) as client:
         _stream_rounds(bench, server, client)
@@ -140,7 +140,7 @@ def _fanout_fresh(bench, count: int, size: int, data_path: str) -> dict:
 
     directory = os.path.join(bench.workdir, "fanout-fresh")
     os.makedirs(directory)
-    server = TaskmanServer(directory, bench.server.command[1], count + 100,
+    server = TaskmanServer(directory, bench.server.script, count + 100,
                            cgroup_root="taskman-bench-fanout")
     with server, TaskmanClient(server.address, UNCONFINED_USER) as client:
         row = _fanout_once(bench, count, size, data_path, server=server, client=client)
